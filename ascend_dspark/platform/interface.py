@@ -1,0 +1,119 @@
+"""The device as a class with a small, named surface.
+
+Everything device-specific the engine needs (which device, which dtype, how to wait, how
+to time, how to capture and replay a step, which collective backend) is asked of a
+`Platform`. Code outside `ascend_dspark/platform/` and `ops/` never touches `torch.cuda`
+or `torch_npu`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+
+class Graph:
+    """A captured step that can be replayed.
+
+    `capture(fn)` runs `fn` once to record it; `replay()` re-runs the recorded work on the
+    same (static) input and output buffers. This eager version simply calls `fn` again:
+    it is the CPU behaviour and the reference the device graphs must match.
+    """
+
+    def __init__(self) -> None:
+        self._fn: Callable[[], object] | None = None
+
+    def capture(self, fn: Callable[[], object]) -> object:
+        self._fn = fn
+        return fn()
+
+    def replay(self) -> None:
+        if self._fn is None:
+            raise RuntimeError("Graph.replay() called before capture()")
+        self._fn()
+
+    def reset(self) -> None:
+        self._fn = None
+
+
+class Platform:
+    """Base class: one subclass per device kind (cpu, cuda, npu)."""
+
+    name: str = "base"
+    dist_backend: str = "gloo"
+    supports_graphs: bool = False
+
+    def __init__(self, index: int = 0) -> None:
+        self.index = index
+
+    # -- identity ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        raise NotImplementedError
+
+    def default_dtype(self) -> torch.dtype:
+        return torch.bfloat16
+
+    def describe(self) -> str:
+        return self.name
+
+    # -- execution --------------------------------------------------------------------
+    def synchronize(self) -> None:
+        """Wait until all queued device work is done (a no-op on CPU)."""
+
+    def stream(self):
+        """A new side stream (None on CPU, where work is synchronous)."""
+        return None
+
+    def current_stream(self):
+        return None
+
+    def stream_context(self, stream):
+        """Context manager that makes `stream` current."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def event(self, enable_timing: bool = False) -> "HostEvent":
+        return HostEvent()
+
+    def graph(self) -> Graph:
+        return Graph()
+
+    def manual_seed(self, seed: int) -> None:
+        torch.manual_seed(seed)
+
+    # -- memory -----------------------------------------------------------------------
+    def memory_stats(self) -> dict[str, int]:
+        return {"allocated_bytes": 0, "reserved_bytes": 0, "peak_allocated_bytes": 0, "total_bytes": 0}
+
+    def empty_cache(self) -> None:
+        """Give cached device memory back to the driver."""
+
+
+class HostEvent:
+    """Event with the device-event surface, timed on the host clock (CPU)."""
+
+    def __init__(self) -> None:
+        self._t: float | None = None
+
+    def record(self, stream=None) -> None:
+        import time
+
+        self._t = time.perf_counter()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def wait(self, stream=None) -> None:
+        pass
+
+    def elapsed_time(self, end: "HostEvent") -> float:
+        """Milliseconds between this event and `end`, like torch.cuda.Event."""
+        if self._t is None or end._t is None:
+            raise RuntimeError("both events must be recorded before elapsed_time()")
+        return (end._t - self._t) * 1e3

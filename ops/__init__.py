@@ -1,0 +1,17 @@
+"""Fused operators used by the target models, drafters and verifier.
+
+Each op module holds the plain-torch reference (the spec, runs everywhere). Device
+backends (Triton on CUDA, torch_npu on Ascend) plug in behind the same function names;
+callers only ever import from here.
+"""
+
+from .activation import gelu_tanh_and_mul, silu_and_mul
+from .attention import attention, build_attention_mask
+from .kv_cache import kv_write
+from .norm import add_rms_norm, rms_norm
+from .rotary import apply_rotary, rotary_cos_sin
+
+__all__ = [
+    "rms_norm", "add_rms_norm", "apply_rotary", "rotary_cos_sin", "silu_and_mul",
+    "gelu_tanh_and_mul", "attention", "build_attention_mask", "kv_write",
+]
