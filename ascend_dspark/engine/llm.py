@@ -1,0 +1,85 @@
+"""`LLM`: load a target and a drafter by name or path, then generate from text.
+
+    llm = LLM(model="default", drafter="dspark")
+    out = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=64))
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from ascend_dspark.drafters import create_drafter, load_drafter
+from ascend_dspark.models import load_target
+from ascend_dspark.platform import make_platform, set_platform
+from ascend_dspark.spec.sampling import SamplingParams
+
+from .engine import Engine
+from .outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+DRAFTER_KINDS = ("none", "eagle3", "dflash", "dspark")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_drafter(spec: str | None, target, seed: int = 0):
+    """None for "none"; a checkpoint directory by path; else a randomly initialised draft.
+
+    No trained draft ships yet for the default model, so a drafter kind given by name is
+    randomly initialised, with one warning: it is lossless but accepts ~nothing.
+    """
+    if spec is None or spec == "none":
+        return None
+    if Path(spec).exists():
+        return load_drafter(spec, target)
+    if spec not in DRAFTER_KINDS:
+        raise ValueError(f"unknown drafter {spec!r}: expected one of {', '.join(DRAFTER_KINDS)} or a checkpoint directory")
+    warnings.warn(f"no trained {spec} checkpoint given: using a randomly initialised {spec} draft "
+                  f"(output stays exact; expect a mean accepted length near 1)", stacklevel=2)
+    torch.manual_seed(seed)
+    return create_drafter(spec, target)
+
+
+class LLM:
+    def __init__(self, model: str = "default", drafter: str | None = "dspark", num_speculative_tokens: int = 7,
+                 device: str | None = None, dtype: str | None = None, max_model_len: int = 2048,
+                 max_batch_size: int = 8, seed: int = 0) -> None:
+        self.platform = set_platform(make_platform(device))
+        if dtype is not None and dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+        torch_dtype = DTYPES[dtype] if dtype else self.platform.default_dtype()
+        self.target, self.tokenizer = load_target(model, torch_dtype, self.platform.device)
+        self.drafter = build_drafter(drafter, self.target, seed)
+        if self.drafter is not None:
+            self.drafter.to(device=self.platform.device, dtype=torch_dtype).eval()
+        self.engine = Engine(self.target, self.drafter, self.tokenizer, num_speculative_tokens,
+                             max_model_len, max_batch_size, self.platform)
+
+    def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[RequestOutput]:
+        """Generate for raw text prompts (or token-id lists); no chat template is applied."""
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        texts = [p if isinstance(p, str) else None for p in prompts]
+        ids = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        return self._generate(ids, texts, params, progress)
+
+    def chat(self, conversations: list[dict] | list[list[dict]], params: SamplingParams | list[SamplingParams] | None = None,
+             progress: bool = False) -> list[RequestOutput]:
+        """Generate replies to chat conversations (the model's chat template is applied)."""
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]
+        ids = [self.tokenizer.apply_chat_template(c) for c in conversations]
+        return self._generate(ids, [None] * len(ids), params, progress)
+
+    def _generate(self, ids, texts, params, progress) -> list[RequestOutput]:
+        outputs = self.engine.generate(ids, params or SamplingParams(), progress)
+        for out, text in zip(outputs, texts):
+            out.prompt = text
+            if out.text is None:
+                out.text = self.tokenizer.decode(out.token_ids)
+        return outputs

@@ -1,0 +1,171 @@
+"""Llama / Qwen3 / Gemma3 decoder over the static slot KV cache, written on ops/.
+
+Module and parameter names mirror transformers (`model.layers.{i}.self_attn.q_proj`, ...)
+so HF safetensors load with a strict `load_state_dict`. The forward contract is described
+in `models/base.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+from ascend_dspark.engine.kv_cache import KVCache
+
+from .base import ForwardOutput
+from .config import ModelConfig
+from .rope import inverse_frequencies
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, offset: float = 0.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.eps = eps
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        hd, bias = cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
+        self.cfg = cfg
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, meta: "StepMeta", mask: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        hd = self.cfg.head_dim
+        q = self.q_proj(x).view(b, t, -1, hd)
+        k = self.k_proj(x).view(b, t, -1, hd)
+        v = self.v_proj(x).view(b, t, -1, hd)
+        if self.cfg.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
+        ops.kv_write(k_cache, v_cache, k, v, meta.slot_ids, meta.positions, meta.valid)
+        out = ops.attention(q, k_cache, v_cache, meta.slot_ids, mask, self.cfg.scale)
+        return self.o_proj(out.reshape(b, t, -1))
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        if cfg.hidden_act in ("silu", "swish"):
+            self.act = ops.silu_and_mul
+        elif cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act = ops.gelu_tanh_and_mul
+        else:
+            raise ValueError(f"unsupported hidden activation {cfg.hidden_act!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        eps, off = cfg.rms_norm_eps, cfg.norm_offset
+        self.self_attn = Attention(cfg)
+        self.mlp = GatedMLP(cfg)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        if cfg.sandwich_norm:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+            self.post_feedforward_layernorm = RMSNorm(cfg.hidden_size, eps, off)
+        self.sandwich = cfg.sandwich_norm
+
+    def forward(self, x, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, mask)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class StepMeta:
+    """Per-forward metadata shared by every layer (built once per step)."""
+
+    def __init__(self, slot_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        self.slot_ids = slot_ids
+        self.positions = positions
+        self.valid = valid
+
+
+class _Backbone(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.norm_offset)
+
+
+class DecoderModel(nn.Module):
+    """A causal decoder with HF parameter names: `model.*` and `lm_head`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = _Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        for layer_type in sorted(set(cfg.layer_types)):
+            inv_freq, scaling = inverse_frequencies(cfg.rope[layer_type], cfg.head_dim, cfg.raw, layer_type)
+            self.register_buffer(f"inv_freq_{layer_type}", inv_freq, persistent=False)
+            setattr(self, f"rope_scaling_{layer_type}", scaling)
+
+    # -- shared with drafters -------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        if self.config.embed_scale != 1.0:
+            x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        out = self.lm_head(hidden).float()
+        cap = self.config.final_logit_softcap
+        if cap:
+            out = torch.tanh(out / cap) * cap
+        return out
+
+    def rotary(self, positions: torch.Tensor, layer_type: str, dtype: torch.dtype):
+        """cos, sin [B, T, head_dim] for the given positions (drafters reuse it)."""
+        return ops.rotary_cos_sin(getattr(self, f"inv_freq_{layer_type}"), positions,
+                                  getattr(self, f"rope_scaling_{layer_type}"), dtype)
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+                slot_ids: torch.Tensor, valid: torch.Tensor,
+                capture_layers: tuple[int, ...] = ()) -> ForwardOutput:
+        cfg = self.config
+        meta = StepMeta(slot_ids, positions, valid)
+        x = self.embed(input_ids)
+        dtype = x.dtype
+        rope = {t: self.rotary(positions, t, dtype) for t in set(cfg.layer_types)}
+        num_keys = int(positions.max()) + 1
+        masks: dict[int | None, torch.Tensor] = {}
+        captured: dict[int, torch.Tensor] = {-1: x} if -1 in capture_layers else {}
+        for i, layer in enumerate(self.model.layers):
+            window = cfg.window(i)
+            if window not in masks:
+                masks[window] = ops.build_attention_mask(positions, positions + 1, num_keys, window)
+            cos, sin = rope[cfg.layer_types[i]]
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], meta, masks[window])
+            if i in capture_layers:
+                captured[i] = x
+        features = torch.cat([captured[j] for j in capture_layers], dim=-1) if capture_layers else None
+        return ForwardOutput(hidden=self.model.norm(x), features=features)
