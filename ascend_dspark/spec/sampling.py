@@ -157,16 +157,16 @@ class SamplingBatch:
         logits = logits.float()
         if self.all_greedy:
             return _one_hot_argmax(logits)
-        scaled = logits / self._rows(self.temperature, logits).unsqueeze(-1)
+        scaled = logits / self._rows(self.temperature, logits)
         if self.use_top_k or self.use_top_p:
             scaled = self._top_k_top_p(scaled)
         probs = torch.softmax(scaled, dim=-1)
         if self.use_min_p:
-            floor = self._rows(self.min_p, probs).unsqueeze(-1) * probs.amax(-1, keepdim=True)
+            floor = self._rows(self.min_p, probs) * probs.amax(-1, keepdim=True)
             probs = torch.where(probs >= floor, probs, torch.zeros_like(probs))
             probs = probs / probs.sum(-1, keepdim=True)
         if self.any_greedy:
-            greedy = self._rows(self.greedy, logits).unsqueeze(-1)
+            greedy = self._rows(self.greedy, logits)
             probs = torch.where(greedy, _one_hot_argmax(logits), probs)
         return probs
 
@@ -175,14 +175,15 @@ class SamplingBatch:
         vocab = logits.shape[-1]
         keep = torch.ones_like(sorted_logits, dtype=torch.bool)
         if self.use_top_k:
-            k = self._rows(self.top_k, logits).unsqueeze(-1)
+            k = self._rows(self.top_k, logits)
             k = torch.where(k > 0, k, torch.full_like(k, vocab))
             keep &= torch.arange(vocab, device=logits.device) < k
         if self.use_top_p:
             masked = sorted_logits.masked_fill(~keep, float("-inf"))
             sorted_probs = torch.softmax(masked, dim=-1)
             before = sorted_probs.cumsum(-1) - sorted_probs       # mass strictly above
-            keep &= before < self._rows(self.top_p, logits).unsqueeze(-1)
+            top_p = self._rows(self.top_p, logits)
+            keep &= (before < top_p) | (top_p >= 1.0)     # top_p = 1 keeps all, despite rounding
         keep[..., 0] = True
         mask = torch.zeros_like(keep).scatter(-1, order, keep)
         return logits.masked_fill(~mask, float("-inf"))
