@@ -1,0 +1,200 @@
+"""Load DeepSpec draft exports (shared/specs/checkpoint-formats.md §1.3-1.5, §5.1-5.2).
+
+Supported `architectures[0]`:
+- `Qwen3DSparkModel`: DSpark (markov_rank > 0 or confidence head on) or DeepSpec's DFlash
+  (markov_rank 0, no confidence head). Both use the anchor-first block layout.
+- `Qwen3Eagle3Model` (and the legacy name `Eagle3DraftModel`): one-layer EAGLE-3, q/k/v from 2H.
+- `Gemma4DSparkModel` / `Gemma4Eagle3Model`: NotImplementedError (their layers differ: scaled
+  embedding, k_eq_v attention, four norms, layer_scalar; see §5.1 step 8).
+
+Tensor names map by identity (no prefix): `fc.weight`, `hidden_norm.weight`, `norm.weight`,
+`layers.{i}.*`, `markov_head.markov_w{1,2}.weight`, `confidence_head.proj.{weight,bias}`, plus
+`embed_tokens.weight` / `lm_head.weight`. Loading is strict: every tensor's shape is checked
+against what the config implies, and a missing or unexpected tensor is an error.
+
+Embedding and LM head: DeepSpec stores frozen copies of the target's. The drafter always
+uses the **target's** modules (the protocol shares them), so the stored copies are only
+checked: same shape as the target's [V, H] (error otherwise) and same values after casting
+the target's to the stored dtype (one warning with the largest difference otherwise, e.g.
+when the draft was trained against a different revision of the target).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ascend_dspark.models.config import ModelConfig
+
+from .base import Drafter
+from .checkpoint import _placement, build_drafter, check_shapes, expected_shapes
+from .config import DrafterConfig
+
+DSPARK_ARCHS = ("Qwen3DSparkModel",)
+EAGLE3_ARCHS = ("Qwen3Eagle3Model", "Eagle3DraftModel")
+GEMMA4_ARCHS = ("Gemma4DSparkModel", "Gemma4Eagle3Model")
+SHARED = ("embed_tokens.weight", "lm_head.weight")
+
+
+def is_deepspec_config(raw: dict[str, Any]) -> bool:
+    archs = raw.get("architectures") or []
+    return bool(archs) and archs[0] in DSPARK_ARCHS + EAGLE3_ARCHS + GEMMA4_ARCHS
+
+
+def deepspec_drafter_config(raw: dict[str, Any], source: str = "config.json") -> DrafterConfig:
+    """DrafterConfig from a DeepSpec config.json (target config + draft keys)."""
+    archs = raw.get("architectures") or []
+    if not archs:
+        raise ValueError(f"{source}: no \"architectures\" entry; cannot tell which DeepSpec draft this is")
+    arch = archs[0]
+    if arch in GEMMA4_ARCHS:
+        raise NotImplementedError(
+            f"{source}: {arch} (DeepSpec Gemma4 draft) is not supported yet: it needs Gemma4 layers (scaled "
+            "embedding, k_eq_v attention, pre/post feed-forward norms, layer_scalar, soft-capped logits)")
+    if arch not in DSPARK_ARCHS + EAGLE3_ARCHS:
+        raise ValueError(f"{source}: architecture {arch!r} is not a DeepSpec draft; expected one of "
+                         f"{', '.join(DSPARK_ARCHS + EAGLE3_ARCHS + GEMMA4_ARCHS)}")
+    if "target_layer_ids" not in raw:
+        raise ValueError(f"{source}: missing \"target_layer_ids\"")
+    mc = ModelConfig.from_dict(raw)        # transformers defaults for missing keys; both RoPE spellings
+    common: dict[str, Any] = dict(
+        hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_layers=mc.num_layers,
+        num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
+        target_layer_ids=list(raw["target_layer_ids"]), rms_norm_eps=mc.rms_norm_eps, hidden_act=mc.hidden_act,
+        attention_bias=mc.attention_bias, qk_norm=True,
+        rope=dict(mc.rope.get("full_attention") or next(iter(mc.rope.values()))),
+    )
+    if arch in EAGLE3_ARCHS:
+        layers = raw.get("draft_num_hidden_layers", mc.num_layers)
+        if mc.num_layers != 1 or layers != 1:
+            raise ValueError(f"{source}: a DeepSpec EAGLE-3 draft has one layer, config says "
+                             f"num_hidden_layers={mc.num_layers}")
+        return DrafterConfig(kind="eagle3", ttt_length=int(raw.get("ttt_length") or 7), **common)
+    for key in ("block_size", "mask_token_id"):
+        if key not in raw:
+            raise ValueError(f"{source}: {arch} config is missing \"{key}\"")
+    rank = int(raw.get("markov_rank") or 0)
+    head_type = raw.get("markov_head_type") or "vanilla"
+    if rank > 0 and head_type != "vanilla":
+        raise NotImplementedError(f"{source}: markov_head_type {head_type!r} is not supported (only 'vanilla')")
+    confidence = bool(raw.get("enable_confidence_head", False))
+    kind = "dspark" if rank > 0 or confidence else "dflash"
+    with_markov = raw.get("confidence_head_with_markov")
+    return DrafterConfig(
+        kind=kind, block_size=int(raw["block_size"]), anchor_first=True, mask_token_id=int(raw["mask_token_id"]),
+        markov_rank=rank, confidence_head=confidence,
+        confidence_head_with_markov=True if with_markov is None else bool(with_markov), **common)
+
+
+def _weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors or model.safetensors.index.json."""
+    single = path / "model.safetensors"
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        out = {}
+        for name, shard in weight_map.items():
+            file = path / shard
+            if not file.is_file():
+                raise FileNotFoundError(f"safetensors shard {file} (named in {index}) not found")
+            out[name] = file
+        return out
+    raise FileNotFoundError(f"no drafter weights in {path}: expected {single} or {index}")
+
+
+def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    missing = sorted(set(files) - set(shapes))
+    if missing:
+        raise ValueError(f"tensor(s) {', '.join(missing)} listed in the index but absent from their shard")
+    return shapes
+
+
+def _target_weight(target: nn.Module, name: str) -> torch.Tensor | None:
+    """The target's embedding / LM-head matrix when it exposes the HF module layout."""
+    try:
+        if name == "embed_tokens.weight":
+            return target.model.embed_tokens.weight
+        return target.lm_head.weight
+    except AttributeError:
+        return None
+
+
+def _compare_shared(files: dict[str, Path], target: nn.Module, source: str, rows: int = 8192) -> None:
+    from safetensors import safe_open
+
+    diffs = []
+    for name in SHARED:
+        mine = _target_weight(target, name)
+        if mine is None:
+            continue
+        worst = 0.0
+        with safe_open(str(files[name]), framework="pt") as f:
+            stored = f.get_slice(name)
+            for start in range(0, mine.shape[0], rows):
+                chunk = stored[start:start + rows]
+                ref = mine[start:start + rows].detach().to(device="cpu", dtype=chunk.dtype)
+                if not torch.equal(chunk, ref):
+                    worst = max(worst, (chunk.float() - ref.float()).abs().max().item())
+        if worst > 0:
+            diffs.append(f"{name} (max |diff| {worst:.3g})")
+    if diffs:
+        warnings.warn(f"{source}: stored {' and '.join(diffs)} differ from the target's; using the target's "
+                      "embedding and LM head (the draft may have been trained against another target)",
+                      stacklevel=3)
+
+
+def load_deepspec_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype | None = None) -> Drafter:
+    """Load a DeepSpec draft directory (config.json + model.safetensors or sharded index) for `target`."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"DeepSpec draft directory not found: {path}")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"DeepSpec draft config not found: {config_path}")
+    raw = json.loads(config_path.read_text())
+    cfg = deepspec_drafter_config(raw, str(config_path))
+    n_target = raw.get("num_target_layers")
+    if n_target is not None and int(n_target) != target.config.num_layers:
+        raise ValueError(f"{config_path}: draft was built for a target with num_target_layers={n_target}, "
+                         f"but the target has {target.config.num_layers} layers")
+    drafter = build_drafter(cfg, target)           # validates hidden size, vocab, target_layer_ids
+    files = _weight_files(path)
+    expected = expected_shapes(drafter)
+    tc = target.config
+    for name in SHARED:
+        expected[name] = (tc.vocab_size, tc.hidden_size)
+    source = str(path)
+    check_shapes(expected, _shapes(files), source)
+    _compare_shared(files, target, source)
+
+    from safetensors import safe_open
+
+    state: dict[str, torch.Tensor] = {}
+    by_file: dict[Path, list[str]] = {}
+    for name, file in files.items():
+        if name not in SHARED:
+            by_file.setdefault(file, []).append(name)
+    for file, names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in names:
+                state[name] = f.get_tensor(name)
+    drafter.load_state_dict(state, strict=True, assign=True)   # keep stored precision until the final cast
+    return drafter.to(**_placement(target, dtype))

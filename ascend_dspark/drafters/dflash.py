@@ -1,0 +1,35 @@
+"""DFlash drafter: the parallel block backbone, drafts sampled independently per slot.
+
+Two layouts (shared/specs/checkpoint-formats.md §2.5):
+- fill-in (z-lab DFlash, our random-init default): B slots, slot k >= 1 predicts position
+  anchor_pos + k, so B - 1 drafts;
+- anchor-first (DeepSpec's DFlash = `Qwen3DSparkModel` with markov_rank 0): slot k predicts
+  anchor_pos + 1 + k, B drafts.
+Each draft k is drawn from `sampling.probs(target.logits(h_k))` with `Stream.DRAFT` noise at
+its absolute position anchor_pos + 1 + k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ascend_dspark.spec.sampling import SamplingBatch, Stream
+
+from .base import DraftProposal
+from .block_backbone import BlockDrafter
+
+
+class DFlashDrafter(BlockDrafter):
+    kind = "dflash"
+
+    @torch.no_grad()
+    def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
+                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
+        self._check_num_tokens(num_tokens)
+        if num_tokens == 0:
+            return self._empty_proposal(anchors)
+        h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions), num_tokens)
+        probs = sampling.probs(self.logits(h))
+        positions = anchor_positions.unsqueeze(1) + 1 + torch.arange(num_tokens, device=anchors.device)
+        tokens = sampling.sample(probs, positions, Stream.DRAFT)
+        return DraftProposal(tokens=tokens.long(), probs=probs, confidence=None)

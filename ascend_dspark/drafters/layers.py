@@ -1,0 +1,102 @@
+"""Building blocks shared by the drafters, written on ops/.
+
+Parameter names follow DeepSpec / transformers (`self_attn.q_proj`, `mlp.gate_proj`,
+`input_layernorm`, ...) so published checkpoints map by identity.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import ops
+
+from .config import DrafterConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class GatedMLP(nn.Module):
+    def __init__(self, cfg: DrafterConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        if cfg.hidden_act in ("silu", "swish"):
+            self.act = ops.silu_and_mul
+        elif cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
+            self.act = ops.gelu_tanh_and_mul
+        else:
+            raise ValueError(f"unsupported drafter hidden activation {cfg.hidden_act!r}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+
+
+class SelfAttention(nn.Module):
+    """q/k/v/o projections with optional per-head q/k RMSNorm; the attention op runs on the slot cache."""
+
+    def __init__(self, cfg: DrafterConfig, input_size: int) -> None:
+        super().__init__()
+        hd, bias = cfg.head_dim, cfg.attention_bias
+        self.q_proj = nn.Linear(input_size, cfg.num_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(input_size, cfg.num_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(input_size, cfg.num_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=bias)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.head_dim = hd
+        self.scale = hd ** -0.5
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, -1, self.head_dim)
+        if self.qk_norm:
+            q = self.q_norm(q)
+        return ops.apply_rotary(q, cos, sin)
+
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, -1, self.head_dim)
+        v = self.v_proj(x).view(b, t, -1, self.head_dim)
+        if self.qk_norm:
+            k = self.k_norm(k)
+        return ops.apply_rotary(k, cos, sin), v
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                v_cache: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+        """Write this chunk's K/V at `positions`, then attend over the slot cache under `mask`."""
+        q = self.query(x, cos, sin)
+        k, v = self.key_value(x, cos, sin)
+        ops.kv_write(k_cache, v_cache, k, v, slot_ids, positions, valid)
+        out = ops.attention(q, k_cache, v_cache, slot_ids, mask, self.scale)
+        return self.o_proj(out.reshape(*x.shape[:2], -1))
+
+
+def init_weights(module: nn.Module, seed: int, std: float = 0.02) -> None:
+    """HF-style initialisation, reproducible: N(0, std) for Linear/Embedding weights, zero biases, unit norms."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if isinstance(_owner(module, name), RMSNorm):
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * std)
+
+
+def _owner(module: nn.Module, name: str) -> nn.Module:
+    path = name.rsplit(".", 1)[0] if "." in name else ""
+    return module.get_submodule(path) if path else module
