@@ -118,7 +118,7 @@ class Engine:
         self.platform.synchronize()
         t0 = time.perf_counter()
         anchors, anchor_pos = self._prefill(requests, slots, sampling)
-        self._commit(requests, [[t] for t in anchors.tolist()], [0] * len(requests), verified=0)
+        self._commit(requests, [[t] for t in anchors.tolist()], None, verified=0)
         self.platform.synchronize()
         t1 = time.perf_counter()
         active = [i for i, r in enumerate(requests) if r.finish_reason is None]
@@ -170,7 +170,7 @@ class Engine:
             draft_tokens, draft_probs = proposal.tokens, proposal.probs
         else:
             draft_tokens = anchors.new_zeros(batch, 0)
-            draft_probs = None
+            draft_probs = torch.empty(batch, 0, self.target.config.vocab_size, device=anchors.device)
         inputs = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)
         positions = anchor_pos.unsqueeze(1) + torch.arange(k + 1, device=anchors.device)
         valid = torch.ones_like(inputs, dtype=torch.bool)
@@ -186,12 +186,14 @@ class Engine:
         return result.tokens, num_accepted, next_anchor
 
     # -- bookkeeping on the host --------------------------------------------------------
-    def _commit(self, requests: list[_Request], token_lists: list[list[int]], accepted: list[int],
+    def _commit(self, requests: list[_Request], token_lists: list[list[int]], accepted: list[int] | None,
                 verified: int) -> None:
-        """Append committed tokens; stop at EOS / stop token, max_tokens, stop string, length."""
-        for r, tokens, n in zip(requests, token_lists, accepted):
-            if verified:
-                r.stats.record(n, verified)
+        """Append committed tokens; stop at EOS / stop token, max_tokens, stop string, length.
+
+        `accepted` is None for the prefill's first token (not a verify step)."""
+        for i, (r, tokens) in enumerate(zip(requests, token_lists)):
+            if accepted is not None:
+                r.stats.record(accepted[i], verified)
             for tok in tokens:
                 r.output.append(tok)
                 if tok in r.stop_ids:

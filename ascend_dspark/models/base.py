@@ -12,7 +12,8 @@ A target is an `nn.Module` decoder (Llama, Qwen3, Gemma3) running over a `KVCach
 - `out.hidden` [B, T, H]: last-layer hidden states after the final norm.
 - `out.features` [B, T, m*H] or None: the outputs of decoder layers `capture_layers`
   concatenated in the given order (id j = output of layer j, i.e. HF `hidden_states[j+1]`;
-  -1 = the embedding output).
+  -1 = the embedding output). For the last layer this is the output *before* the final
+  norm, unlike HF's last `hidden_states` entry; drafters never tap the last layer.
 - `target.logits(hidden)` -> [..., V] float32 logits (LM head, soft-capping if any).
 - `target.embed(input_ids)` -> [..., H] input embeddings (Gemma's sqrt(H) scale included);
   drafters share it and the LM head instead of keeping copies.

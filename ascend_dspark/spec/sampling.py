@@ -91,8 +91,11 @@ def _key(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Ten
 
 
 def _to_unit(h: torch.Tensor) -> torch.Tensor:
-    """32-bit hash -> float32 uniform in (0, 1)."""
-    return ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 16777216.0)
+    """32-bit hash -> float32 uniform in (0, 1), never 0 and never 1.
+
+    23 random bits, so (k + 0.5) / 2**23 is exact in float32: with 24 bits the largest
+    value rounds to 1.0, and an exponential race then divides by -log(1) = 0."""
+    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:

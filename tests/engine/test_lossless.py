@@ -1,0 +1,136 @@
+"""T=0 losslessness: speculative output is token-identical to the target's own greedy output.
+
+Covered for every drafter, every architecture, batch 1 and a ragged batch of 4, K in
+{1, 3, 7}. Models are tiny, random and float64 (so near-ties cannot flip an argmax between
+a 1-token and a (K+1)-token forward). Random drafts are mostly rejected, so a second test
+wraps the real drafters in an oracle that plants the true continuation at random draft
+positions: then multi-token acceptance, partial rollback and EOS inside an accepted block
+are exercised too.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ascend_dspark.drafters import create_drafter
+from ascend_dspark.engine.engine import Engine
+from ascend_dspark.spec.sampling import SamplingParams
+from tests.helpers import tiny_target
+
+ARCHS = ("llama", "qwen3", "gemma3")
+DRAFTERS = ("eagle3", "dflash", "dspark")
+PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8], [60, 61, 62, 63, 64], [12, 3, 99, 7, 1, 5, 6, 11, 100, 2, 4]]
+MAX_TOKENS = 20
+
+
+@pytest.fixture(scope="module", params=ARCHS)
+def arch_target(request):
+    torch.manual_seed(0)
+    ours, hf = tiny_target(request.param, dtype=torch.float64)
+    return request.param, ours, hf
+
+
+def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
+    """transformers' forward, recomputed on the whole sequence for every token (no cache, no EOS)."""
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        for _ in range(n):
+            ids = torch.cat([ids, hf(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+def greedy(max_tokens=MAX_TOKENS):
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def references(arch_target):
+    _, _, hf = arch_target
+    return [hf_greedy(hf, p, MAX_TOKENS) for p in PROMPTS]
+
+
+def test_plain_decoding_matches_transformers(arch_target, references):
+    _, target, _ = arch_target
+    engine = Engine(target, None, max_model_len=64, max_batch_size=4)
+    outs = engine.generate(PROMPTS, greedy())
+    assert [o.token_ids for o in outs] == references
+    assert all(o.stats.mean_accepted_length == 1.0 for o in outs)
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_speculative_greedy_is_token_identical(arch_target, references, kind, k):
+    _, target, _ = arch_target
+    torch.manual_seed(1)
+    drafter = create_drafter(kind, target).to(torch.float64)
+    engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=64, max_batch_size=4)
+    assert [o.token_ids for o in engine.generate(PROMPTS[:1], greedy())] == references[:1]
+    assert [o.token_ids for o in engine.generate(PROMPTS, greedy())] == references
+
+
+class OracleDrafter(torch.nn.Module):
+    """TEST DOUBLE around a real drafter: after the real propose(), replaces a random
+    subset of draft tokens by the true greedy continuation (one-hot draft probabilities),
+    so verification sees long accepted prefixes, partial rejections and full acceptance."""
+
+    def __init__(self, inner, prompts, references, p_plant=0.8):
+        super().__init__()
+        self.inner = inner
+        self.target_layer_ids = inner.target_layer_ids
+        self.max_draft_tokens = inner.max_draft_tokens
+        self.truth = {}
+        self.p_plant = p_plant
+        self.gen = torch.Generator().manual_seed(3)
+        self.sequences = [p + r for p, r in zip(prompts, references)]
+
+    def allocate(self, *args):
+        self.inner.allocate(*args)
+
+    def reset(self, slot_ids):
+        self.inner.reset(slot_ids)
+
+    def observe(self, *args):
+        self.inner.observe(*args)
+
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
+        proposal = self.inner.propose(slot_ids, anchors, anchor_positions, num_tokens, sampling)
+        tokens = proposal.tokens.clone()
+        for b, (slot, pos) in enumerate(zip(slot_ids.tolist(), anchor_positions.tolist())):
+            seq = self.sequences[slot]
+            for k in range(num_tokens):
+                if pos + 1 + k < len(seq) and torch.rand((), generator=self.gen) < self.p_plant:
+                    tokens[b, k] = seq[pos + 1 + k]
+        probs = torch.zeros_like(proposal.probs).scatter_(-1, tokens.unsqueeze(-1), 1.0)
+        return type(proposal)(tokens=tokens, probs=probs, confidence=proposal.confidence)
+
+
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_long_accepted_prefixes_stay_identical(arch_target, references, kind):
+    _, target, _ = arch_target
+    torch.manual_seed(2)
+    drafter = OracleDrafter(create_drafter(kind, target).to(torch.float64), PROMPTS, references)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4)
+    outs = engine.generate(PROMPTS, greedy())
+    assert [o.token_ids for o in outs] == references
+    assert min(o.stats.mean_accepted_length for o in outs) > 1.5      # acceptance really happened
+
+
+def test_stops_on_eos_inside_an_accepted_block(arch_target, references):
+    _, target, _ = arch_target
+    eos = references[1][6]                           # a token the target really emits mid-block
+    drafter = OracleDrafter(create_drafter("dspark", target).to(torch.float64), PROMPTS[1:2], references[1:2], p_plant=1.0)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[eos], ignore_eos=True)
+    out = engine.generate(PROMPTS[1:2], params)[0]
+    first = references[1].index(eos)
+    assert out.token_ids == references[1][: first + 1] and out.finish_reason == "stop"
+
+
+def test_max_tokens_truncates_an_accepted_block(arch_target, references):
+    _, target, _ = arch_target
+    drafter = OracleDrafter(create_drafter("dspark", target).to(torch.float64), PROMPTS, references, p_plant=1.0)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4)
+    outs = engine.generate(PROMPTS, greedy(max_tokens=5))
+    assert [o.token_ids for o in outs] == [r[:5] for r in references]
+    assert all(o.finish_reason == "length" for o in outs)

@@ -1,0 +1,1 @@
+"""Test doubles. Nothing here is a real backend; see each module's docstring."""

@@ -1,0 +1,351 @@
+"""TEST DOUBLE, not torch_npu: CPU reference kernels behind the REAL torch_npu 2.13.0 op schemas.
+
+Why: binding errors are the cheapest NPU bugs to catch and the ones a hand-written fake
+hides. `register()` defines the exact schema strings scraped from the wheel (the committed
+snapshot) with `torch.library`, so `torch.ops.npu.<op>(...)` rejects a wrong keyword,
+positional use of a keyword-only argument, or a missing argument exactly as the real
+dispatcher does. Behind each schema sits a plain-torch kernel that follows the semantics
+documented for the op (torch_npu `_op_plugin_docs.py`, meta kernels, shared/reference/
+ascend.md): RMSNorm outputs (y, rstd fp32), swiglu = silu(first half) * second half,
+FIA masks where atten_mask is True/1, npu_top_k_top_p's sort/cumsum recipe, etc.
+
+Features the double does not implement raise NotImplementedError naming the argument.
+Documented A2/A3 hardware limits (head_dim 64/128 for rope, fp16/bf16 FIA, contiguous
+inputs, int32 top-k ...) raise ValueError/TypeError while ENFORCE_HW_CONSTRAINTS is True,
+so CPU tests do not pass code that the hardware would reject.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ENFORCE_HW_CONSTRAINTS = True
+_INT_MAX = 2147483647
+_LIB: torch.library.Library | None = None
+
+
+def _hw(ok: bool, message: str, exc: type[Exception] = ValueError) -> None:
+    if ENFORCE_HW_CONSTRAINTS and not ok:
+        raise exc(f"torch_npu 2.13 on Atlas A2/A3: {message} (fake_torch_npu.ENFORCE_HW_CONSTRAINTS)")
+
+
+def _unsupported(op: str, arg: str, why: str = "") -> None:
+    raise NotImplementedError(f"{op}: argument {arg!r} is not implemented by the fake_torch_npu test double"
+                              + (f" ({why})" if why else ""))
+
+
+# -- norms / activation / rope ---------------------------------------------------------
+def _rms(x: torch.Tensor, gamma: torch.Tensor, epsilon: float):
+    if tuple(x.shape[x.dim() - gamma.dim():]) != tuple(gamma.shape):
+        raise ValueError(f"gamma shape {tuple(gamma.shape)} must match the last dims of input {tuple(x.shape)}")
+    dims = tuple(range(-gamma.dim(), 0))
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(dim=dims, keepdim=True) + epsilon)  # fp32, (..., 1): the meta shape
+    return xf * rstd * gamma.float(), rstd
+
+
+def npu_rms_norm(input, gamma, epsilon=1e-06):
+    y, rstd = _rms(input, gamma, epsilon)
+    return y.to(input.dtype), rstd
+
+
+def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
+    """(y, rstd, x1 + x2): the sum is the new residual."""
+    if x1.shape != x2.shape:
+        raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must have the same shape")
+    summed = x1.float() + x2.float()
+    y, rstd = _rms(summed, gamma, epsilon)
+    return y.to(x1.dtype), rstd, summed.to(x1.dtype)
+
+
+def npu_swiglu(input, dim=-1):
+    """silu(A) * B where A, B are the first and second halves of `input` along `dim`."""
+    if input.shape[dim] % 2:
+        raise ValueError(f"npu_swiglu: size {input.shape[dim]} of dim {dim} must be even")
+    a, b = input.float().chunk(2, dim=dim)
+    return (F.silu(a) * b).to(input.dtype)
+
+
+def _rotate(x: torch.Tensor, mode: str) -> torch.Tensor:
+    if mode == "half":
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((-x2, x1), dim=-1)
+    if mode == "interleave":
+        pairs = x.unflatten(-1, (-1, 2))
+        return torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    raise ValueError(f"rotary_mode must be 'half' or 'interleave', got {mode!r}")
+
+
+def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
+    """input * r1 + rotate(input) * r2, with r1 = cos and r2 = sin broadcast against input."""
+    if rotate is not None:
+        _unsupported("npu_rotary_mul", "rotate")
+    xf = input.float()
+    return (xf * r1.float() + _rotate(xf, rotary_mode) * r2.float()).to(input.dtype)
+
+
+def npu_apply_rotary_pos_emb(query, key, cos, sin, layout="BSND", rotary_mode="half"):
+    """Rotates query and key IN PLACE (BSND: (B,S,N,D), cos/sin (B,S,1,D); TND: (T,N,D))."""
+    dims = {"BSND": 4, "TND": 3}.get(layout)
+    if dims is None:
+        _unsupported("npu_apply_rotary_pos_emb", "layout", f"{layout!r}; A2/A3 support BSND and TND")
+    _hw(rotary_mode == "half", f"npu_apply_rotary_pos_emb supports rotary_mode='half' only, got {rotary_mode!r}")
+    for name, t in (("query", query), ("key", key), ("cos", cos), ("sin", sin)):
+        if t.dim() != dims:
+            raise ValueError(f"npu_apply_rotary_pos_emb: {name} must be {dims}-D for layout {layout}, got {tuple(t.shape)}")
+        _hw(t.dtype == query.dtype, f"npu_apply_rotary_pos_emb: {name} dtype {t.dtype} != query dtype {query.dtype}",
+            TypeError)
+    _hw(query.shape[-1] in (64, 128), f"npu_apply_rotary_pos_emb needs head_dim 64 or 128, got {query.shape[-1]}")
+    if cos.shape[-2] != 1 or sin.shape != cos.shape:
+        raise ValueError(f"npu_apply_rotary_pos_emb: cos/sin must have N == 1 and equal shapes, got "
+                         f"{tuple(cos.shape)} / {tuple(sin.shape)}")
+    lead = dims - 2
+    if query.shape[:lead] != key.shape[:lead] or cos.shape[:lead] != query.shape[:lead]:
+        raise ValueError("npu_apply_rotary_pos_emb: query, key, cos and sin must share the leading (B, S) / (T) dims")
+    for t in (query, key):
+        t.copy_(npu_rotary_mul(t, cos, sin, rotary_mode))
+    return query, key
+
+
+# -- attention -------------------------------------------------------------------------
+_FIA_UNSUPPORTED_TENSORS = (
+    "pse_shift", "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
+    "antiquant_scale", "antiquant_offset", "key_antiquant_scale", "key_antiquant_offset",
+    "value_antiquant_scale", "value_antiquant_offset", "block_table", "query_padding_size",
+    "kv_padding_size", "key_shared_prefix", "value_shared_prefix", "actual_shared_prefix_len",
+    "query_rope", "key_rope", "key_rope_antiquant_scale",
+)
+_FIA_UNSUPPORTED_INTS = ("block_size", "antiquant_mode", "key_antiquant_mode", "value_antiquant_mode")
+
+
+def _per_batch(lengths, batch: int, limit: int, name: str) -> torch.Tensor:
+    """FIA's rule: one value is broadcast, otherwise the first `batch` values are used."""
+    values = list(lengths)
+    if len(values) == 1:
+        values = values * batch
+    elif len(values) < batch:
+        raise ValueError(f"{name} has {len(values)} entries, need 1 or >= batch ({batch})")
+    values = values[:batch]
+    if any(v < 0 or v > limit for v in values):
+        raise ValueError(f"{name} values must lie in [0, {limit}], got {values}")
+    return torch.tensor(values)
+
+
+def _to_bsnd(t: torch.Tensor, layout: str, heads: int, name: str) -> torch.Tensor:
+    if layout == "BSH":
+        if t.dim() != 3 or t.shape[-1] % heads:
+            raise ValueError(f"{name}: BSH needs (B, S, H) with H divisible by {heads}, got {tuple(t.shape)}")
+        return t.unflatten(-1, (heads, -1))
+    if t.dim() != 4:
+        raise ValueError(f"{name}: {layout} needs a 4-D tensor, got {tuple(t.shape)}")
+    t = t if layout == "BSND" else t.transpose(1, 2)
+    if t.shape[2] != heads:
+        raise ValueError(f"{name}: N axis is {t.shape[2]} but the head count argument says {heads}")
+    return t
+
+
+def _user_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
+    """atten_mask (True/1 = masked out) -> bool (B or 1, 1, Q_S, KV_S); S dims may be padded."""
+    if mask.dtype not in (torch.bool, torch.int8, torch.uint8):
+        raise TypeError(f"atten_mask must be bool, int8 or uint8 (1 = masked), got {mask.dtype}")
+    m = mask.bool()
+    if m.dim() == 2:
+        m = m[:, None, None, :] if q_len == 1 else m[None, None]
+    elif m.dim() == 3:
+        m = m[:, None]
+    if m.dim() != 4 or m.shape[0] not in (1, batch) or m.shape[1] != 1 \
+            or m.shape[2] < q_len or m.shape[3] < kv_len:
+        raise ValueError(f"atten_mask shape {tuple(mask.shape)} does not fit batch={batch}, Q_S={q_len}, KV_S={kv_len}")
+    return m[..., :q_len, :kv_len]
+
+
+def _causal(mask, sparse_mode: int, q_lens, kv_lens, q_len: int, kv_len: int) -> torch.Tensor:
+    if mask is None or tuple(mask.shape)[-2:] != (2048, 2048) or mask.dim() > 4 or \
+            any(d != 1 for d in mask.shape[:-2]):
+        raise ValueError(f"sparse_mode={sparse_mode} needs the compressed (2048, 2048) atten_mask")
+    if not torch.equal(mask.reshape(2048, 2048).bool(), torch.ones(2048, 2048, dtype=torch.bool).triu(1)):
+        raise ValueError(f"sparse_mode={sparse_mode} expects atten_mask = triu(ones(2048, 2048), diagonal=1)")
+    i = torch.arange(q_len)[None, :, None]
+    j = torch.arange(kv_len)[None, None, :]
+    shift = (kv_lens - q_lens)[:, None, None] if sparse_mode == 3 else 0  # 3 = rightDownCausal
+    return (j > i + shift)[:, None]
+
+
+def npu_fused_infer_attention_score(query, key, value, **kw):
+    """Reference FIA for BSH/BSND/BNSD/BNSD_BSND, sparse_mode 0-3, GQA; no paging/quant."""
+    op = "npu_fused_infer_attention_score"
+    for name in _FIA_UNSUPPORTED_TENSORS:
+        if kw.get(name) is not None:
+            _unsupported(op, name)
+    for name in _FIA_UNSUPPORTED_INTS:
+        if kw.get(name, 0):
+            _unsupported(op, name)
+    layout = kw.get("input_layout", "BSH")
+    if layout not in ("BSH", "BSND", "BNSD", "BNSD_BSND"):
+        _unsupported(op, "input_layout", repr(layout))
+    heads = kw.get("num_heads", 1)
+    kv_heads = kw.get("num_key_value_heads", 0) or heads
+    if heads <= 0 or heads % kv_heads:
+        raise ValueError(f"num_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})")
+    _hw(heads // kv_heads <= 64, "num_heads / num_key_value_heads must be <= 64")
+    if query.dtype == torch.int8:
+        _unsupported(op, "query", "int8 (quantized) attention")
+    _hw(query.dtype in (torch.float16, torch.bfloat16), f"query must be float16 or bfloat16, got {query.dtype}",
+        TypeError)
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _hw(t.is_contiguous(), f"{name} must be contiguous")
+        _hw(t.dtype == query.dtype, f"{name} dtype {t.dtype} != query dtype {query.dtype}", TypeError)
+
+    in_layout = "BNSD" if layout == "BNSD_BSND" else layout
+    q = _to_bsnd(query, in_layout, heads, "query")
+    k = _to_bsnd(key, in_layout, kv_heads, "key")
+    v = _to_bsnd(value, in_layout, kv_heads, "value")
+    batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
+    if layout == "BNSD_BSND":
+        _hw(q_len > 1, "input_layout BNSD_BSND needs Q_S > 1")
+    q_lens = torch.full((batch,), q_len)
+    if kw.get("actual_seq_lengths") is not None and q_len > 1:  # ignored when Q_S == 1
+        q_lens = _per_batch(kw["actual_seq_lengths"], batch, q_len, "actual_seq_lengths")
+    kv_lens = torch.full((batch,), kv_len)
+    if kw.get("actual_seq_lengths_kv") is not None:
+        kv_lens = _per_batch(kw["actual_seq_lengths_kv"], batch, kv_len, "actual_seq_lengths_kv")
+
+    masked = (torch.arange(kv_len)[None, :] >= kv_lens[:, None])[:, None, None, :]  # (B,1,1,KV_S)
+    sparse_mode, mask = kw.get("sparse_mode", 0), kw.get("atten_mask")
+    if sparse_mode in (0, 1):
+        if mask is not None:
+            masked = masked | _user_mask(mask, batch, q_len, kv_len)
+        elif sparse_mode == 1:
+            raise ValueError("sparse_mode=1 (allMask) needs atten_mask")
+    elif sparse_mode in (2, 3):
+        masked = masked | _causal(mask, sparse_mode, q_lens, kv_lens, q_len, kv_len)
+    else:
+        _unsupported(op, "sparse_mode", f"{sparse_mode}; the double implements 0-3")
+
+    qf = q.float().transpose(1, 2)  # (B, N, Q_S, D)
+    kf = k.float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    vf = v.float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
+    scores = (qf @ kf.transpose(-1, -2)) * kw.get("scale", 1.0)
+    scores = scores.masked_fill(masked, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf on fully masked rows
+    valid_row = torch.isfinite(lse) & (torch.arange(q_len)[None, None, :, None] < q_lens[:, None, None, None])
+    probs = torch.where(valid_row, torch.softmax(scores, dim=-1), 0.0)
+    out = probs @ vf  # invalid rows (padding, fully masked) come out as zeros
+    if in_layout == "BNSD" and layout != "BNSD_BSND":
+        attn = out
+    else:
+        attn = out.transpose(1, 2)
+        attn = attn.flatten(-2) if layout == "BSH" else attn
+    attn = attn.to(query.dtype).contiguous()
+    lse_out = lse if kw.get("softmax_lse_flag", False) else torch.zeros(1)
+    return attn, lse_out.float()
+
+
+def npu_fused_infer_attention_score_out(query, key, value, **kw):
+    """The graph-capture form: writes into out=[attention_out, softmax_lse]."""
+    out = kw.pop("out")
+    kw.pop("workspace", None)
+    if len(out) != 2:
+        raise ValueError(f"out must be [attention_out, softmax_lse], got {len(out)} tensors")
+    attn, lse = npu_fused_infer_attention_score(query, key, value, **kw)
+    if out[0].shape != attn.shape or out[0].dtype != attn.dtype:
+        raise ValueError(f"out[0] is {tuple(out[0].shape)}/{out[0].dtype}, the result is {tuple(attn.shape)}/{attn.dtype}")
+    out[0].copy_(attn)
+    if out[1].shape == lse.shape:
+        out[1].copy_(lse)
+    return out[0], out[1]
+
+
+def npu_fused_infer_attention_score_get_max_workspace(query, key, value, **kw):
+    """An opaque workspace tensor; its size means nothing in the double."""
+    return torch.empty(1, dtype=torch.uint8)
+
+
+# -- KV cache / sampling ---------------------------------------------------------------
+def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,
+                            compress_seq_offsets=None, seq_lens=None, cache_mode="PA_NZ"):
+    """ND caches only (cache_mode='Norm'): cache.view(blocks*block_size, N, D)[slot] = token."""
+    op = "npu_scatter_pa_kv_cache"
+    for name, val in (("compress_lens", compress_lens), ("compress_seq_offsets", compress_seq_offsets),
+                      ("seq_lens", seq_lens)):
+        if val is not None:
+            _unsupported(op, name)
+    if cache_mode not in (None, "Norm"):
+        _unsupported(op, "cache_mode", f"{cache_mode!r} means NZ-format caches (the default!); "
+                                       "pass cache_mode='Norm' for ND caches")
+    if key.dim() != 3 or value.dim() != 3:
+        _unsupported(op, "key", "4-D (compressed) key/value")
+    if key_cache.dim() != 4 or value_cache.dim() != 4:
+        raise ValueError("key_cache and value_cache must be 4-D (num_blocks, block_size, N, D)")
+    if slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"slot_mapping must be int32 or int64, got {slot_mapping.dtype}")
+    for name, t in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache),
+                    ("slot_mapping", slot_mapping)):
+        _hw(t.is_contiguous(), f"{op}: {name} must be contiguous")
+    for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+        _hw(t.dtype == key.dtype, f"{op}: {name} dtype {t.dtype} != key dtype {key.dtype}", TypeError)
+    n_slots = key_cache.shape[0] * key_cache.shape[1]
+    slots = slot_mapping.reshape(-1).long()
+    if slots.numel() != key.shape[0] or key.shape[:2] != value.shape[:2]:
+        raise ValueError(f"{op}: need one slot per token: key {tuple(key.shape)}, value {tuple(value.shape)}, "
+                         f"slot_mapping {tuple(slot_mapping.shape)}")
+    if slots.numel() and (slots.min() < 0 or slots.max() >= n_slots):
+        raise ValueError(f"{op}: slot_mapping values must lie in [0, {n_slots - 1}] (no -1 padding slots)")
+    key_cache.view(n_slots, *key_cache.shape[2:]).index_copy_(0, slots, key)
+    value_cache.view(n_slots, *value_cache.shape[2:]).index_copy_(0, slots, value)
+
+
+def npu_top_k_top_p(logits, p=None, k=None):
+    """The documented recipe: ascending stable sort, top-k threshold, then top-p on the rest."""
+    if p is None and k is None:
+        raise ValueError("npu_top_k_top_p: p and k cannot both be None")
+    _hw(logits.dim() == 2, f"logits must be 2-D, got {tuple(logits.shape)}")
+    vocab = logits.shape[-1]
+    values, order = torch.sort(logits, dim=-1, descending=False, stable=True)
+    if k is not None:
+        _hw(k.dtype == torch.int32, f"k must be int32, got {k.dtype}", TypeError)
+        _hw(bool(((k >= 1) & (k <= min(1024, vocab))).all()), "k values must lie in [1, min(1024, vocab)]")
+        threshold = values.gather(-1, (vocab - k.long().clamp(1, vocab)).unsqueeze(-1))
+        values = values.masked_fill(values < threshold, float("-inf"))
+    if p is not None:
+        _hw(p.dtype == logits.dtype, f"p dtype {p.dtype} != logits dtype {logits.dtype}", TypeError)
+        cumulative = torch.softmax(values.float(), dim=-1).cumsum(dim=-1)
+        drop = cumulative <= 1 - p.float().unsqueeze(-1)
+        drop[..., -1] = False
+        values = values.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, values)
+
+
+IMPLS = {
+    "npu_rms_norm": npu_rms_norm,
+    "npu_add_rms_norm": npu_add_rms_norm,
+    "npu_swiglu": npu_swiglu,
+    "npu_rotary_mul": npu_rotary_mul,
+    "npu_apply_rotary_pos_emb": npu_apply_rotary_pos_emb,
+    "npu_fused_infer_attention_score": npu_fused_infer_attention_score,
+    "npu_fused_infer_attention_score.out": npu_fused_infer_attention_score_out,
+    "_npu_fused_infer_attention_score_get_max_workspace": npu_fused_infer_attention_score_get_max_workspace,
+    "npu_scatter_pa_kv_cache": npu_scatter_pa_kv_cache,
+    "npu_top_k_top_p": npu_top_k_top_p,
+}
+
+
+def register(schemas: dict[str, str]) -> None:
+    """Define every snapshot schema under torch.ops.npu with its CPU kernel (once per process).
+
+    The `npu` namespace stays registered after uninstall: a torch.library namespace cannot
+    be re-defined, and without the fake torch_npu module nothing reaches it.
+    """
+    global _LIB
+    if _LIB is not None:
+        return
+    missing = sorted(set(schemas) - set(IMPLS))
+    if missing:
+        raise KeyError(f"the snapshot pins ops the double has no kernel for: {missing}")
+    lib = torch.library.Library("npu", "DEF")
+    for name in sorted(schemas):
+        lib.define(schemas[name])
+    for name in sorted(schemas):
+        lib.impl(name, IMPLS[name], "CPU")
+    _LIB = lib
