@@ -10,6 +10,7 @@ wrong one must make the same test fail: the test has power.
 
 from __future__ import annotations
 
+import copy
 import itertools
 
 import numpy as np
@@ -111,3 +112,12 @@ def test_seeded_requests_reproduce(target):
     other = SamplingParams(temperature=1.0, max_tokens=12, seed=99, ignore_eos=True)
     in_batch = engine.generate([[3, 3], PROMPT, [4]], [other, params, other])[1].token_ids
     assert alone == in_batch == engine.generate([PROMPT], params)[0].token_ids
+
+
+@pytest.mark.cuda
+def test_speculative_sampling_on_cuda_matches_target_distribution(target):
+    """The same counter-based noise on the GPU: the dspark run is exact there too."""
+    cuda_target = copy.deepcopy(target).to("cuda")
+    drafter = mismatched_drafter("dspark", cuda_target)
+    observed = sampled_marginal(cuda_target, drafter, PARAMS[0], k=3)
+    assert chi_square_p(observed, exact_marginal(target, PARAMS[0])) > 1e-3

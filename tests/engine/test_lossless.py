@@ -24,11 +24,19 @@ PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8], [60, 61, 62, 63, 64], [12, 3, 99
 MAX_TOKENS = 20
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
 @pytest.fixture(scope="module", params=ARCHS)
-def arch_target(request):
+def arch_target(request, device):
     torch.manual_seed(0)
     ours, hf = tiny_target(request.param, dtype=torch.float64)
-    return request.param, ours, hf
+    return request.param, ours.to(device), hf
 
 
 def hf_greedy(hf, prompt: list[int], n: int) -> list[int]:
