@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .registry import dispatching
+
 
 def build_attention_mask(query_positions: torch.Tensor, kv_limit: torch.Tensor, num_keys: int,
                          window: int | None = None) -> torch.Tensor:
@@ -24,12 +26,13 @@ def build_attention_mask(query_positions: torch.Tensor, kv_limit: torch.Tensor, 
     return visible.unsqueeze(1)
 
 
+@dispatching("attention")
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
               mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, T, Hq, D] over keys 0..S-1 of the given slots; mask [B, 1, T, S]."""
+    """q [B, T, Hq, D] over keys 0..S-1 of the given slots ([slots, S+, Hkv, D] caches); mask [B, 1, T, S]."""
     num_keys = mask.shape[-1]
-    k = k_cache[:, :, :num_keys].index_select(0, slot_ids)
-    v = v_cache[:, :, :num_keys].index_select(0, slot_ids)
+    k = k_cache[:, :num_keys].index_select(0, slot_ids).transpose(1, 2)
+    v = v_cache[:, :num_keys].index_select(0, slot_ids).transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[2] != k.shape[1],

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from .registry import dispatching
+
 
 def rotary_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, scaling: float = 1.0,
                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
@@ -18,6 +20,7 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dispatching("apply_rotary")
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, H, D] by cos/sin [B, T, R] (R <= D; the tail D-R passes through)."""
     cos = cos.unsqueeze(-2)

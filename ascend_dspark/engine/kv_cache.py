@@ -14,7 +14,7 @@ import torch
 class KVCache:
     def __init__(self, num_layers: int, num_slots: int, capacity: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device) -> None:
-        shape = (num_slots, num_kv_heads, capacity + 1, head_dim)
+        shape = (num_slots, capacity + 1, num_kv_heads, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)

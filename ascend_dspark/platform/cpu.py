@@ -12,6 +12,7 @@ from .interface import Platform
 class CpuPlatform(Platform):
     name = "cpu"
     dist_backend = "gloo"
+    op_backend = "reference"
     supports_graphs = False
 
     @property

@@ -44,6 +44,7 @@ class CudaGraph(Graph):
 class CudaPlatform(Platform):
     name = "cuda"
     dist_backend = "nccl"
+    op_backend = "triton"
     supports_graphs = True
 
     def __init__(self, index: int = 0) -> None:

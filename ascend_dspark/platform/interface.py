@@ -43,6 +43,7 @@ class Platform:
     name: str = "base"
     dist_backend: str = "gloo"
     supports_graphs: bool = False
+    op_backend: str = "reference"      # which ops/ backend serves this device
 
     def __init__(self, index: int = 0) -> None:
         self.index = index

@@ -79,6 +79,7 @@ class NpuGraph(Graph):
 class NpuPlatform(Platform):
     name = "npu"
     dist_backend = "hccl"
+    op_backend = "npu"
     supports_graphs = True
 
     def __init__(self, index: int = 0) -> None:

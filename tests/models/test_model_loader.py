@@ -171,6 +171,8 @@ def test_tokenizer(checkpoints):
 def test_default_model_needs_the_package(monkeypatch):
     import importlib.metadata as md
 
+    monkeypatch.delenv("ASCEND_DSPARK_DEFAULT_GGUF", raising=False)
+
     def absent(name):
         raise md.PackageNotFoundError(name)
 
@@ -185,3 +187,16 @@ def test_cache_root_override(monkeypatch, tmp_path):
     fake.write_bytes(b"GGUF")
     assert gguf.converted_dir(fake).parent == tmp_path / "models"
     assert gguf.converted_dir(fake).name.startswith("tiny-")
+
+
+def test_default_gguf_override(monkeypatch, tmp_path):
+    """ASCEND_DSPARK_DEFAULT_GGUF points air-gapped hosts at a copy of the file."""
+    from ascend_dspark.models.loader import default_gguf
+
+    monkeypatch.setenv("ASCEND_DSPARK_DEFAULT_GGUF", str(tmp_path / "absent.gguf"))
+    with pytest.raises(FileNotFoundError, match="absent.gguf"):
+        default_gguf()
+    copy = tmp_path / "smol.gguf"
+    copy.write_bytes(b"GGUF")
+    monkeypatch.setenv("ASCEND_DSPARK_DEFAULT_GGUF", str(copy))
+    assert default_gguf() == copy
