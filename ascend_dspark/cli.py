@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import warnings
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -69,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -40,8 +40,7 @@ def build_drafter(spec: str | None, target, seed: int = 0):
         raise ValueError(f"unknown drafter {spec!r}: expected one of {', '.join(DRAFTER_KINDS)} or a checkpoint directory")
     warnings.warn(f"no trained {spec} checkpoint given: using a randomly initialised {spec} draft "
                   f"(output stays exact; expect a mean accepted length near 1)", stacklevel=2)
-    torch.manual_seed(seed)
-    return create_drafter(spec, target)
+    return create_drafter(spec, target, seed=seed)
 
 
 class LLM:

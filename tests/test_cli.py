@@ -1,0 +1,61 @@
+"""The `ascend-dspark` command line, as a user runs it (in-process, on the CPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ascend_dspark.cli import main
+from ascend_dspark.drafters import create_drafter, save_drafter
+from ascend_dspark.models import load_target
+from tests.helpers import tiny_hf_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny_hf_checkpoint("qwen3", tmp_path_factory.mktemp("cli"))
+
+
+@pytest.mark.parametrize("drafter", ["none", "eagle3", "dflash", "dspark"])
+def test_generate_prints_text_then_one_stats_line(tiny_dir, drafter, capsys):
+    code = main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--drafter", drafter,
+                 "--max-tokens", "12", "--device", "cpu", "--temperature", "0"])
+    out = capsys.readouterr().out.rstrip("\n").split("\n")
+    assert code == 0
+    stats = out[-1]
+    assert "tokens/s" in stats and "mean accepted length" in stats and f"drafter {drafter}" in stats
+
+
+def test_generate_with_a_saved_checkpoint_directory(tiny_dir, tmp_path, capsys):
+    target, _ = load_target(tiny_dir, torch.float32, torch.device("cpu"))
+    path = save_drafter(create_drafter("dspark", target), tmp_path / "draft")
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--drafter", str(path),
+                 "--max-tokens", "8", "--device", "cpu", "--temperature", "0.8", "--seed", "3"]) == 0
+    assert "mean accepted length" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--drafter", "medusa"], "unknown drafter 'medusa'"),
+    (["--model", "/nonexistent/model"], "/nonexistent/model"),
+    (["--temperature", "-1"], "temperature must be >= 0"),
+    (["--dtype", "int8"], "unknown dtype 'int8'"),
+])
+def test_bad_input_is_one_clear_error_line(tiny_dir, argv, message, capsys):
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "hi", "--device", "cpu", *argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_unavailable_cuda_names_the_reason(tiny_dir, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present")
+    assert main(["generate", "--model", str(tiny_dir), "--prompt", "hi", "--device", "cuda"]) == 2
+    assert "torch.cuda.is_available() is False" in capsys.readouterr().err
+
+
+def test_doctor_lists_every_device_kind(capsys):
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert all(kind in out for kind in ("cpu", "cuda", "npu")) and "detected:" in out
