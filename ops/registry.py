@@ -90,3 +90,23 @@ def dispatching(op: str) -> Callable[[Callable], Callable]:
         entry.reference = reference
         return entry
     return wrap
+
+
+def _reset_for_tests(*backends: str) -> None:
+    """Tests only: forget the choices made so far and unload `backends` (default: all), so
+    the next op call re-imports them against whatever `torch_npu` / platform is current.
+    A backend's companion modules (`ops.backends.npu_sampling`, `ops.backends.triton_kernels.*`:
+    names extending the backend module's) are unloaded too, since they register on import."""
+    import sys
+
+    _announced.clear()
+    for backend in backends or tuple(_backend_modules):
+        _loaded.pop(backend, None)
+        for impls in _impls.values():
+            impls.pop(backend, None)
+        module = _backend_modules[backend]
+        for loaded in [m for m in sys.modules if m == module or m.startswith((module + "_", module + "."))]:
+            del sys.modules[loaded]
+            parent, _, name = loaded.rpartition(".")
+            if parent in sys.modules and name in vars(sys.modules[parent]):
+                delattr(sys.modules[parent], name)

@@ -8,14 +8,17 @@ q_k is the exact distribution x_k was drawn from, which lossless verification ne
 Confidence (Eq. 7): c_k = sigmoid(proj([h_k ; markov_w1[prev_k]])) in float32 (without the
 Markov part when `confidence_head_with_markov` is False): P(x_k accepted | x_<k accepted).
 It depends on x_{k-1} but not on x_k. Only the requested `num_tokens` steps run.
+The Markov + confidence maths of one slot is the op `ops.markov_confidence_step`; the loop
+and the sampling between slots stay here. The heads below hold the weights (checkpoint
+names `markov_head.markov_w{1,2}.weight`, `confidence_head.proj.{weight,bias}`).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+import ops
 from ascend_dspark.spec.sampling import SamplingBatch, Stream
 
 from .base import DraftProposal
@@ -24,27 +27,21 @@ from .config import DrafterConfig
 
 
 class MarkovHead(nn.Module):
-    """Low-rank first-order transition bias: W1[prev] @ W2, W1 [V, r] (Embedding), W2 Linear(r, V)."""
+    """Weights of the low-rank first-order transition bias W1[prev] @ W2: W1 [V, r]
+    (Embedding), W2 Linear(r, V). The maths is `ops.markov_confidence_step`."""
 
     def __init__(self, vocab_size: int, rank: int) -> None:
         super().__init__()
         self.markov_w1 = nn.Embedding(vocab_size, rank)
         self.markov_w2 = nn.Linear(rank, vocab_size, bias=False)
 
-    def forward(self, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(embedding W1[prev], float32 bias over the vocabulary)."""
-        e = self.markov_w1(prev)
-        return e, self.markov_w2(e).float()
-
 
 class ConfidenceHead(nn.Module):
+    """Weights of the confidence head sigmoid(proj(.)). The maths is `ops.markov_confidence_step`."""
+
     def __init__(self, input_size: int) -> None:
         super().__init__()
         self.proj = nn.Linear(input_size, 1, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self.proj.weight.float(), self.proj.bias.float()
-        return torch.sigmoid(F.linear(x.float(), w, b)).squeeze(-1)
 
 
 class DSparkDrafter(BlockDrafter):
@@ -67,16 +64,19 @@ class DSparkDrafter(BlockDrafter):
         h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions), num_tokens)
         base = self.logits(h)                                        # [B, K, V] float32
         prev = anchors.long()
+        markov = self.markov_head if self.config.markov_rank > 0 else None
+        confidence = self.confidence_head if self.config.confidence_head else None
+        weights = dict(
+            markov_w1=markov.markov_w1.weight if markov is not None else None,
+            markov_w2=markov.markov_w2.weight if markov is not None else None,
+            conf_weight=confidence.proj.weight if confidence is not None else None,
+            conf_bias=confidence.proj.bias if confidence is not None else None,
+            conf_with_markov=self._conf_with_markov)
         tokens, probs, conf = [], [], []
         for k in range(num_tokens):
-            logits = base[:, k]
-            emb = None
-            if self.config.markov_rank > 0:
-                emb, bias = self.markov_head(prev)
-                logits = logits + bias
-            if self.config.confidence_head:
-                feat = torch.cat([h[:, k], emb.to(h.dtype)], dim=-1) if self._conf_with_markov else h[:, k]
-                conf.append(self.confidence_head(feat))
+            logits, c = ops.markov_confidence_step(base[:, k], prev, h[:, k], **weights)
+            if c is not None:
+                conf.append(c)
             q = sampling.probs(logits)
             x = sampling.sample(q, anchor_positions + 1 + k, Stream.DRAFT).long()
             tokens.append(x)

@@ -28,6 +28,10 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps, self.offset)
 
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual) in one fused op."""
+        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+
 
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
@@ -90,10 +94,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
         attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, mask)
         if self.sandwich:
-            x = x + self.post_attention_layernorm(attn)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+            normed, x = self.pre_feedforward_layernorm.add_and_norm(self.post_attention_layernorm(attn), x)
+            return x + self.post_feedforward_layernorm(self.mlp(normed))
+        normed, x = self.post_attention_layernorm.add_and_norm(attn, x)
+        return x + self.mlp(normed)
 
 
 class StepMeta:

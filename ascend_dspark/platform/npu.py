@@ -47,8 +47,11 @@ def npu_unavailable_reason() -> str | None:
 class NpuGraph(Graph):
     """`torch.npu.NPUGraph` behind the `Graph` surface.
 
-    The fused attention op bakes host-side sequence lengths into a captured graph; the
-    runner refreshes them before each replay (see shared/reference/ascend.md).
+    torch_npu's fused attention bakes host-side sequence lengths (actual_seq_lengths*) into
+    a captured graph, which then need `NPUGraph.update` / task-group updates before each
+    replay (see shared/reference/ascend.md). ops/backends/npu.py passes none: the lengths
+    live in the device-side mask, so a replay only needs new data copied into the
+    captured input buffers.
     """
 
     def __init__(self, pool) -> None:

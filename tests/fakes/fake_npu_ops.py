@@ -10,9 +10,11 @@ ascend.md): RMSNorm outputs (y, rstd fp32), swiglu = silu(first half) * second h
 FIA masks where atten_mask is True/1, npu_top_k_top_p's sort/cumsum recipe, etc.
 
 Features the double does not implement raise NotImplementedError naming the argument.
-Documented A2/A3 hardware limits (head_dim 64/128 for rope, fp16/bf16 FIA, contiguous
-inputs, int32 top-k ...) raise ValueError/TypeError while ENFORCE_HW_CONSTRAINTS is True,
-so CPU tests do not pass code that the hardware would reject.
+Documented A2/A3 hardware limits (head_dim 64/128 for rope, fp16/bf16 FIA and KV-cache
+scatter, fp16/bf16/fp32 norms / swiglu / rotary_mul with gamma / r1 / r2 of the input's
+dtype, FIA's B/N/D limits and inner_precise per branch, contiguous inputs, int32 top-k ...)
+raise ValueError/TypeError while ENFORCE_HW_CONSTRAINTS is True, so CPU tests do not pass
+code that the hardware would reject.
 """
 
 from __future__ import annotations
@@ -28,6 +30,17 @@ _LIB: torch.library.Library | None = None
 def _hw(ok: bool, message: str, exc: type[Exception] = ValueError) -> None:
     if ENFORCE_HW_CONSTRAINTS and not ok:
         raise exc(f"torch_npu 2.13 on Atlas A2/A3: {message} (fake_torch_npu.ENFORCE_HW_CONSTRAINTS)")
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+_HALVES = (torch.float16, torch.bfloat16)
+
+
+def _dtypes(op: str, allowed, **tensors: torch.Tensor) -> None:
+    """The documented A2/A3 dtype list of an op's tensor inputs (TypeError, like the binder)."""
+    for name, t in tensors.items():
+        _hw(t.dtype in allowed, f"{op}: {name} must be {'/'.join(str(d)[6:] for d in allowed)}, got {t.dtype}",
+            TypeError)
 
 
 def _unsupported(op: str, arg: str, why: str = "") -> None:
@@ -46,6 +59,9 @@ def _rms(x: torch.Tensor, gamma: torch.Tensor, epsilon: float):
 
 
 def npu_rms_norm(input, gamma, epsilon=1e-06):
+    """Input fp16/bf16/fp32, gamma of the input's dtype (op-plugin docs)."""
+    _dtypes("npu_rms_norm", _FLOATS, input=input)
+    _hw(gamma.dtype == input.dtype, f"npu_rms_norm: gamma dtype {gamma.dtype} != input dtype {input.dtype}", TypeError)
     y, rstd = _rms(input, gamma, epsilon)
     return y.to(input.dtype), rstd
 
@@ -54,6 +70,9 @@ def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
     """(y, rstd, x1 + x2): the sum is the new residual."""
     if x1.shape != x2.shape:
         raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must have the same shape")
+    _dtypes("npu_add_rms_norm", _FLOATS, x1=x1)
+    _hw(x2.dtype == x1.dtype and gamma.dtype == x1.dtype,
+        f"npu_add_rms_norm: x1/x2/gamma dtypes differ ({x1.dtype}, {x2.dtype}, {gamma.dtype})", TypeError)
     summed = x1.float() + x2.float()
     y, rstd = _rms(summed, gamma, epsilon)
     return y.to(x1.dtype), rstd, summed.to(x1.dtype)
@@ -63,6 +82,8 @@ def npu_swiglu(input, dim=-1):
     """silu(A) * B where A, B are the first and second halves of `input` along `dim`."""
     if input.shape[dim] % 2:
         raise ValueError(f"npu_swiglu: size {input.shape[dim]} of dim {dim} must be even")
+    _dtypes("npu_swiglu", _FLOATS, input=input)
+    _hw(input.is_contiguous(), "npu_swiglu: input must be contiguous")
     a, b = input.float().chunk(2, dim=dim)
     return (F.silu(a) * b).to(input.dtype)
 
@@ -78,9 +99,21 @@ def _rotate(x: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
-    """input * r1 + rotate(input) * r2, with r1 = cos and r2 = sin broadcast against input."""
+    """input * r1 + rotate(input) * r2, with r1 = cos and r2 = sin broadcast against input.
+
+    A2/A3 (jit_compile=False): 4-D input and r1/r2 of one float dtype, D even and < 896,
+    r1/r2 broadcastable to the input (11SD/B1SD/BNSD for BNSD, 1S1D/BS1D/BSND for BSND ...).
+    """
     if rotate is not None:
         _unsupported("npu_rotary_mul", "rotate")
+    _dtypes("npu_rotary_mul", _FLOATS, input=input)
+    _hw(r1.dtype == input.dtype and r2.dtype == input.dtype, "npu_rotary_mul: r1/r2 dtype != input dtype", TypeError)
+    _hw(input.dim() == 4 and r1.dim() == 4 and r2.shape == r1.shape,
+        f"npu_rotary_mul needs 4-D input/r1/r2, got {tuple(input.shape)} / {tuple(r1.shape)} / {tuple(r2.shape)}")
+    _hw(input.shape[-1] % 2 == 0 and input.shape[-1] < 896,
+        f"npu_rotary_mul needs D even and < 896, got {input.shape[-1]}")
+    _hw(r1.shape[-1] == input.shape[-1] and all(a in (1, b) for a, b in zip(r1.shape, input.shape)),
+        f"npu_rotary_mul: r1 {tuple(r1.shape)} does not broadcast to input {tuple(input.shape)}")
     xf = input.float()
     return (xf * r1.float() + _rotate(xf, rotary_mode) * r2.float()).to(input.dtype)
 
@@ -204,6 +237,13 @@ def npu_fused_infer_attention_score(query, key, value, **kw):
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     if layout == "BNSD_BSND":
         _hw(q_len > 1, "input_layout BNSD_BSND needs Q_S > 1")
+    dim = q.shape[-1]
+    _hw(batch <= 65536 and heads <= 256 and dim <= 512, f"B <= 65536, N <= 256, D <= 512: got {batch}, {heads}, {dim}")
+    if q_len > 1:
+        _hw(dim % 16 == 0, f"Q_S > 1 with float16/bfloat16 needs D % 16 == 0, got {dim}")
+    else:
+        _hw(kw.get("inner_precise", 0) in (0, 1), "Q_S == 1 supports inner_precise 0 and 1 only")
+        _hw(kv_len <= 262144, f"Q_S == 1 supports KV_S <= 262144, got {kv_len}")
     q_lens = torch.full((batch,), q_len)
     if kw.get("actual_seq_lengths") is not None and q_len > 1:  # ignored when Q_S == 1
         q_lens = _per_batch(kw["actual_seq_lengths"], batch, q_len, "actual_seq_lengths")
@@ -223,6 +263,8 @@ def npu_fused_infer_attention_score(query, key, value, **kw):
     else:
         _unsupported(op, "sparse_mode", f"{sparse_mode}; the double implements 0-3")
 
+    if mask is not None:
+        _hw(mask.is_contiguous(), "atten_mask must be contiguous")
     qf = q.float().transpose(1, 2)  # (B, N, Q_S, D)
     kf = k.float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
     vf = v.float().transpose(1, 2).repeat_interleave(heads // kv_heads, dim=1)
@@ -285,6 +327,7 @@ def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *,
         _hw(t.is_contiguous(), f"{op}: {name} must be contiguous")
     for name, t in (("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
         _hw(t.dtype == key.dtype, f"{op}: {name} dtype {t.dtype} != key dtype {key.dtype}", TypeError)
+    _dtypes(op, (*_HALVES, torch.int8), key=key)  # A2/A3; float32 is 950-only
     n_slots = key_cache.shape[0] * key_cache.shape[1]
     slots = slot_mapping.reshape(-1).long()
     if slots.numel() != key.shape[0] or key.shape[:2] != value.shape[:2]:

@@ -78,6 +78,7 @@ class FakeTorchNpu:
         self.module, self.npu = build_modules(snap)
         self.runtime = fake_npu_runtime._Runtime(device_count=device_count)
         self._saved: dict | None = None
+        self._saved_platform = None
 
     def _install(self) -> "FakeTorchNpu":
         if fake_npu_runtime._RT is not None:
@@ -89,7 +90,28 @@ class FakeTorchNpu:
         sys.modules["torch_npu.npu"] = self.npu
         torch.npu = self.npu
         fake_npu_runtime._RT = self.runtime
+        from ascend_dspark import platform
+
+        self._saved_platform = platform._current
         return self
+
+    def _forget_caches(self) -> None:
+        """Process-wide state that picked up this double while installed must not outlive it:
+        NpuPlatform's cached `import torch_npu`, a global NpuPlatform created by autodetection
+        (restored to the platform set before install), and the ops "npu" backend module bound
+        to this fake (unloaded, so the registry re-imports it next time)."""
+        from ascend_dspark import platform
+        from ascend_dspark.platform import npu as npu_platform
+
+        if npu_platform._TORCH_NPU is self.module:
+            npu_platform._TORCH_NPU, npu_platform._TORCH_NPU_ERROR = None, None
+        if isinstance(platform._current, npu_platform.NpuPlatform):
+            platform._current = self._saved_platform
+        backend = sys.modules.get("ops.backends.npu")
+        if backend is not None and getattr(backend, "torch_npu", None) is self.module:
+            from ops import registry
+
+            registry._reset_for_tests("npu")
 
     def uninstall(self) -> None:
         if self._saved is None:
@@ -110,6 +132,7 @@ class FakeTorchNpu:
             torch.npu = self._saved["torch.npu"]
         fake_npu_runtime._RT = None
         self._saved = None
+        self._forget_caches()
 
     def __enter__(self) -> "FakeTorchNpu":
         return self

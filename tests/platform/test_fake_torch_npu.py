@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ops.norm import rms_norm
+from ops.norm import rms_norm as _rms_norm_entry
 from tests.fakes import fake_torch_npu
 
 
@@ -21,6 +21,9 @@ from tests.fakes import fake_torch_npu
 def tnpu():
     with fake_torch_npu.install() as fake:
         yield fake.module
+
+
+rms_norm = _rms_norm_entry.reference  # the plain-torch spec, not the platform-dispatched entry
 
 
 def _half(x):
@@ -152,9 +155,12 @@ def test_fia_refuses_what_it_does_not_model(tnpu):
 
 # -- KV cache and sampling -----------------------------------------------------------------
 def test_scatter_pa_kv_cache_writes_slots_in_place(tnpu):
-    key, value = torch.randn(3, 2, 8), torch.randn(3, 2, 4)
-    key_cache, value_cache = torch.zeros(4, 16, 2, 8), torch.zeros(4, 16, 2, 4)
+    key, value = _half(torch.randn(3, 2, 8)), _half(torch.randn(3, 2, 4))
+    key_cache, value_cache = _half(torch.zeros(4, 16, 2, 8)), _half(torch.zeros(4, 16, 2, 4))
     slots = torch.tensor([0, 17, 63], dtype=torch.int32)
+    with pytest.raises(TypeError, match="float16/bfloat16/int8"):  # float32 caches are Ascend 950 only
+        tnpu.npu_scatter_pa_kv_cache(key.float(), value.float(), key_cache.float(), value_cache.float(), slots,
+                                     cache_mode="Norm")
     with pytest.raises(NotImplementedError, match="'cache_mode'.*PA_NZ"):
         tnpu.npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slots)  # default = NZ caches
     assert tnpu.npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slots, cache_mode="Norm") is None

@@ -140,6 +140,22 @@ def test_checker_passes_on_our_code(contract):
     assert stats["calls"] >= 15, f"expected the NPU platform's torch.npu calls to be found, got {stats}"
 
 
+def test_checker_covers_the_npu_ops_backend(tmp_path, contract):
+    """ops/backends/npu.py is where the torch_npu op calls live: every one is seen and binds."""
+    backend = ROOT / "ops" / "backends" / "npu.py"
+    stats: dict = {}
+    assert npu_contract.check_calls([backend], contract, stats) == []
+    source = backend.read_text()
+    ops_called = {op for op in {o.split(".")[0] for o in contract["ops"]} if f"torch_npu.{op}(" in source}
+    assert ops_called == {"npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
+                          "npu_scatter_pa_kv_cache", "npu_fused_infer_attention_score"}
+    assert stats["calls"] >= len(ops_called)
+    drifted = tmp_path / "npu.py"  # the same file with one keyword misspelt must be caught
+    drifted.write_text(source.replace("epsilon=float(eps))\n    return y\n", "eps=float(eps))\n    return y\n", 1))
+    violations = npu_contract.check_calls([drifted], contract)
+    assert len(violations) == 1 and "unknown keyword 'eps'" in violations[0].message, violations
+
+
 def test_checker_catches_drift(tmp_path, contract):
     sample = tmp_path / "drift.py"
     sample.write_text(DRIFT_SAMPLE)

@@ -8,6 +8,7 @@ import torch
 import triton
 
 MAX_FUSED_COLS = 65536          # a norm row must fit one block (registers); wider rows use the reference
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)     # kernels compute in fp32: others use the reference
 
 
 def next_pow2(n: int) -> int:
@@ -27,6 +28,10 @@ def rows_2d(t: torch.Tensor, cols: int) -> torch.Tensor:
     if cols > 1 and t2.stride(-1) != 1:
         t2 = t2.contiguous()
     return t2
+
+
+def floats(*tensors: torch.Tensor) -> bool:
+    return all(t.dtype in FLOATS for t in tensors)
 
 
 def needs_autograd(*tensors: torch.Tensor) -> bool:

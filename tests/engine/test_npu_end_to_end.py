@@ -1,0 +1,242 @@
+"""The whole engine on the NPU platform, with torch_npu replaced by its TEST DOUBLE.
+
+`fake_torch_npu` (tests/fakes/) puts CPU kernels behind the real torch_npu 2.13.0 op
+schemas and emulates `torch.npu` (streams, NPUGraph); `patch_npu_platform` keeps the
+NpuPlatform's tensors on the CPU. So `set_platform(NpuPlatform())` routes every op through
+`ops.registry` to ops/backends/npu.py and on into the double, as it would into CANN on an
+Ascend host. What this checks: the platform really selects the "npu" backend, the
+kernels' wiring (slot mapping, masks, layouts, GQA) is right inside a full speculative
+generate loop (prefill, DSpark drafting with block-bidirectional masks, verification,
+rollback), and NPU graph capture / replay re-runs the recorded torch_npu tasks.
+What it cannot check: device numerics, speed, CANN itself.
+
+Token-exact comparisons run in float32: in bf16 a fused kernel rounds once where the
+reference rounds two or three times, and on a tiny random model such last-bit differences
+flip near-tied argmaxes within a few tokens (as they would on real hardware). float32 is
+also a real NPU configuration: the norm / activation / rotary kernels run, attention and
+the KV write run the reference by design (A2/A3 FIA and scatter have no float32). A second
+float32 run widens those two dtype lists and relaxes the double's limits (a test-only
+device) so that every kernel sits in the token-exact loop; bf16 runs every kernel with the
+real limits and is compared with tolerances.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import sys
+
+import pytest
+import torch
+
+import ops
+from ascend_dspark import platform
+from ascend_dspark.drafters import create_drafter
+from ascend_dspark.engine.engine import Engine
+from ascend_dspark.platform.cpu import CpuPlatform
+from ascend_dspark.spec.sampling import SamplingParams
+from ops import registry
+from tests.fakes import fake_torch_npu
+from tests.helpers import new_cache, run_batch, tiny_target
+
+PROMPTS = [[5, 17, 3, 44, 9, 1, 30], [9, 1, 44]]          # a ragged batch of 2
+K = 3
+GREEDY = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+OUR_OPS = ("rms_norm", "apply_rotary", "kv_write", "attention", "silu_and_mul")     # always in the loop
+FUSED_OPS = (*OUR_OPS, "add_rms_norm")                     # every op with an "npu" kernel in ops/backends/npu.py
+KERNELS = ("npu_rms_norm", "npu_rotary_mul", "npu_scatter_pa_kv_cache", "npu_fused_infer_attention_score",
+           "npu_swiglu")
+COUNTED = (*KERNELS, "npu_add_rms_norm", "npu_top_k_top_p")
+
+
+def _engine(target, drafter) -> Engine:
+    return Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=2)
+
+
+@functools.cache
+def _models(arch: str, dtype: torch.dtype):
+    torch.manual_seed(0)
+    target, _ = tiny_target(arch, dtype=dtype)
+    torch.manual_seed(1)
+    return target, create_drafter("dspark", target).to(dtype)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _build_models_before_the_double():
+    """transformers imports accelerate lazily, which probes `torch_npu` with find_spec: build the
+    models (and so import them) while the real environment, not the double, is in sys.modules.
+    One intra-op thread: these models are tiny, and extra threads only contend."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    for arch in ("llama", "qwen3"):
+        for dtype in (torch.float32, torch.bfloat16):
+            _models(arch, dtype)
+    yield
+    torch.set_num_threads(threads)
+
+
+def reference_tokens(monkeypatch, target, drafter) -> list[list[int]]:
+    """The same generate on the CPU platform with every op forced to the reference."""
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    platform.set_platform(CpuPlatform())
+    try:
+        return [o.token_ids for o in _engine(target, drafter).generate(PROMPTS, GREEDY)]
+    finally:
+        monkeypatch.delenv(registry.ENV_VAR)
+
+
+@pytest.fixture
+def npu(monkeypatch):
+    """NpuPlatform on the double, as the global platform; everything global restored after."""
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    monkeypatch.delenv(platform.ENV_VAR, raising=False)
+    monkeypatch.setattr(platform, "_current", platform._current)     # restored at teardown
+    fake_torch_npu.patch_npu_platform(monkeypatch)
+    with fake_torch_npu.install() as fake:
+        registry._reset_for_tests("npu")
+        from ascend_dspark.platform.npu import NpuPlatform
+
+        fake.platform = NpuPlatform()
+        fake.calls = {}
+        yield fake
+    registry._reset_for_tests("npu")
+    assert "ops.backends.npu" not in sys.modules
+
+
+def use_npu(fake, monkeypatch):
+    """Make the NPU platform current, count kernel calls; return the (imported) backend module."""
+    registry._reset_for_tests("npu")                       # forget the reference run's choices
+    platform.set_platform(fake.platform)
+    backend = importlib.import_module("ops.backends.npu")
+    for name in COUNTED:
+        real = getattr(fake.module, name)
+
+        def counted(*args, _name=name, _real=real, **kwargs):
+            fake.calls[_name] = fake.calls.get(_name, 0) + 1
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(fake.module, name, counted)
+    return backend
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_speculative_generate_on_npu_equals_reference(npu, monkeypatch, arch):
+    target, drafter = _models(arch, torch.float32)
+    expected = reference_tokens(monkeypatch, target, drafter)
+    backend = use_npu(npu, monkeypatch)
+
+    outputs = _engine(target, drafter).generate(PROMPTS, GREEDY)
+
+    assert [o.token_ids for o in outputs] == expected
+    assert [len(o.token_ids) for o in outputs] == [GREEDY.max_tokens] * 2
+    chosen = registry.chosen()
+    assert {op: chosen.get(op) for op in OUR_OPS} == dict.fromkeys(OUR_OPS, "npu")
+    assert all(chosen[op] == "npu" for op in FUSED_OPS if op in chosen), chosen
+    assert all(npu.calls.get(k, 0) > 0 for k in ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu")), npu.calls
+    # float32 attention / KV writes are the documented reference fallback on A2/A3
+    assert {op for op, _ in backend.fallbacks()} == {"attention", "kv_write"}
+    assert "npu_fused_infer_attention_score" not in npu.calls and "npu_scatter_pa_kv_cache" not in npu.calls
+
+
+def test_every_kernel_inside_the_token_exact_loop(npu, monkeypatch):
+    """Test-only: float32 admitted by FIA / scatter (and the double's A2/A3 limits relaxed),
+    so the attention and KV-write wiring also has to reproduce the reference tokens exactly."""
+    target, drafter = _models("qwen3", torch.float32)
+    expected = reference_tokens(monkeypatch, target, drafter)
+    backend = use_npu(npu, monkeypatch)
+    monkeypatch.setattr(backend, "ATTENTION_DTYPES", (*backend.ATTENTION_DTYPES, torch.float32))
+    monkeypatch.setattr(backend, "KV_CACHE_DTYPES", (*backend.KV_CACHE_DTYPES, torch.float32))
+    fake_torch_npu.set_enforce_hw_constraints(monkeypatch, False)
+
+    assert [o.token_ids for o in _engine(target, drafter).generate(PROMPTS, GREEDY)] == expected
+    assert backend.fallbacks() == {}
+    assert set(KERNELS) <= set(npu.calls), npu.calls
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_bf16_runs_every_kernel_and_is_as_accurate_as_the_reference(npu, monkeypatch, arch):
+    """bf16 with the real limits: the full speculative loop runs on the kernels only (no
+    fallback), and on the generated sequence the target's logits are as close to exact
+    arithmetic (the same bf16 weights in float64) as the bf16 reference path's are. The
+    two bf16 paths differ from each other by rounding amplified through the random layers
+    (~10% of the logit range here), so they are not compared token for token."""
+    target, drafter = _models(arch, torch.bfloat16)
+    backend = use_npu(npu, monkeypatch)
+    outputs = _engine(target, drafter).generate(PROMPTS, GREEDY)
+    assert [len(o.token_ids) for o in outputs] == [GREEDY.max_tokens] * 2
+    assert backend.fallbacks() == {}
+    assert set(KERNELS) <= set(npu.calls), npu.calls
+
+    # teacher-forced: one ragged forward over prompt + generated tokens
+    rows = [p + o.token_ids for p, o in zip(PROMPTS, outputs)]
+    npu_logits, _, valid = run_batch(target, new_cache(target, 2, 64), rows, [0, 0])
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    ref_logits, _, _ = run_batch(target, new_cache(target, 2, 64), rows, [0, 0])
+    exact = copy.deepcopy(target).to(torch.float64)
+    exact_logits, _, _ = run_batch(exact, new_cache(exact, 2, 64), rows, [0, 0])
+    err_npu = (npu_logits[valid] - exact_logits[valid]).abs()
+    err_ref = (ref_logits[valid] - exact_logits[valid]).abs()
+    assert err_npu.mean() <= 1.25 * err_ref.mean(), (err_npu.mean(), err_ref.mean())
+    assert err_npu.max() <= 1.5 * err_ref.max(), (err_npu.max(), err_ref.max())
+
+
+def test_ops_resolve_to_npu_only_on_the_platform_device(npu, monkeypatch):
+    use_npu(npu, monkeypatch)
+    x, w = torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
+    ops.rms_norm(x, w, 1e-6)
+    ops.gelu_tanh_and_mul(x, x)
+    assert registry.chosen()["rms_norm"] == "npu" and registry.chosen()["gelu_tanh_and_mul"] == "reference"
+    assert registry.resolve("rms_norm", torch.device("meta")) is ops.rms_norm.reference  # not the NPU device
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert registry.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
+
+
+def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
+    """One attention block captured through NpuPlatform.graph(): replay re-runs the recorded
+    torch_npu tasks on the captured buffers (new data copied in), in capture -> replay order."""
+    use_npu(npu, monkeypatch)
+    heads, kv_heads, dim, hidden = 4, 2, 64, 96
+    g = torch.Generator().manual_seed(0)
+    dt = torch.bfloat16
+
+    def rand(*shape):
+        return torch.randn(shape, generator=g).to(dt)
+
+    # static buffers: inputs are copied in before each replay, never rebound
+    x, q_in = rand(2, 3, hidden), rand(2, 3, heads, dim)
+    k_in, v_in = rand(2, 3, kv_heads, dim), rand(2, 3, kv_heads, dim)
+    k_cache, v_cache = torch.zeros(2, 9, kv_heads, dim, dtype=dt), torch.zeros(2, 9, kv_heads, dim, dtype=dt)
+    positions = torch.tensor([[4, 5, 6], [0, 1, 2]])
+    valid = torch.tensor([[True, True, True], [True, True, False]])
+    slot_ids = torch.tensor([1, 0])
+    mask = ops.build_attention_mask(positions, positions + 1, 8)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
+    cos, sin = ops.rotary_cos_sin(inv_freq, positions, 1.0, dt)
+    norm_w = torch.ones(hidden, dtype=dt)
+
+    def step():
+        h = ops.rms_norm(x, norm_w, 1e-6)
+        q, k = ops.apply_rotary(q_in, cos, sin), ops.apply_rotary(k_in, cos, sin)
+        ops.kv_write(k_cache, v_cache, k, v_in, slot_ids, positions, valid)
+        attn = ops.attention(q, k_cache, v_cache, slot_ids, mask, dim ** -0.5)
+        return h, ops.silu_and_mul(attn, attn)
+
+    graph = platform.current_platform().graph()
+    captured = graph.capture(step)
+    first = [t.clone() for t in captured]
+    recorded = {r.func._schema.name for r in graph._graph._records}
+    assert {f"npu::{k}" for k in KERNELS} <= recorded
+
+    calls_before = dict(npu.calls)
+    for buf in (x, q_in, k_in, v_in):
+        buf.copy_(rand(*buf.shape))
+    graph.replay()
+    assert npu.calls == calls_before, "replay re-issues recorded tasks; it does not call Python again"
+    assert not torch.equal(captured[1], first[1])
+
+    replayed = [t.clone() for t in captured]
+    eager = step()                                              # same buffers, same kernels, eagerly
+    for a, b in zip(replayed, eager):
+        assert torch.equal(a, b)
+    assert [e[0] for e in graph._graph.events] == ["capture_begin", "capture_end", "replay"]

@@ -1,0 +1,388 @@
+"""The Triton kernels (ops/backends/triton_kernels) against the reference ops.
+
+Every kernel runs on fresh random inputs of the model-shaped cases in op_cases.py and is
+compared with the op's `.reference`; outputs are preallocated full of NaN so an element the
+kernel fails to write shows up. Each test runs twice:
+
+- `cuda`: on the GPU (marked `cuda`: skipped without one, required by `make test-cuda`);
+- `interp`: on CPU tensors under Triton's interpreter. `TRITON_INTERPRET=1` must be set
+  before the kernels are decorated, so these run in a child pytest process started by
+  `test_cpu_kernels_in_child_process` (when triton is importable and no GPU is present) and
+  never touch the parent's triton state. Run them directly with
+  `TRITON_INTERPRET=1 python -m pytest tests/ops/test_ops_triton.py -k interp`.
+
+Under the interpreter fp32 -> bf16 casts truncate instead of rounding to nearest even, so
+results that are bit-exact on the GPU (the residual sum, a KV cast) get one bf16 ulp there.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from op_cases import CASE_PARAMS, KERNEL_TOL, inv_freq, norm_weight, randn
+
+import ops
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+ROOT = Path(__file__).resolve().parents[2]
+
+DEVICES = [
+    pytest.param("cuda", marks=pytest.mark.cuda, id="cuda"),
+    pytest.param("cpu", id="interp", marks=pytest.mark.skipif(
+        not (INTERPRET and HAVE_TRITON), reason="run in the child of test_cpu_kernels_in_child_process")),
+]
+DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16"),
+          pytest.param(torch.float16, id="fp16")]
+NAN = float("nan")
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return request.param
+
+
+@pytest.fixture
+def tk(device):
+    """The kernels module (imported only once we know which mode this process runs in)."""
+    from ops.backends import triton_kernels
+
+    return triton_kernels
+
+
+def _row_shapes(device: str) -> list[tuple[int, ...]]:
+    """Leading dims: decode-like everywhere; on the GPU also a prefill-like odd row count."""
+    return [(2, 3)] if device == "cpu" else [(2, 3), (3, 129)]
+
+
+def _poisoned(shape, dtype, device) -> torch.Tensor:
+    return torch.full(shape, NAN, dtype=dtype, device=device)
+
+
+def _check(actual: torch.Tensor, expected: torch.Tensor, exact_on_gpu: bool = False,
+           rounded_to: torch.dtype | None = None) -> None:
+    """`rounded_to`: an intermediate rounding dtype coarser than the output's (sets the tolerance)."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape
+    assert not actual.isnan().any(), "kernel left unwritten (NaN) elements"
+    tol = KERNEL_TOL[rounded_to or expected.dtype]
+    if exact_on_gpu and actual.device.type == "cuda":
+        tol = dict(rtol=0.0, atol=0.0)
+    torch.testing.assert_close(actual.double(), expected.double(), **tol)
+
+
+# -- norms ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("where", ["hidden", "head"])
+def test_rms_norm(tk, device, case, dtype, where):
+    gen = torch.Generator().manual_seed(10)
+    dim = case.hidden if where == "hidden" else case.head_dim
+    w = norm_weight(case, dim, dtype, device, gen)
+    for lead in _row_shapes(device):
+        shape = (*lead, dim) if where == "hidden" else (*lead, case.heads, dim)
+        x = 2.0 * randn(*shape, dtype=dtype, device=device, gen=gen)
+        out = tk.rms_norm(x, w, case.eps, case.offset, out=_poisoned(shape, dtype, device))
+        _check(out, ops.rms_norm.reference(x, w, case.eps, case.offset))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+def test_add_rms_norm(tk, device, case, dtype):
+    gen = torch.Generator().manual_seed(11)
+    w = norm_weight(case, case.hidden, dtype, device, gen)
+    for lead in _row_shapes(device):
+        shape = (*lead, case.hidden)
+        x, res = randn(*shape, dtype=dtype, device=device, gen=gen), randn(*shape, dtype=dtype, device=device, gen=gen)
+        normed, summed = tk.add_rms_norm(x, res, w, case.eps, case.offset, out=_poisoned(shape, dtype, device),
+                                         summed_out=_poisoned(shape, dtype, device))
+        ref_normed, ref_summed = ops.add_rms_norm.reference(x, res, w, case.eps, case.offset)
+        _check(summed, ref_summed, exact_on_gpu=True)
+        _check(normed, ref_normed)
+
+
+def test_norm_dtype_promotion_follows_the_reference(tk, device):
+    """bf16 activations with an fp32 weight: x * w promotes (offset 0), Gemma's form keeps x's dtype."""
+    gen = torch.Generator().manual_seed(12)
+    x = randn(5, 96, dtype=torch.bfloat16, device=device, gen=gen)
+    res = randn(5, 96, dtype=torch.float32, device=device, gen=gen)
+    w = randn(96, device=device, gen=gen)
+    for offset in (0.0, 1.0):
+        got, want = tk.rms_norm(x, w, 1e-6, offset), ops.rms_norm.reference(x, w, 1e-6, offset)
+        assert got.dtype == (torch.bfloat16 if offset else torch.float32)
+        _check(got, want, rounded_to=torch.bfloat16)
+        pairs = zip(tk.add_rms_norm(x, res, w, 1e-6, offset), ops.add_rms_norm.reference(x, res, w, 1e-6, offset))
+        for got, want in pairs:
+            assert got.dtype == torch.float32
+            _check(got, want)
+
+
+@pytest.mark.parametrize("hidden", [576, 4096, 77])
+def test_rms_norm_is_batch_invariant(tk, device, hidden):
+    """A row's bits do not depend on how many rows share the launch (1-token decode vs a
+    16-token verification), so greedy speculative decoding stays token-identical."""
+    gen = torch.Generator().manual_seed(20)
+    x = randn(37, hidden, dtype=torch.bfloat16, device=device, gen=gen)
+    res = randn(37, hidden, dtype=torch.bfloat16, device=device, gen=gen)
+    w = randn(hidden, dtype=torch.bfloat16, device=device, gen=gen)
+    full = tk.rms_norm(x, w, 1e-5)
+    full_add = tk.add_rms_norm(x, res, w, 1e-5)
+    for n in (1, 3, 16):
+        assert torch.equal(tk.rms_norm(x[:n], w, 1e-5), full[:n])
+        assert torch.equal(tk.add_rms_norm(x[:n], res[:n], w, 1e-5)[0], full_add[0][:n])
+
+
+def test_rms_norm_strided_rows(tk, device):
+    """Rows that are a slice of a wider tensor (row stride != hidden) are read in place."""
+    gen = torch.Generator().manual_seed(13)
+    wide = randn(7, 200, dtype=torch.bfloat16, device=device, gen=gen)
+    x = wide[:, 10:150]
+    w = randn(140, dtype=torch.bfloat16, device=device, gen=gen)
+    _check(tk.rms_norm(x, w, 1e-6), ops.rms_norm.reference(x, w, 1e-6))
+
+
+# -- activations ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_activation(tk, device, case, dtype, act):
+    gen = torch.Generator().manual_seed(14)
+    kernel, reference = {"silu": (tk.silu_and_mul, ops.silu_and_mul.reference),
+                         "gelu_tanh": (tk.gelu_tanh_and_mul, ops.gelu_tanh_and_mul.reference)}[act]
+    for lead in _row_shapes(device):
+        shape = (*lead, case.intermediate)
+        g = 3.0 * randn(*shape, dtype=dtype, device=device, gen=gen)
+        u = randn(*shape, dtype=dtype, device=device, gen=gen)
+        _check(kernel(g, u, out=_poisoned(shape, dtype, device)), reference(g, u))
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_gated_activation_on_halves_of_a_merged_projection(tk, device, act):
+    gen = torch.Generator().manual_seed(15)
+    merged = 3.0 * randn(2, 5, 2 * 1000, dtype=torch.bfloat16, device=device, gen=gen)
+    gate, up = merged.chunk(2, dim=-1)                              # row stride 2000, not contiguous
+    kernel, reference = {"silu": (tk.silu_and_mul, ops.silu_and_mul.reference),
+                         "gelu_tanh": (tk.gelu_tanh_and_mul, ops.gelu_tanh_and_mul.reference)}[act]
+    _check(kernel(gate, up), reference(gate, up))
+
+
+def test_gated_activation_mixed_dtypes(tk, device):
+    gen = torch.Generator().manual_seed(16)
+    g = randn(4, 300, dtype=torch.bfloat16, device=device, gen=gen)
+    u = randn(4, 300, dtype=torch.float32, device=device, gen=gen)
+    # fp32 out, the activation rounded to bf16 first
+    _check(tk.silu_and_mul(g, u), ops.silu_and_mul.reference(g, u), rounded_to=torch.bfloat16)
+
+
+# -- rotary --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("which", ["q", "k"])
+def test_apply_rotary(tk, device, case, dtype, which):
+    gen = torch.Generator().manual_seed(17)
+    heads = case.heads if which == "q" else case.kv_heads
+    freqs = inv_freq(case.rotary_dim)
+    for lead in _row_shapes(device):
+        shape = (*lead, heads, case.head_dim)
+        x = randn(*shape, dtype=dtype, device=device, gen=gen)
+        positions = torch.randint(0, 4096, lead, generator=gen).to(device)
+        cos, sin = ops.rotary_cos_sin(freqs.to(device), positions, dtype=dtype)
+        _check(tk.apply_rotary(x, cos, sin, out=_poisoned(shape, dtype, device)),
+               ops.apply_rotary.reference(x, cos, sin))
+
+
+def test_apply_rotary_strided_input_and_broadcast_cos(tk, device):
+    """x a head-slice of a wider tensor (fused qkv layout), cos/sin shared across the batch."""
+    gen = torch.Generator().manual_seed(18)
+    qkv = randn(3, 4, 9 + 2 * 3, 64, dtype=torch.bfloat16, device=device, gen=gen)
+    q = qkv[:, :, :9]
+    cos, sin = ops.rotary_cos_sin(inv_freq(32).to(device), torch.arange(4, device=device)[None], dtype=torch.bfloat16)
+    _check(tk.apply_rotary(q, cos, sin), ops.apply_rotary.reference(q, cos, sin))
+    cos32, sin32 = cos.float(), sin.float()                         # bf16 x, fp32 cos: fp32 result
+    _check(tk.apply_rotary(q, cos32, sin32), ops.apply_rotary.reference(q, cos32, sin32))
+
+
+# -- KV write -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("k_dtype", ["same", "fp32"])
+def test_kv_write(tk, device, case, dtype, k_dtype):
+    gen = torch.Generator().manual_seed(19)
+    slots, capacity, bsz, t = 5, 12, 3, 4
+    shape = (slots, capacity + 1, case.kv_heads, case.head_dim)
+    src_dtype = dtype if k_dtype == "same" else torch.float32
+    k = randn(bsz, t, case.kv_heads, case.head_dim, dtype=src_dtype, device=device, gen=gen)
+    v = randn(bsz, t, case.kv_heads, case.head_dim, dtype=src_dtype, device=device, gen=gen)
+    slot_ids = torch.tensor([3, 0, 4], device=device)
+    positions = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10], [8, 9, 10, 11]], device=device)
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True], [False, True, False, True]],
+                         device=device)
+    caches = [_poisoned(shape, dtype, device) for _ in range(4)]
+    tk.kv_write(caches[0], caches[1], k, v, slot_ids, positions, valid)
+    ops.kv_write.reference(caches[2], caches[3], k, v, slot_ids, positions, valid)
+    exact = k_dtype == "same" or device == "cuda"                  # the interpreter truncates fp32 -> bf16
+    tol = dict(rtol=0.0, atol=0.0) if exact else KERNEL_TOL[dtype]
+    for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
+        # Real rows: identical, and NaN exactly where the reference left NaN (untouched).
+        torch.testing.assert_close(got[:, :capacity], want[:, :capacity], equal_nan=True, **tol)
+        # Scratch row: written for the same slots (which padding row lands last is unordered).
+        assert torch.equal(got[:, capacity].isnan(), want[:, capacity].isnan())
+
+
+# -- integration -----------------------------------------------------------------------------
+
+def test_backend_module_registers_every_kernel(device):
+    import ops.backends.triton as backend
+    from ops import registry
+
+    assert set(backend.OPS) == {"rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul",
+                                "kv_write"}
+    for op, fn in backend.OPS.items():
+        assert registry._impls[op]["triton"] is fn, op
+    assert "triton" not in registry._impls["attention"]                 # SDPA stays the CUDA attention
+
+
+
+@pytest.mark.cuda
+def test_registry_routes_cuda_tensors_to_triton(monkeypatch):
+    import ascend_dspark.platform as platform_mod
+    from ascend_dspark.platform import make_platform
+    from ops import registry
+    from ops.backends import triton_kernels
+
+    monkeypatch.setattr(platform_mod, "_current", make_platform("cuda"))
+    monkeypatch.delenv(registry.ENV_VAR, raising=False)
+    cuda = torch.device("cuda")
+    for op in ("rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul", "kv_write"):
+        assert registry.resolve(op, cuda) is getattr(triton_kernels, op), op
+    assert registry.resolve("attention", cuda) is ops.attention.reference      # SDPA stays
+    assert registry.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
+    monkeypatch.setenv(registry.ENV_VAR, "reference")
+    assert registry.resolve("rms_norm", cuda) is ops.rms_norm.reference
+
+
+@pytest.mark.cuda
+def test_kernels_replay_in_a_cuda_graph():
+    """No host syncs or allocator surprises: a captured norm -> rotary -> kv_write replays on new inputs."""
+    from ascend_dspark.platform import make_platform
+    from ops.backends import triton_kernels as tk
+
+    platform = make_platform("cuda")
+    dev = platform.device
+    x = torch.randn(2, 1, 9, 64, device=dev, dtype=torch.bfloat16)
+    w = torch.rand(64, device=dev, dtype=torch.bfloat16)
+    positions = torch.tensor([[3], [5]], device=dev)
+    cos, sin = ops.rotary_cos_sin(inv_freq(64).to(dev), positions, dtype=torch.bfloat16)
+    k_cache = torch.zeros(4, 9, 9, 64, device=dev, dtype=torch.bfloat16)
+    v_cache = torch.zeros_like(k_cache)
+    slot_ids = torch.tensor([1, 2], device=dev)
+    valid = torch.ones(2, 1, dtype=torch.bool, device=dev)
+
+    def step():
+        k = tk.apply_rotary(tk.rms_norm(x, w, 1e-6), cos, sin)
+        tk.kv_write(k_cache, v_cache, k, x, slot_ids, positions, valid)
+        return k
+
+    graph = platform.graph()
+    out = graph.capture(step)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    platform.synchronize()
+    want = ops.apply_rotary.reference(ops.rms_norm.reference(x, w, 1e-6), cos, sin)
+    _check(out, want)
+    assert torch.equal(k_cache[slot_ids, positions[:, 0]], out[:, 0])
+    assert torch.equal(v_cache[slot_ids, positions[:, 0]], x[:, 0])
+
+
+# -- the interpreter run (CPU) ----------------------------------------------------------------
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRET, reason="this is the child")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the cuda variants run the real kernels")
+def test_cpu_kernels_in_child_process():
+    """Run the `interp` variants of this module in a child with TRITON_INTERPRET=1."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-k", "interp",
+           "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    tail = proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0, tail
+    assert " passed" in proc.stdout and " skipped" not in proc.stdout.splitlines()[-1], tail
+
+
+# -- the real compiler, without a GPU ---------------------------------------------------------
+
+def _compile_for_hopper(kernel, args: dict, constexprs: dict, num_warps: int = 4) -> str:
+    """Lower `kernel` through Triton's NVIDIA pipeline to an sm_90 cubin (the bundled ptxas;
+    no GPU needed), specialised the way the launcher does (16-divisible ints and pointers
+    hinted, ints equal to 1 made constants). Returns the PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        ty, value = args[name]
+        if ty.startswith("i") and value == 1:
+            signature[name], consts[name] = "constexpr", 1
+            continue
+        signature[name] = ty
+        if ty.startswith("*") or (ty.startswith("i") and value % 16 == 0):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    compiled = triton.compile(ASTSource(kernel, signature, consts, attrs), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps})
+    assert compiled.asm["cubin"]
+    return compiled.asm["ptx"]
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+@pytest.mark.skipif(INTERPRET, reason="the interpreter replaces the kernels")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is present: the cuda variants compile the kernels")
+def test_kernels_compile_for_hopper():
+    """What the interpreter accepts the compiler may reject: every kernel, in its main
+    variants, must lower to an H100/H200 binary, with vectorised (16-byte) global accesses
+    on the aligned model shapes."""
+    import importlib
+
+    norm, gated, rotary, kv = (importlib.import_module(f"ops.backends.triton_kernels.{m}")
+                               for m in ("rms_norm", "gated", "rotary", "kv_write"))
+    bf16 = "*bf16"
+    for residual, offset in ((False, False), (True, False), (True, True)):
+        args = dict(x_ptr=(bf16, 0), res_ptr=(bf16, 0), w_ptr=("*fp32", 0), out_ptr=("*fp32", 0), sum_ptr=(bf16, 0),
+                    M=("i32", 7), N=("i32", 576), stride_x=("i32", 576), stride_r=("i32", 576),
+                    stride_o=("i32", 576), stride_s=("i32", 576), eps=("fp32", 0), offset=("fp32", 0))
+        ptx = _compile_for_hopper(norm._rms_norm_kernel, args, dict(HAS_RESIDUAL=residual, HAS_OFFSET=offset,
+                                                                   BLOCK_M=4, BLOCK_N=1024), num_warps=8)
+        assert "ld.global.v4" in ptx
+    for act in (gated.SILU, gated.GELU_TANH):
+        args = dict(g_ptr=(bf16, 0), u_ptr=(bf16, 0), o_ptr=(bf16, 0), N=("i32", 1536), stride_g=("i32", 1536),
+                    stride_u=("i32", 1536), stride_o=("i32", 1536))
+        ptx = _compile_for_hopper(gated._gated_kernel, args, dict(ACT=act, BLOCK_N=1024))
+        assert "ld.global.v4" in ptx and "st.global.v4" in ptx
+    for d, rot, out in ((128, 128, bf16), (10, 6, "*fp32")):
+        args = dict(x_ptr=(bf16, 0), cos_ptr=(out, 0), sin_ptr=(out, 0), o_ptr=(out, 0), H=("i32", 8), D=("i32", d),
+                    R=("i32", rot), HALF=("i32", rot // 2), sx_m=("i32", 8 * d), sx_h=("i32", d), sx_d=("i32", 1),
+                    sc_m=("i32", rot), sc_r=("i32", 1), ss_m=("i32", rot), ss_r=("i32", 1), so_m=("i32", 8 * d),
+                    so_h=("i32", d))
+        ptx = _compile_for_hopper(rotary._rotary_kernel, args, dict(ROUND=out == bf16, HAS_TAIL=rot < d, BLOCK_H=16,
+                                                                    BLOCK_HALF=rot // 2 if rot == 128 else 4,
+                                                                    BLOCK_TAIL=4))
+        assert rot != 128 or "ld.global.v4" in ptx
+    for src in (bf16, "*fp32"):
+        args = {name: ("i32", 7) for name in kv._kv_write_kernel.arg_names}
+        args.update(k_ptr=(src, 0), v_ptr=(src, 0), kc_ptr=(bf16, 0), vc_ptr=(bf16, 0), slot_ptr=("*i64", 0),
+                    pos_ptr=("*i64", 0), valid_ptr=("*u8", 0), H=("i32", 8), D=("i32", 128), scratch=("i32", 512),
+                    sk_d=("i32", 1), sv_d=("i32", 1), skc_d=("i32", 1), svc_d=("i32", 1))
+        _compile_for_hopper(kv._kv_write_kernel, args, dict(BLOCK_H=8, BLOCK_D=128))
