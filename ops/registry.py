@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+import ascend_dspark.platform as _platform
+
 logger = logging.getLogger("ops")
 
 ENV_VAR = "ASCEND_DSPARK_OPS"
@@ -25,6 +27,7 @@ _impls: dict[str, dict[str, Callable]] = {}
 _announced: set[tuple[str, str]] = set()
 _backend_modules = {"triton": "ops.backends.triton", "npu": "ops.backends.npu"}
 _loaded: dict[str, str | None] = {}            # backend -> None if loaded, else why not
+_resolved: dict[tuple, Callable] = {}          # (op, device type, env override, platform) -> impl
 
 
 def register(op: str, backend: str = REFERENCE) -> Callable[[Callable], Callable]:
@@ -51,16 +54,23 @@ def wanted_backend(device: torch.device) -> str:
     """The backend the current platform asks for on tensors of `device`."""
     if os.environ.get(ENV_VAR, "").lower() == REFERENCE:
         return REFERENCE
-    from ascend_dspark.platform import current_platform
-
-    platform = current_platform()
+    platform = _platform.current_platform()
     if platform.op_backend == REFERENCE or device.type != platform.device.type:
         return REFERENCE
     return platform.op_backend
 
 
 def resolve(op: str, device: torch.device) -> Callable:
-    """The implementation of `op` to run on tensors of `device`."""
+    """The implementation of `op` to run on tensors of `device`, memoised: eager decoding is
+    launch-bound, and this runs for every op call (a few hundred per step)."""
+    key = (op, device.type, os.environ.get(ENV_VAR), id(_platform._current))
+    fn = _resolved.get(key)
+    if fn is None:
+        fn = _resolved[key] = _resolve(op, device)
+    return fn
+
+
+def _resolve(op: str, device: torch.device) -> Callable:
     backend = wanted_backend(device)
     impls = _impls[op]
     if backend != REFERENCE and (_load_backend(backend) is not None or backend not in impls):
@@ -100,6 +110,7 @@ def _reset_for_tests(*backends: str) -> None:
     import sys
 
     _announced.clear()
+    _resolved.clear()
     for backend in backends or tuple(_backend_modules):
         _loaded.pop(backend, None)
         for impls in _impls.values():
