@@ -63,7 +63,7 @@ def wanted_backend(device: torch.device) -> str:
 def resolve(op: str, device: torch.device) -> Callable:
     """The implementation of `op` to run on tensors of `device`, memoised: eager decoding is
     launch-bound, and this runs for every op call (a few hundred per step)."""
-    key = (op, device.type, os.environ.get(ENV_VAR), id(_platform._current))
+    key = (op, device.type, os.environ.get(ENV_VAR), _platform._current)   # the object, not id(): ids get reused
     fn = _resolved.get(key)
     if fn is None:
         fn = _resolved[key] = _resolve(op, device)

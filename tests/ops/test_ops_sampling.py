@@ -491,6 +491,7 @@ def test_sampling_batch_gives_npu_valid_top_k_bounds(npu_sampling, monkeypatch):
     monkeypatch.setattr(registry, "wanted_backend", lambda device: "npu")
     monkeypatch.setitem(registry._loaded, "npu", None)                  # as if ops.backends.npu had loaded
     monkeypatch.setattr(registry, "_announced", set(registry._announced))
+    monkeypatch.setattr(registry, "_resolved", {})                       # forget memoised choices
     on_npu = batch.probs(logits)
     assert len(npu_sampling.calls) == 1
     assert torch.allclose(on_npu, reference, atol=1e-6, rtol=0)
