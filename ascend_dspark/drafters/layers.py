@@ -11,34 +11,9 @@ from torch import nn
 
 import ops
 
+from ascend_dspark.models.decoder import GatedMLP, RMSNorm  # noqa: F401  (re-used: DrafterConfig has the same fields)
+
 from .config import DrafterConfig
-
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
-
-
-class GatedMLP(nn.Module):
-    def __init__(self, cfg: DrafterConfig) -> None:
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        if cfg.hidden_act in ("silu", "swish"):
-            self.act = ops.silu_and_mul
-        elif cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
-            self.act = ops.gelu_tanh_and_mul
-        else:
-            raise ValueError(f"unsupported drafter hidden activation {cfg.hidden_act!r}")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
 
 
 class SelfAttention(nn.Module):
