@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+\nfrom ascend_dspark.platform.npu_contract import SNAPSHOT_APIS
 
 DEVICE_NAME = "Ascend910B3 (fake_torch_npu test double)"
 _CAPTURE_MODES = ("global", "thread_local", "relaxed")
@@ -505,11 +506,4 @@ def empty_cache():
     _rt().log.append(("empty_cache",))
 
 
-API = {name: globals()[name] for name in (
-    "is_available", "device_count", "get_device_name", "set_device", "current_device",
-    "synchronize", "current_stream", "default_stream", "stream", "Stream", "Event",
-    "ExternalEvent", "NPUGraph", "graph", "graph_pool_handle", "is_current_stream_capturing",
-    "graph_task_group_begin", "graph_task_group_end", "graph_task_update_begin",
-    "graph_task_update_end", "manual_seed_all", "mem_get_info", "memory_allocated",
-    "memory_reserved", "max_memory_allocated", "empty_cache",
-)}
+API = {name: globals()[name] for name in SNAPSHOT_APIS}   # every real API the snapshot lists
