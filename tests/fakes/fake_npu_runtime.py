@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-\nfrom ascend_dspark.platform.npu_contract import SNAPSHOT_APIS
+
+from ascend_dspark.platform.npu_contract import SNAPSHOT_APIS
 
 DEVICE_NAME = "Ascend910B3 (fake_torch_npu test double)"
 _CAPTURE_MODES = ("global", "thread_local", "relaxed")
