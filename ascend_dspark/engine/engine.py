@@ -126,12 +126,11 @@ class Engine:
             rows = torch.tensor(active, device=dev)
             reqs = [requests[i] for i in active]
             sub = sampling.select(rows, [r.params for r in reqs]) if len(active) < len(requests) else sampling
-            new_tokens, num_accepted, next_anchor = self._step(slots[rows], anchors[rows], anchor_pos[rows], sub)
+            new_tokens, num_accepted, next_anchor, confidence = self._step(slots[rows], anchors[rows], anchor_pos[rows], sub)
             anchors[rows] = next_anchor
             anchor_pos[rows] += num_accepted + 1
-            counts = num_accepted.tolist()          # the one host sync per step
-            token_lists = [row[: n + 1] for row, n in zip(new_tokens.tolist(), counts)]
-            self._commit(reqs, token_lists, counts, verified=self.num_speculative_tokens)
+            counts, token_lists, confidences = _to_host(num_accepted, new_tokens, confidence)
+            self._commit(reqs, token_lists, counts, verified=self.num_speculative_tokens, confidences=confidences)
             active = [i for i, r in zip(active, reqs) if r.finish_reason is None]
         self.platform.synchronize()
         t2 = time.perf_counter()
@@ -167,8 +166,9 @@ class Engine:
         batch = anchors.shape[0]
         if self.drafter is not None:
             proposal = self.drafter.propose(slots, anchors, anchor_pos, k, sampling)
-            draft_tokens, draft_probs = proposal.tokens, proposal.probs
+            draft_tokens, draft_probs, confidence = proposal.tokens, proposal.probs, proposal.confidence
         else:
+            confidence = None
             draft_tokens = anchors.new_zeros(batch, 0)
             draft_probs = torch.empty(batch, 0, self.target.config.vocab_size, device=anchors.device)
         inputs = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)
@@ -183,17 +183,18 @@ class Engine:
         if self.drafter is not None:
             self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1)
         next_anchor = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
-        return result.tokens, num_accepted, next_anchor
+        return result.tokens, num_accepted, next_anchor, confidence
 
     # -- bookkeeping on the host --------------------------------------------------------
     def _commit(self, requests: list[_Request], token_lists: list[list[int]], accepted: list[int] | None,
-                verified: int) -> None:
+                verified: int, confidences: list[list[float]] | None = None) -> None:
         """Append committed tokens; stop at EOS / stop token, max_tokens, stop string, length.
 
         `accepted` is None for the prefill's first token (not a verify step)."""
         for i, (r, tokens) in enumerate(zip(requests, token_lists)):
             if accepted is not None:
-                r.stats.record(accepted[i], verified)
+                stop = next((j for j, tok in enumerate(tokens) if tok in r.stop_ids), None)
+                r.stats.record(accepted[i], verified, confidences[i] if confidences is not None else None, stop)
             for tok in tokens:
                 r.output.append(tok)
                 if tok in r.stop_ids:
@@ -228,3 +229,22 @@ class Engine:
             raise ValueError(f"prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}")
         if min(ids) < 0 or max(ids) >= vocab:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
+
+
+def _to_host(num_accepted: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None):
+    """The one device -> host copy per step: accepted counts, tokens and confidences together.
+
+    The float32 confidences travel bit-cast to int32 inside the same int64 tensor as the
+    tokens (exact, no float64, which NPUs lack); the host casts the bits back. Returns
+    (counts, each row's n + 1 committed tokens, each row's confidences or None)."""
+    parts = [num_accepted.unsqueeze(1), tokens]
+    if confidence is not None:
+        parts.append(confidence.float().contiguous().view(torch.int32).long())
+    rows = torch.cat(parts, dim=1).tolist()
+    width = tokens.shape[1]
+    counts = [row[0] for row in rows]
+    token_lists = [row[1: n + 2] for row, n in zip(rows, counts)]
+    if confidence is None:
+        return counts, token_lists, None
+    bits = torch.tensor([row[1 + width:] for row in rows], dtype=torch.int32)
+    return counts, token_lists, bits.view(torch.float32).tolist()
