@@ -14,6 +14,7 @@ class CpuPlatform(Platform):
     dist_backend = "gloo"
     op_backend = "reference"
     supports_graphs = False
+    supports_bf16_autocast = False
 
     @property
     def device(self) -> torch.device:

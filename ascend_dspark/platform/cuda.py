@@ -46,6 +46,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     op_backend = "triton"
     supports_graphs = True
+    supports_bf16_autocast = True
 
     def __init__(self, index: int = 0) -> None:
         super().__init__(index)

@@ -43,6 +43,7 @@ class Platform:
     name: str = "base"
     dist_backend: str = "gloo"
     supports_graphs: bool = False
+    supports_bf16_autocast: bool = False   # torch.autocast(device.type, bfloat16) is worth it for training
     op_backend: str = "reference"      # which ops/ backend serves this device
 
     def __init__(self, index: int = 0) -> None:

@@ -84,6 +84,7 @@ class NpuPlatform(Platform):
     dist_backend = "hccl"
     op_backend = "npu"
     supports_graphs = True
+    supports_bf16_autocast = True
 
     def __init__(self, index: int = 0) -> None:
         reason = npu_unavailable_reason()
