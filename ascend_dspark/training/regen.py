@@ -1,0 +1,239 @@
+"""Regenerate training responses with the target itself (DeepSpec's data recipe).
+
+A draft learns to predict *its target's* continuations, so the responses in the training
+set are sampled from the target under its chat template, with the target's recommended
+sampling parameters (DeepSpec: T=0.7, top-p 0.8, top-k 20, thinking off), through our own
+batched engine in plain decoding (no drafter).
+
+Output is an append-only JSONL file, one record per prompt:
+
+    {"id", "source", "prompt", "seed", "prompt_ids", "response_ids", "finish_reason"[, "response"]}
+
+`prompt_ids` is the chat-templated prompt (ending with the assistant header);
+`response_ids` are the sampled tokens, ending with the end-of-turn token when
+finish_reason is "stop" (the draft must learn to predict it too).
+
+Runs are resumable and reproducible: ids already in the file are skipped, a half-written
+last line (a killed run) is cut off with a warning, and each prompt's sampling seed is
+derived from its id, so a resumed run writes the same records an uninterrupted one would
+(sampling noise is a counter hash of (seed, position): independent of the batch; the
+logits themselves match bit for bit on the CPU, and up to reduction order on accelerators).
+Prompts whose normalised text was already seen (in this call or in the file) are skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from ascend_dspark.spec.sampling import SamplingParams
+
+from .prompts import TRAIN_SETS, Prompt, normalize, training_mix
+
+logger = logging.getLogger(__name__)
+
+# DeepSpec's regeneration defaults (scripts/data/README.md, Qwen3).
+TEMPERATURE, TOP_P, TOP_K = 0.7, 0.8, 20
+
+
+@dataclass
+class RegenStats:
+    prompts: int = 0             # prompts given
+    existing: int = 0            # skipped: id already in the file
+    duplicates: int = 0          # skipped: same normalised text as an earlier prompt / record
+    too_long: int = 0            # skipped: chat-templated prompt longer than max_prompt_tokens
+    written: int = 0             # records appended by this call
+    generated_tokens: int = 0
+    elapsed_s: float = 0.0
+    stopped_early: bool = False  # the time budget ended the run before every prompt was done
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.elapsed_s if self.elapsed_s else 0.0
+
+
+def prompt_seed(prompt_id: str, seed: int = 0) -> int:
+    """The sampling seed of one prompt: a hash of (run seed, prompt id), in [0, 2**63)."""
+    digest = hashlib.sha256(f"{seed}:{prompt_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def read_records(path: str | Path, repair: bool = False) -> list[dict]:
+    """The records of a regeneration file (missing file: none).
+
+    A last line without its newline is what a killed run leaves behind (each record is
+    written as one "...\\n" string): it is dropped with a warning, and cut off the file when
+    `repair` so appending can continue. A complete line that does not parse is corruption:
+    ValueError naming the line.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1                  # bytes of complete lines
+    if end < len(data):
+        logger.warning("%s: dropping a truncated last line (%d bytes) left by an interrupted run",
+                       path, len(data) - end)
+        if repair:
+            with open(path, "r+b") as f:
+                f.truncate(end)
+    records = []
+    for i, line in enumerate(data[:end].split(b"\n")[:-1]):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except ValueError as exc:
+            raise ValueError(f"{path}: line {i + 1} is not a JSON record ({exc})") from None
+    return records
+
+
+def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *,
+               temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
+               min_p: float = 0.0, max_new_tokens: int = 384, seed: int = 0,
+               chunk_size: int | None = None, max_prompt_tokens: int | None = None,
+               time_budget_s: float | None = None, with_text: bool = True,
+               progress: bool = True) -> RegenStats:
+    """Sample the target's response to each prompt and append the records to `out_path`.
+
+    `engine`: an `Engine` over the target with no drafter; its `max_batch_size` rows run
+    together. `chunk_size` (default: the engine's batch size) prompts are tokenised, sorted
+    by length, generated and appended (fsync'd) at a time. `max_prompt_tokens` (default
+    max_model_len - max_new_tokens) skips longer prompts rather than truncate a chat
+    template. `time_budget_s` stops before a chunk that would likely overrun the budget
+    (estimated from the slowest chunk so far; the first chunk always runs).
+    """
+    if engine.drafter is not None:
+        raise ValueError("regeneration samples the target itself: build the Engine with drafter=None")
+    limit = engine.max_model_len - max_new_tokens if max_prompt_tokens is None else max_prompt_tokens
+    if limit < 1 or limit + max_new_tokens > engine.max_model_len:
+        raise ValueError(f"max_prompt_tokens ({limit}) + max_new_tokens ({max_new_tokens}) must fit the "
+                         f"engine's max_model_len ({engine.max_model_len}): build the engine with a larger one")
+    chunk_size = chunk_size or engine.max_batch_size
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    existing = read_records(out_path, repair=True)
+    done_ids = {r["id"] for r in existing}
+    seen = {normalize(r["prompt"]) for r in existing if "prompt" in r}
+
+    stats = RegenStats(prompts=len(prompts))
+    todo: list[Prompt] = []
+    for p in prompts:
+        key = normalize(p.text)
+        if p.id in done_ids:
+            stats.existing += 1
+        elif key in seen:
+            stats.duplicates += 1
+        else:
+            seen.add(key)
+            todo.append(p)
+
+    t0 = time.perf_counter()
+    slowest = 0.0
+    bar = tqdm(total=len(todo), desc="regen", unit="resp", disable=not progress)
+    with open(out_path, "a", encoding="utf-8") as out:
+        for start in range(0, len(todo), chunk_size):
+            elapsed = time.perf_counter() - t0
+            if time_budget_s is not None and start > 0 and elapsed + slowest > time_budget_s:
+                stats.stopped_early = True
+                break
+            t_chunk = time.perf_counter()
+            chunk = todo[start:start + chunk_size]
+            ids = [tokenizer.apply_chat_template(p.messages) for p in chunk]
+            keep = sorted((i for i in range(len(chunk)) if len(ids[i]) <= limit), key=lambda i: len(ids[i]))
+            stats.too_long += len(chunk) - len(keep)
+            params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
+                                     seed=prompt_seed(chunk[i].id, seed), max_tokens=max_new_tokens)
+                      for i in keep]
+            outputs = engine.generate([ids[i] for i in keep], params) if keep else []
+            by_index = dict(zip(keep, zip(outputs, params)))
+            for i, p in enumerate(chunk):                 # the prompts' own order, not the sort's
+                if i not in by_index:
+                    continue
+                o, sp = by_index[i]
+                rec = {"id": p.id, "source": p.source, "prompt": p.text, "seed": sp.seed,
+                       "prompt_ids": ids[i], "response_ids": o.token_ids, "finish_reason": o.finish_reason}
+                if with_text:
+                    rec["response"] = tokenizer.decode(o.token_ids)
+                out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                stats.generated_tokens += len(o.token_ids)
+            out.flush()
+            os.fsync(out.fileno())
+            stats.written += len(outputs)
+            slowest = max(slowest, time.perf_counter() - t_chunk)
+            stats.elapsed_s = time.perf_counter() - t0
+            bar.update(len(chunk))
+            bar.set_postfix(written=stats.written, tok_s=f"{stats.tokens_per_s:.0f}")
+    bar.close()
+    stats.elapsed_s = time.perf_counter() - t0
+    return stats
+
+
+# -- command line ---------------------------------------------------------------------------
+def add_regen_parser(subparsers) -> argparse.ArgumentParser:
+    """`ascend-dspark regen ...`: register on the CLI's subparsers (sets func=run_regen)."""
+    p = subparsers.add_parser("regen", help="regenerate training responses with the target (DeepSpec data)")
+    p.add_argument("--model", default="default", help="target: 'default', an HF dir or a .gguf")
+    p.add_argument("--sources", default=",".join(TRAIN_SETS), help=f"comma list of {', '.join(TRAIN_SETS)}")
+    p.add_argument("--limit-per-source", type=int, default=None, help="prompts per source (default: all)")
+    p.add_argument("--out", required=True, help="JSONL file, appended to (resumes a previous run)")
+    p.add_argument("--max-new-tokens", type=int, default=384)
+    p.add_argument("--max-prompt-tokens", type=int, default=None,
+                   help="skip longer prompts (default: max_model_len - max_new_tokens)")
+    p.add_argument("--max-model-len", type=int, default=None, help="default: 2048 or prompt + new tokens")
+    p.add_argument("--batch-size", type=int, default=256, help="engine batch = chunk written at a time")
+    p.add_argument("--temperature", type=float, default=TEMPERATURE)
+    p.add_argument("--top-p", type=float, default=TOP_P)
+    p.add_argument("--top-k", type=int, default=TOP_K)
+    p.add_argument("--seed", type=int, default=0, help="prompt subset and per-prompt sampling seeds")
+    p.add_argument("--time-budget-s", type=float, default=None, help="stop cleanly before overrunning this")
+    p.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's; bf16 on GPUs)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run_regen)
+    return p
+
+
+def run_regen(args: argparse.Namespace) -> int:
+    """Body of `ascend-dspark regen`: load the target, regenerate, print one summary line."""
+    from ascend_dspark.engine.llm import LLM
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    prompts = training_mix(args.limit_per_source, args.seed, sources)
+    max_model_len = args.max_model_len or max(2048, (args.max_prompt_tokens or 0) + args.max_new_tokens)
+    llm = LLM(model=args.model, drafter="none", device=args.device, dtype=args.dtype,
+              max_model_len=max_model_len, max_batch_size=args.batch_size, seed=args.seed)
+    stats = regenerate(llm.engine, llm.tokenizer, prompts, args.out, temperature=args.temperature,
+                       top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                       chunk_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
+                       time_budget_s=args.time_budget_s, progress=not args.no_progress)
+    total = len(read_records(args.out))
+    print(f"[{llm.platform.name}] regen: {stats.written} new records ({total} in {args.out}), "
+          f"{stats.generated_tokens} tokens in {stats.elapsed_s:.1f} s ({stats.tokens_per_s:.0f} tokens/s) | "
+          f"skipped {stats.existing} existing, {stats.duplicates} duplicates, {stats.too_long} too long"
+          f"{' | stopped by the time budget' if stats.stopped_early else ''}")
+    print(json.dumps({**asdict(stats), "tokens_per_s": stats.tokens_per_s}))
+    return 0
+
+
+def main_regen(argv: list[str] | None = None) -> int:
+    """Stand-alone entry point: `python -m ascend_dspark.training.regen --out data.jsonl ...`."""
+    parser = argparse.ArgumentParser(prog="ascend-dspark")
+    add_regen_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["regen", *(argv or [])])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    import sys
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    raise SystemExit(main_regen(sys.argv[1:]))
