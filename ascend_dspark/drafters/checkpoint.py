@@ -5,8 +5,11 @@ Own format: a directory with
 - `model.safetensors`: the drafter's own parameters, DeepSpec names without `embed_tokens` /
   `lm_head` (those are the target's).
 
-Published formats (DeepSpec) load through `drafters/deepspec.py`; `load_drafter` dispatches
-to it when the directory holds a DeepSpec export.
+Published formats load through `drafters/deepspec.py` (DeepSpec exports) and
+`drafters/zlab.py` (z-lab DFlash); `load_drafter` dispatches on config.json's
+`architectures`. `drafters/export.py` and `zlab.py` write those formats back. The
+safetensors helpers at the end (single file or sharded index, shapes from the headers
+before any tensor is read, strict name/shape checks) are shared by all of them.
 """
 
 from __future__ import annotations
@@ -133,7 +136,8 @@ def save_drafter(drafter: Drafter, path: str | Path) -> Path:
 
 
 def load_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype | None = None) -> Drafter:
-    """Load a drafter directory: our own format, or a DeepSpec export (dispatched on config.json)."""
+    """Load a drafter directory: our own format, a DeepSpec export or a z-lab DFlash draft
+    (dispatched on config.json)."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"drafter checkpoint directory not found: {path}")
@@ -143,6 +147,10 @@ def load_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype | None 
     raw = json.loads(config_path.read_text())
     if raw.get("format") != FORMAT:
         if "architectures" in raw:
+            from .zlab import ZLAB_ARCHS, load_zlab_drafter
+
+            if (raw.get("architectures") or [None])[0] in ZLAB_ARCHS:
+                return load_zlab_drafter(path, target, dtype=dtype)
             from .deepspec import load_deepspec_drafter
 
             return load_deepspec_drafter(path, target, dtype=dtype)
@@ -183,3 +191,56 @@ def check_shapes(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[in
     for name in sorted(expected):
         if tuple(found[name]) != tuple(expected[name]):
             raise ValueError(f"{source}: tensor {name} has shape {list(found[name])}, expected {list(expected[name])}")
+
+
+# -- safetensors files (shared by the published-format loaders) ---------------------------------------
+def weight_files(path: Path) -> dict[str, Path]:
+    """tensor name -> file, from model.safetensors or model.safetensors.index.json."""
+    single = path / WEIGHTS_FILE
+    index = path / "model.safetensors.index.json"
+    if single.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(single), framework="pt") as f:
+            return {k: single for k in f.keys()}
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map") or {}
+        out = {}
+        for name, shard in weight_map.items():
+            file = path / shard
+            if not file.is_file():
+                raise FileNotFoundError(f"safetensors shard {file} (named in {index}) not found")
+            out[name] = file
+        return out
+    raise FileNotFoundError(f"no drafter weights in {path}: expected {single} or {index}")
+
+
+def tensor_shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+    """Shapes read from the safetensors headers (no tensor data is loaded)."""
+    from safetensors import safe_open
+
+    shapes: dict[str, tuple[int, ...]] = {}
+    for file in sorted(set(files.values())):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():
+                if files.get(name) == file:
+                    shapes[name] = tuple(f.get_slice(name).get_shape())
+    missing = sorted(set(files) - set(shapes))
+    if missing:
+        raise ValueError(f"tensor(s) {', '.join(missing)} listed in the index but absent from their shard")
+    return shapes
+
+
+def read_tensors(files: dict[str, Path], names) -> dict[str, torch.Tensor]:
+    """The named tensors, each file opened once, in their stored dtype."""
+    from safetensors import safe_open
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    state: dict[str, torch.Tensor] = {}
+    for file, file_names in by_file.items():
+        with safe_open(str(file), framework="pt") as f:
+            for name in file_names:
+                state[name] = f.get_tensor(name)
+    return state

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 KINDS = ("eagle3", "dflash", "dspark")
+MARKOV_HEAD_TYPES = ("vanilla", "gated", "rnn")     # DeepSpec `markov_head_type` values (case-insensitive)
 
 
 @dataclass
@@ -32,6 +33,7 @@ class DrafterConfig:
     mask_token_id: int = 0
     # DSpark heads.
     markov_rank: int = 0                   # 0 = no Markov head
+    markov_head_type: str = "vanilla"      # "vanilla" | "gated" | "rnn" (ops/markov.py has the maths)
     confidence_head: bool = False
     confidence_head_with_markov: bool = True
     # Eagle3.
@@ -64,6 +66,12 @@ class DrafterConfig:
                 raise ValueError(f"ttt_length must be >= 1, got {self.ttt_length}")
         if self.markov_rank < 0:
             raise ValueError(f"markov_rank must be >= 0, got {self.markov_rank}")
+        self.markov_head_type = str(self.markov_head_type).lower()
+        if self.markov_head_type not in MARKOV_HEAD_TYPES:
+            raise ValueError(f"unknown markov_head_type {self.markov_head_type!r}; expected one of "
+                             f"{', '.join(MARKOV_HEAD_TYPES)}")
+        if self.markov_head_type != "vanilla" and self.markov_rank == 0:
+            raise ValueError(f"markov_head_type {self.markov_head_type!r} needs a Markov head (markov_rank > 0)")
 
     @property
     def max_draft_tokens(self) -> int:

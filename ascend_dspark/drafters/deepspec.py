@@ -8,8 +8,9 @@ Supported `architectures[0]`:
   embedding, k_eq_v attention, four norms, layer_scalar; see §5.1 step 8).
 
 Tensor names map by identity (no prefix): `fc.weight`, `hidden_norm.weight`, `norm.weight`,
-`layers.{i}.*`, `markov_head.markov_w{1,2}.weight`, `confidence_head.proj.{weight,bias}`, plus
-`embed_tokens.weight` / `lm_head.weight`. Loading is strict: every tensor's shape is checked
+`layers.{i}.*`, `markov_head.markov_w{1,2}.weight` (+ `markov_head.gate_proj.*` for the gated
+head, `markov_head.joint_proj.*` for the RNN head: `markov_head_type`, case-insensitive),
+`confidence_head.proj.{weight,bias}`, plus `embed_tokens.weight` / `lm_head.weight`. Loading is strict: every tensor's shape is checked
 against what the config implies, and a missing or unexpected tensor is an error.
 
 Embedding and LM head: DeepSpec stores frozen copies of the target's. The drafter always
@@ -17,6 +18,7 @@ uses the **target's** modules (the protocol shares them), so the stored copies a
 checked: same shape as the target's [V, H] (error otherwise) and same values after casting
 the target's to the stored dtype (one warning with the largest difference otherwise, e.g.
 when the draft was trained against a different revision of the target).
+`drafters/export.py:export_deepspec` writes this format.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from torch import nn
 from ascend_dspark.models.config import ModelConfig
 
 from .base import Drafter
-from .checkpoint import _placement, build_drafter, check_shapes, expected_shapes
-from .config import DrafterConfig
+from .checkpoint import (_placement, build_drafter, check_shapes, expected_shapes, read_tensors, tensor_shapes,
+                         weight_files)
+from .config import MARKOV_HEAD_TYPES, DrafterConfig
 
 DSPARK_ARCHS = ("Qwen3DSparkModel",)
 EAGLE3_ARCHS = ("Qwen3Eagle3Model", "Eagle3DraftModel")
@@ -79,52 +82,17 @@ def deepspec_drafter_config(raw: dict[str, Any], source: str = "config.json") ->
         if key not in raw:
             raise ValueError(f"{source}: {arch} config is missing \"{key}\"")
     rank = int(raw.get("markov_rank") or 0)
-    head_type = raw.get("markov_head_type") or "vanilla"
-    if rank > 0 and head_type != "vanilla":
-        raise NotImplementedError(f"{source}: markov_head_type {head_type!r} is not supported (only 'vanilla')")
+    head_type = str(raw.get("markov_head_type") or "vanilla").lower() if rank > 0 else "vanilla"
+    if head_type not in MARKOV_HEAD_TYPES:
+        raise ValueError(f"{source}: markov_head_type {raw.get('markov_head_type')!r} is not one of DeepSpec's "
+                         f"{', '.join(MARKOV_HEAD_TYPES)}")
     confidence = bool(raw.get("enable_confidence_head", False))
     kind = "dspark" if rank > 0 or confidence else "dflash"
     with_markov = raw.get("confidence_head_with_markov")
     return DrafterConfig(
         kind=kind, block_size=int(raw["block_size"]), anchor_first=True, mask_token_id=int(raw["mask_token_id"]),
-        markov_rank=rank, confidence_head=confidence,
+        markov_rank=rank, markov_head_type=head_type, confidence_head=confidence,
         confidence_head_with_markov=True if with_markov is None else bool(with_markov), **common)
-
-
-def _weight_files(path: Path) -> dict[str, Path]:
-    """tensor name -> file, from model.safetensors or model.safetensors.index.json."""
-    single = path / "model.safetensors"
-    index = path / "model.safetensors.index.json"
-    if single.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(single), framework="pt") as f:
-            return {k: single for k in f.keys()}
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        out = {}
-        for name, shard in weight_map.items():
-            file = path / shard
-            if not file.is_file():
-                raise FileNotFoundError(f"safetensors shard {file} (named in {index}) not found")
-            out[name] = file
-        return out
-    raise FileNotFoundError(f"no drafter weights in {path}: expected {single} or {index}")
-
-
-def _shapes(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
-    shapes: dict[str, tuple[int, ...]] = {}
-    for file in sorted(set(files.values())):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                if files.get(name) == file:
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
-    missing = sorted(set(files) - set(shapes))
-    if missing:
-        raise ValueError(f"tensor(s) {', '.join(missing)} listed in the index but absent from their shard")
-    return shapes
 
 
 def _target_weight(target: nn.Module, name: str) -> torch.Tensor | None:
@@ -176,25 +144,15 @@ def load_deepspec_drafter(path: str | Path, target: nn.Module, dtype: torch.dtyp
         raise ValueError(f"{config_path}: draft was built for a target with num_target_layers={n_target}, "
                          f"but the target has {target.config.num_layers} layers")
     drafter = build_drafter(cfg, target)           # validates hidden size, vocab, target_layer_ids
-    files = _weight_files(path)
+    files = weight_files(path)
     expected = expected_shapes(drafter)
     tc = target.config
     for name in SHARED:
         expected[name] = (tc.vocab_size, tc.hidden_size)
     source = str(path)
-    check_shapes(expected, _shapes(files), source)
+    check_shapes(expected, tensor_shapes(files), source)
     _compare_shared(files, target, source)
 
-    from safetensors import safe_open
-
-    state: dict[str, torch.Tensor] = {}
-    by_file: dict[Path, list[str]] = {}
-    for name, file in files.items():
-        if name not in SHARED:
-            by_file.setdefault(file, []).append(name)
-    for file, names in by_file.items():
-        with safe_open(str(file), framework="pt") as f:
-            for name in names:
-                state[name] = f.get_tensor(name)
+    state = read_tensors(files, [name for name in files if name not in SHARED])
     drafter.load_state_dict(state, strict=True, assign=True)   # keep stored precision until the final cast
     return drafter.to(**_placement(target, dtype))

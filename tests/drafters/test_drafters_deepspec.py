@@ -308,5 +308,6 @@ def test_gemma4_and_unknown_archs(target):
     raw = {**tiny_qwen3_config(num_hidden_layers=2), "architectures": ["Qwen3DSparkModel"], "target_layer_ids": [1],
            "block_size": 7, "mask_token_id": 1, "markov_rank": 8, "markov_head_type": "rnn"}
     raw.pop("layer_types", None)
-    with pytest.raises(NotImplementedError, match="rnn"):
-        deepspec_drafter_config(raw)
+    assert deepspec_drafter_config({**raw, "markov_head_type": "RNN"}).markov_head_type == "rnn"
+    with pytest.raises(ValueError, match="lstm"):
+        deepspec_drafter_config({**raw, "markov_head_type": "lstm"})
