@@ -10,8 +10,9 @@ Supported `architectures[0]`:
 Tensor names map by identity (no prefix): `fc.weight`, `hidden_norm.weight`, `norm.weight`,
 `layers.{i}.*`, `markov_head.markov_w{1,2}.weight` (+ `markov_head.gate_proj.*` for the gated
 head, `markov_head.joint_proj.*` for the RNN head: `markov_head_type`, case-insensitive),
-`confidence_head.proj.{weight,bias}`, plus `embed_tokens.weight` / `lm_head.weight`. Loading is strict: every tensor's shape is checked
-against what the config implies, and a missing or unexpected tensor is an error.
+`confidence_head.proj.{weight,bias}`, plus `embed_tokens.weight` / `lm_head.weight`. Loading
+is strict: every tensor's shape is checked against what the config implies, and a missing or
+unexpected tensor is an error.
 
 Embedding and LM head: DeepSpec stores frozen copies of the target's. The drafter always
 uses the **target's** modules (the protocol shares them), so the stored copies are only
