@@ -285,6 +285,20 @@ def eval_prompts() -> list[Prompt]:
     return [p for name in EVAL_SETS for p in load_prompts(name)]
 
 
+def save_prompts(prompts: list[Prompt], path: str | Path) -> None:
+    """Write prompts as JSONL ({"id", "source", "messages"}), e.g. a training mix built here to
+    regenerate on a machine that has the target but not the prompt packages."""
+    with open(path, "w", encoding="utf-8") as f:
+        for p in prompts:
+            f.write(json.dumps({"id": p.id, "source": p.source, "messages": p.messages}, ensure_ascii=False) + "\n")
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Prompts written by `save_prompts`, in file order."""
+    with open(path, encoding="utf-8") as f:
+        return [Prompt(r["id"], r["source"], r["messages"]) for r in _jsonl(f)]
+
+
 def training_mix(limit_per_source: int | None = None, seed: int = 0,
                  sources: tuple[str, ...] = TRAIN_SETS) -> list[Prompt]:
     """The training sources, each shuffled with `seed` and cut to `limit_per_source`,

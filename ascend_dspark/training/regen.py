@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from ascend_dspark.spec.sampling import SamplingParams
 
-from .prompts import TRAIN_SETS, Prompt, normalize, training_mix
+from .prompts import TRAIN_SETS, Prompt, normalize, read_prompts, save_prompts, training_mix
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +184,12 @@ def add_regen_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", default="default", help="target: 'default', an HF dir or a .gguf")
     p.add_argument("--sources", default=",".join(TRAIN_SETS), help=f"comma list of {', '.join(TRAIN_SETS)}")
     p.add_argument("--limit-per-source", type=int, default=None, help="prompts per source (default: all)")
-    p.add_argument("--out", required=True, help="JSONL file, appended to (resumes a previous run)")
+    p.add_argument("--prompts", default=None,
+                   help="read the prompts from this JSONL (written by --prompts-out) instead of --sources")
+    p.add_argument("--prompts-out", default=None,
+                   help="only build the prompt mix (checked disjoint from the eval sets), write it here and "
+                        "exit: no model is loaded (prepare on a CPU machine, regenerate on the GPU one)")
+    p.add_argument("--out", default=None, help="JSONL file, appended to (resumes a previous run)")
     p.add_argument("--max-new-tokens", type=int, default=384)
     p.add_argument("--max-prompt-tokens", type=int, default=None,
                    help="skip longer prompts (default: max_model_len - max_new_tokens)")
@@ -206,8 +211,17 @@ def run_regen(args: argparse.Namespace) -> int:
     """Body of `ascend-dspark regen`: load the target, regenerate, print one summary line."""
     from ascend_dspark.engine.llm import LLM
 
-    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
-    prompts = training_mix(args.limit_per_source, args.seed, sources)
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    else:
+        sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+        prompts = training_mix(args.limit_per_source, args.seed, sources)
+    if args.prompts_out:
+        save_prompts(prompts, args.prompts_out)
+        print(f"wrote {len(prompts)} prompts to {args.prompts_out}")
+        return 0
+    if not args.out:
+        raise ValueError("regen needs --out FILE.jsonl (or --prompts-out to only write the prompt mix)")
     max_model_len = args.max_model_len or max(2048, (args.max_prompt_tokens or 0) + args.max_new_tokens)
     llm = LLM(model=args.model, drafter="none", device=args.device, dtype=args.dtype,
               max_model_len=max_model_len, max_batch_size=args.batch_size, seed=args.seed)

@@ -149,16 +149,25 @@ def test_bad_configuration_is_refused(tiny, tmp_path):
 
 
 def test_cli_entry_point(tiny, tmp_path, capsys):
+    """Build the mix without a model (--prompts-out), regenerate from the file (what the GPU
+    machine runs), then run again: resumed, nothing new."""
     path, _, _ = tiny
+    mix = tmp_path / "mix.jsonl"
+    assert main_regen(["--sources", "code,gsm8k-train", "--limit-per-source", "3", "--prompts-out", str(mix)]) == 0
+    rows = [json.loads(line) for line in mix.read_text().splitlines()]
+    assert [r["id"].split(":")[0] for r in rows] == ["code", "gsm8k-train"] * 3
+    assert all(r["messages"][0]["role"] == "user" for r in rows)
     out = tmp_path / "cli.jsonl"
-    argv = ["--model", str(path), "--sources", "gsm8k-train,code", "--limit-per-source", "2",
-            "--out", str(out), "--max-new-tokens", "4", "--max-model-len", "900", "--batch-size", "4",
-            "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    argv = ["--model", str(path), "--prompts", str(mix), "--out", str(out), "--max-new-tokens", "3",
+            "--max-model-len", "1200", "--batch-size", "6", "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    capsys.readouterr()
     assert main_regen(argv) == 0
     recs = read_records(out)
-    assert 1 <= len(recs) <= 4 and {r["source"] for r in recs} <= {"gsm8k-train", "code"}
-    assert all(0 < len(r["response_ids"]) <= 4 for r in recs)
+    assert {r["id"] for r in recs} <= {r["id"] for r in rows} and len(recs) >= 4
+    assert all(0 < len(r["response_ids"]) <= 3 for r in recs)
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["written"] == len(recs)
-    assert main_regen(argv) == 0                                 # resumed: nothing new
+    assert main_regen(argv) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0
+    with pytest.raises(ValueError, match="--out"):
+        main_regen(["--model", str(path), "--prompts", str(mix), "--device", "cpu"])
