@@ -1,4 +1,4 @@
-"""`ascend-dspark` command line: generate, doctor."""
+"""`ascend-dspark` command line: generate, doctor, regen, train, eval."""
 
 from __future__ import annotations
 
@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     doc = sub.add_parser("doctor", help="which devices are usable here, and why not")
     doc.set_defaults(func=_doctor)
+    from ascend_dspark.training.cli import add_train_parser
+
+    add_train_parser(sub)
     return parser
 
 

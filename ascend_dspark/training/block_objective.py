@@ -28,15 +28,16 @@ from . import losses
 from .batch import TargetBatch
 
 
-def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, generator: torch.Generator
+def sample_anchors(loss_mask: torch.Tensor, num_anchors: int, row_seeds: list[int]
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """(anchors [B, A] long, valid [B, A] bool): up to A distinct positions a per row with
-    x_a and x_{a+1} both response tokens, uniformly at random (CPU generator: reproducible
-    on any device)."""
+    x_a and x_{a+1} both response tokens, uniformly at random. Each row draws from its own
+    CPU generator (seeded by the trainer from the step and the row's place in the *global*
+    batch), so the choice is the same on any device and however the batch is split over ranks."""
     mask = loss_mask.cpu()
     ok = torch.zeros_like(mask)
     ok[:, :-1] = mask[:, :-1] & mask[:, 1:]
-    scores = torch.rand(mask.shape, generator=generator)
+    scores = torch.stack([torch.rand(mask.shape[1], generator=torch.Generator().manual_seed(s)) for s in row_seeds])
     scores = torch.where(ok, scores, torch.full_like(scores, -1.0))
     top = scores.topk(min(num_anchors, mask.shape[1]), dim=1)
     return top.indices.to(loss_mask.device), (top.values >= 0).to(loss_mask.device)
@@ -101,13 +102,13 @@ def block_draft_logits(drafter: BlockDrafter, features: torch.Tensor, input_ids:
 
 
 def block_objective(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int, decay: float,
-                    generator: torch.Generator, loss_weights: dict[str, float]
+                    row_seeds: list[int], loss_weights: dict[str, float]
                     ) -> tuple[dict[str, losses.Term], dict[str, torch.Tensor]]:
     """(loss terms by name, metrics) for one batch. `loss_weights` names which terms to build
     (ce, tv, conf); a term with weight 0 is skipped (metrics still report 1 - TV)."""
     ids, mask = batch.input_ids, batch.loss_mask
     t = ids.shape[1]
-    anchors, anchor_ok = sample_anchors(mask, num_anchors, generator)
+    anchors, anchor_ok = sample_anchors(mask, num_anchors, row_seeds)
     logits, confidence_logit, labels, label_pos = block_draft_logits(drafter, batch.features, ids, anchors)
     flat = label_pos.clamp(max=t - 1).flatten(1)
     supervised = torch.cumprod((mask.gather(1, flat).view_as(label_pos) & (label_pos < t)).long(), -1).bool()

@@ -13,7 +13,7 @@ exactly like one process on the global batch. Rank 0 logs and writes checkpoints
 
 Resume is exact: a checkpoint holds the drafter, optimiser, schedule, the data sampler's
 position and the host RNG states, and every random choice of a step (block anchors) comes
-from a generator seeded by (seed, step, rank), so an interrupted run continues bit for bit.
+from generators seeded by (seed, step, row of the global batch), so an interrupted run continues bit for bit.
 """
 
 from __future__ import annotations
@@ -58,13 +58,13 @@ class Objective(nn.Module):
         self.drafter = drafter
         self.cfg = cfg
 
-    def forward(self, batch: TargetBatch, generator: torch.Generator):
+    def forward(self, batch: TargetBatch, row_seeds: list[int]):
         cfg = self.cfg
         if cfg.algorithm == "eagle3":
             terms, metrics = eagle3_objective(self.drafter, batch, self.drafter.config.ttt_length)
         else:
             terms, metrics = block_objective(self.drafter, batch, cfg.num_anchors, cfg.position_decay,
-                                             generator, cfg.loss_weights)
+                                             row_seeds, cfg.loss_weights)
         return terms, metrics
 
     def loss_weights(self) -> dict[str, float]:
@@ -167,7 +167,7 @@ class Trainer:
     # -- the loop ---------------------------------------------------------------------------
     def batch(self) -> TargetBatch:
         rows = [self.samples[i] for i in self.sampler.next_batch()]
-        ids, mask, lengths = collate(rows, self.cfg.max_len)
+        ids, mask, lengths = collate(rows)
         ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
         features, last_hidden = target_outputs(self.target, ids, lengths, self.drafter.target_layer_ids)
         return TargetBatch(ids, mask, lengths, features, last_hidden)
@@ -175,9 +175,10 @@ class Trainer:
     def train_step(self) -> StepLog:
         t0 = time.perf_counter()
         batch = self.batch()
-        generator = torch.Generator().manual_seed(hash_seed(self.cfg.seed, self.step, self.rank))
+        first_row = self.rank * self.cfg.batch_size
+        row_seeds = [hash_seed(self.cfg.seed, self.step, first_row + i) for i in range(batch.input_ids.shape[0])]
         with self._autocast():
-            terms, metrics = self.module(batch, generator)
+            terms, metrics = self.module(batch, row_seeds)
         weights = self.objective.loss_weights()
         dens = distributed.all_reduce_sum(torch.stack([terms[k].denominator.float() for k in weights]))
         loss = sum(w * terms[k].numerator / dens[i].clamp(min=1e-12) for i, (k, w) in enumerate(weights.items()))
@@ -190,7 +191,7 @@ class Trainer:
         self.step += 1
         tokens = int(batch.lengths.sum())
         return StepLog(self.step, float(distributed.all_reduce_mean(loss.detach())), lr,
-                       {k: float(terms[k].mean(dens[i])) for i, k in enumerate(weights)},
+                       {k: float(terms[k].mean(dens[i]).detach()) for i, k in enumerate(weights)},
                        {k: float(v) for k, v in metrics.items()}, tokens / (time.perf_counter() - t0))
 
     def train(self, time_budget_s: float | None = None) -> Path | None:
