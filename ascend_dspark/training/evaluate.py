@@ -20,6 +20,9 @@ DIR/eval.md (a table) and PNG plots drawn from the JSON alone by `plots.py`.
 
     ascend-dspark eval --drafters dspark=ckpt/dspark,dflash=ckpt/dflash --datasets gsm8k-test,mtbench \\
         --limit 80 --temperatures 0,1 --max-new-tokens 256 --out results/eval
+    # where the prompt packages / shared data are missing (a GPU machine): select elsewhere
+    ascend-dspark eval --datasets gsm8k-test,humaneval,mtbench --limit 80 --prompts-out eval_prompts.jsonl
+    ascend-dspark eval --prompts eval_prompts.jsonl --drafters ... --out results/eval
 """
 
 from __future__ import annotations
@@ -203,10 +206,15 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """`ascend-dspark eval ...`: register on the CLI's subparsers (sets func=run_eval)."""
     p = subparsers.add_parser("eval", help="evaluate drafters (tau, accept_rate@k, calibration) DeepSpec's way")
     p.add_argument("--model", default="default", help="target: 'default', an HF dir or a .gguf")
-    p.add_argument("--drafters", required=True,
+    p.add_argument("--drafters", default=None,
                    help="comma list of NAME=PATH (a checkpoint dir) or kinds: dspark=ckpt/a,dflash=ckpt/b,eagle3=...")
     p.add_argument("--datasets", default=",".join(EVAL_DATASETS), help=f"comma list of {', '.join(EVAL_DATASETS)}")
     p.add_argument("--limit", type=int, default=None, help="prompts per dataset (a seeded subset; default: all)")
+    p.add_argument("--prompts", default=None,
+                   help="read the prompts from this JSONL (written by --prompts-out) instead of --datasets/--limit")
+    p.add_argument("--prompts-out", default=None,
+                   help="only write the selected prompts here and exit, no model loaded (select on a machine with "
+                        "the prompt packages and shared data, evaluate on one without)")
     p.add_argument("--temperatures", default="0,1", help="comma list (0 = greedy)")
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=1)
@@ -215,7 +223,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="dataset subset and per-sample sampling seeds")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
-    p.add_argument("--out", required=True, help="directory for eval.json, eval.md and the plots")
+    p.add_argument("--out", default=None, help="directory for eval.json, eval.md and the plots")
     p.set_defaults(func=run_eval)
     return p
 
@@ -226,14 +234,25 @@ def run_eval(args: argparse.Namespace) -> int:
     from ascend_dspark.models import load_target
     from ascend_dspark.platform import make_platform, set_platform
 
-    from .prompts import load_prompts
+    from .prompts import load_prompts, read_prompts, save_prompts
 
+    if args.prompts:
+        prompts = read_prompts(args.prompts)
+    else:
+        datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+        prompts = [p for d in datasets for p in load_prompts(d, args.limit, seed=args.seed)]
+    if args.prompts_out:
+        save_prompts(prompts, args.prompts_out)
+        print(f"wrote {len(prompts)} prompts to {args.prompts_out}")
+        return 0
+    if not args.drafters or not args.out:
+        raise ValueError("eval needs --drafters and --out (or --prompts-out to only write the prompts)")
+    if not prompts:
+        raise ValueError("no prompts to evaluate")
     specs = parse_drafters(args.drafters)
     temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
-    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
-    prompts = [p for d in datasets for p in load_prompts(d, args.limit, seed=args.seed)]
     platform = set_platform(make_platform(args.device))
     dtype = DTYPES[args.dtype] if args.dtype else platform.default_dtype()
     target, tokenizer = load_target(args.model, dtype, platform.device)

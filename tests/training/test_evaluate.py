@@ -197,13 +197,16 @@ def test_cli_loads_the_target_once_for_every_drafter(tmp_path, monkeypatch, caps
     real_load = models.load_target
     monkeypatch.setattr(models, "load_target", lambda *a, **kw: loads.append(a) or real_load(*a, **kw))
     monkeypatch.setattr(prompt_sets, "load_prompts",
-                        lambda name, limit=None, seed=0: [SimpleNamespace(id=f"{name}:{i}", source=name, messages=p.messages)
+                        lambda name, limit=None, seed=0: [prompt_sets.Prompt(f"{name}:{i}", name, p.messages)
                                                           for i, p in enumerate(PROMPTS[:limit])])
+    selected = tmp_path / "prompts.jsonl"
+    assert main_eval(["--datasets", "s1,s2", "--limit", "2", "--prompts-out", str(selected)]) == 0
+    assert not loads and len(selected.read_text().splitlines()) == 4      # no model for selecting prompts
     out = tmp_path / "eval"
     with pytest.warns(UserWarning, match="randomly initialised dflash"):
-        code = main_eval(["--model", str(model_dir), "--drafters", f"dspark={draft_dir},dflash", "--datasets", "s1,s2",
-                          "--limit", "2", "--temperatures", "0,1", "--max-new-tokens", "6", "--device", "cpu",
-                          "--out", str(out)])
+        code = main_eval(["--model", str(model_dir), "--drafters", f"dspark={draft_dir},dflash",
+                          "--prompts", str(selected), "--temperatures", "0,1", "--max-new-tokens", "6",
+                          "--device", "cpu", "--out", str(out)])
     assert code == 0 and len(loads) == 1
     rep = json.loads((out / "eval.json").read_text())
     assert [(r["drafter"], r["dataset"], r["temperature"]) for r in rep["results"]] == [
