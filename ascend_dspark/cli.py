@@ -66,8 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
     doc = sub.add_parser("doctor", help="which devices are usable here, and why not")
     doc.set_defaults(func=_doctor)
     from ascend_dspark.training.cli import add_train_parser
+    from ascend_dspark.training.evaluate import add_eval_parser
+    from ascend_dspark.training.regen import add_regen_parser
 
+    add_regen_parser(sub)
     add_train_parser(sub)
+    add_eval_parser(sub)
     return parser
 
 

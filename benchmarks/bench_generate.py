@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> dict:
         for kind in args.drafters:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                drafter = build_drafter(kind, target)
+                drafter = build_drafter(kind, target, model=args.model)
             if drafter is not None:
                 drafter.to(device=platform.device, dtype=dtype).eval()
             engine = Engine(target, drafter, tokenizer, args.k, max_model_len=512, max_batch_size=batch,
@@ -63,11 +63,12 @@ def run(args: argparse.Namespace) -> dict:
             outs = engine.generate(selected, params)
             t = engine.timings
             stats = merge_stats([o.stats for o in outs])
-            rows.append({"drafter": kind, "batch": batch, "k": args.k if drafter is not None else 0,
+            label = Path(kind).name if Path(kind).exists() else kind
+            rows.append({"drafter": label, "batch": batch, "k": args.k if drafter is not None else 0,
                          "tokens": t.generated_tokens, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
                          "decode_tok_s": t.decode_tokens_per_s, "tok_s": t.tokens_per_s,
                          "mean_accepted_length": stats.mean_accepted_length})
-            print(f"batch {batch:3d} {kind:7s} {t.decode_tokens_per_s:9.1f} tok/s  "
+            print(f"batch {batch:3d} {label:7s} {t.decode_tokens_per_s:9.1f} tok/s  "
                   f"tau {stats.mean_accepted_length:.2f}", flush=True)
             del engine, drafter
     for row in rows:
@@ -94,7 +95,9 @@ def plot(results: dict, path: Path) -> None:
         ax.bar([j + i * width for j in range(len(batches))], ys, width, label=d)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(batches))], [f"batch {b}" for b in batches])
     ax.set_ylabel("decode tokens/s")
-    ax.set_title(f"{results['model']} on {results['device']}\n(untrained drafts: accepted length ~1)", fontsize=9)
+    taus = ", ".join(f"{r['drafter']} {r['mean_accepted_length']:.2f}" for r in rows
+                     if r["batch"] == batches[0] and r["drafter"] != "none")
+    ax.set_title(f"{results['model']} on {results['device']}\nmean accepted length: {taus}", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -21,12 +21,16 @@ SHARDS=${SHARDS:-4}
 mkdir -p "$RUN"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
+# Convert the GGUF once before processes start side by side (they share the cache).
+$PY -c "import torch; from ascend_dspark.models import load_target; load_target('default', torch.bfloat16, 'cpu')"
+
 case "$PHASE" in
 regen)
   # Several engine processes share the GPU (one eager engine is launch-bound); each takes
   # every SHARDS-th prompt and appends to its own file, so a cut run resumes per shard.
   for i in $(seq 0 $((SHARDS - 1))); do
-    $CLI regen --prompts "${PROMPTS:?}" --shard "$i/$SHARDS" --out "$RUN/regen.$i.jsonl" \
+    awk -v n="$SHARDS" -v i="$i" 'NR % n == i' "${PROMPTS:?}" > "$RUN/prompts.$i.jsonl"
+    $CLI regen --prompts "$RUN/prompts.$i.jsonl" --out "$RUN/regen.$i.jsonl" \
       --max-new-tokens 384 --batch-size 192 --time-budget-s "$BUDGET" --dtype bfloat16 --no-progress \
       > "$RUN/regen.$i.log" 2>&1 &
   done
@@ -45,7 +49,7 @@ train)
 eval)
   for d in $DRAFTS; do
     src="$RUN/export/$d"; [ -d "$src" ] || src=$(ls -d "$RUN/$d"/step_* | tail -n 1)
-    $CLI eval --drafters "$d=$src" --prompts-file "${EVAL_PROMPTS:?}" --temperatures 0,1 \
+    $CLI eval --drafters "$d=$src" --prompts "${EVAL_PROMPTS:?}" --temperatures 0,1 \
       --max-new-tokens 256 --batch-size 32 --dtype bfloat16 --out "$RUN/eval/$d" > "$RUN/eval.$d.log" 2>&1 &
   done
   wait

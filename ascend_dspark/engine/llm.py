@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ascend_dspark.drafters import create_drafter, load_drafter
+from ascend_dspark.drafters.shipped import shipped_draft
 from ascend_dspark.models import load_target
 from ascend_dspark.platform import make_platform, set_platform
 from ascend_dspark.spec.sampling import SamplingParams
@@ -26,20 +27,22 @@ DRAFTER_KINDS = ("none", "eagle3", "dflash", "dspark")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def build_drafter(spec: str | None, target, seed: int = 0):
-    """None for "none"; a checkpoint directory by path; else a randomly initialised draft.
-
-    No trained draft ships yet for the default model, so a drafter kind given by name is
-    randomly initialised, with one warning: it is lossless but accepts ~nothing.
-    """
+def build_drafter(spec: str | None, target, seed: int = 0, model: str | None = None):
+    """None for "none"; a checkpoint directory by path; a kind by name: the trained draft
+    shipped for the default model (`model == "default"`), else a randomly initialised one,
+    with one warning (it is lossless but accepts ~nothing)."""
     if spec is None or spec == "none":
         return None
     if Path(spec).exists():
         return load_drafter(spec, target)
     if spec not in DRAFTER_KINDS:
         raise ValueError(f"unknown drafter {spec!r}: expected one of {', '.join(DRAFTER_KINDS)} or a checkpoint directory")
-    warnings.warn(f"no trained {spec} checkpoint given: using a randomly initialised {spec} draft "
-                  f"(output stays exact; expect a mean accepted length near 1)", stacklevel=2)
+    shipped = shipped_draft(spec, model)
+    if shipped is not None:
+        return load_drafter(shipped, target)
+    warnings.warn(f"no trained {spec} draft ships for model {model!r}: using a randomly initialised {spec} draft "
+                  f"(output stays exact; expect a mean accepted length near 1); train one with "
+                  f"`ascend-dspark train` and pass its directory", stacklevel=2)
     return create_drafter(spec, target, seed=seed)
 
 
@@ -52,7 +55,7 @@ class LLM:
             raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         torch_dtype = DTYPES[dtype] if dtype else self.platform.default_dtype()
         self.target, self.tokenizer = load_target(model, torch_dtype, self.platform.device)
-        self.drafter = build_drafter(drafter, self.target, seed)
+        self.drafter = build_drafter(drafter, self.target, seed, model)
         if self.drafter is not None:
             self.drafter.to(device=self.platform.device, dtype=torch_dtype).eval()
         self.engine = Engine(self.target, self.drafter, self.tokenizer, num_speculative_tokens,

@@ -265,7 +265,7 @@ def run_eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     report = None
     for name, spec in specs.items():           # one drafter on the device at a time
-        drafter = build_drafter(spec, target, seed=args.seed)
+        drafter = build_drafter(spec, target, seed=args.seed, model=args.model)
         if drafter is not None:
             drafter.to(device=platform.device, dtype=dtype).eval()
         part = evaluate_drafters(target, tokenizer, {name: drafter}, prompts, temperatures=temperatures,
