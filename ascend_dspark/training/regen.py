@@ -15,9 +15,13 @@ finish_reason is "stop" (the draft must learn to predict it too).
 
 Runs are resumable and reproducible: ids already in the file are skipped, a half-written
 last line (a killed run) is cut off with a warning, and each prompt's sampling seed is
-derived from its id, so a resumed run writes the same records an uninterrupted one would
-(sampling noise is a counter hash of (seed, position): independent of the batch; the
-logits themselves match bit for bit on the CPU, and up to reduction order on accelerators).
+derived from its id (the sampling noise is a counter hash of (seed, position), independent
+of the batch). Chunks are cut from the prompt list, not from what is left to do, so a run
+stopped by its time budget resumes into exactly the batches the uninterrupted run forms:
+identical records, on any device. After a kill *inside* a chunk, that chunk's remaining
+prompts run as a smaller batch: identical on the CPU, while on a GPU in bf16 the other
+batch shape rounds the logits differently and some samples change (H200, SmolLM2: 26 of
+64 responses identical at batch 64 vs 16); they remain exact samples of the target.
 Prompts whose normalised text was already seen (in this call or in the file) are skipped.
 """
 
@@ -109,7 +113,7 @@ def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *
     by length, generated and appended (fsync'd) at a time. `max_prompt_tokens` (default
     max_model_len - max_new_tokens) skips longer prompts rather than truncate a chat
     template. `time_budget_s` stops before a chunk that would likely overrun the budget
-    (estimated from the slowest chunk so far; the first chunk always runs).
+    (estimated from the slowest chunk so far; the first chunk of a call always runs).
     """
     if engine.drafter is not None:
         raise ValueError("regeneration samples the target itself: build the Engine with drafter=None")
@@ -122,31 +126,42 @@ def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *
     out_path.parent.mkdir(parents=True, exist_ok=True)
     existing = read_records(out_path, repair=True)
     done_ids = {r["id"] for r in existing}
-    seen = {normalize(r["prompt"]) for r in existing if "prompt" in r}
+    file_keys = {normalize(r["prompt"]): r["id"] for r in existing if "prompt" in r}
 
+    # Chunks are cut from the deduplicated prompt list itself, *before* looking at the file,
+    # so a run stopped at a chunk boundary resumes with exactly the batches the
+    # uninterrupted run would have formed (bit-identical records even in bf16 on a GPU).
     stats = RegenStats(prompts=len(prompts))
-    todo: list[Prompt] = []
+    unique, seen = [], set()
     for p in prompts:
         key = normalize(p.text)
-        if p.id in done_ids:
-            stats.existing += 1
-        elif key in seen:
+        if key in seen:
             stats.duplicates += 1
         else:
             seen.add(key)
-            todo.append(p)
+            unique.append(p)
+    pending = []
+    for p in unique:
+        if p.id in done_ids:
+            stats.existing += 1
+        elif file_keys.get(normalize(p.text), p.id) != p.id:
+            stats.duplicates += 1                         # the file has this text under another id
+        else:
+            pending.append(p)
+    pending_ids = {p.id for p in pending}
+    chunks = [c for i in range(0, len(unique), chunk_size)
+              if (c := [p for p in unique[i:i + chunk_size] if p.id in pending_ids])]
 
     t0 = time.perf_counter()
     slowest = 0.0
-    bar = tqdm(total=len(todo), desc="regen", unit="resp", disable=not progress)
+    bar = tqdm(total=len(pending), desc="regen", unit="resp", disable=not progress)
     with open(out_path, "a", encoding="utf-8") as out:
-        for start in range(0, len(todo), chunk_size):
+        for n, chunk in enumerate(chunks):
             elapsed = time.perf_counter() - t0
-            if time_budget_s is not None and start > 0 and elapsed + slowest > time_budget_s:
+            if time_budget_s is not None and n > 0 and elapsed + slowest > time_budget_s:
                 stats.stopped_early = True
                 break
             t_chunk = time.perf_counter()
-            chunk = todo[start:start + chunk_size]
             ids = [tokenizer.apply_chat_template(p.messages) for p in chunk]
             keep = sorted((i for i in range(len(chunk)) if len(ids[i]) <= limit), key=lambda i: len(ids[i]))
             stats.too_long += len(chunk) - len(keep)

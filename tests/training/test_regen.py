@@ -104,6 +104,28 @@ def test_killed_run_resumes_to_identical_records(tiny, tmp_path, monkeypatch, ca
     assert again.written == 0 and again.existing == 7 and again.duplicates == 1
 
 
+def test_budget_stop_resumes_into_the_same_batches(tiny, tmp_path, monkeypatch):
+    """Chunks come from the prompt list, so a clean stop + resume forms the batches of the
+    uninterrupted run (what makes bf16 GPU runs bit-reproducible), skipped prompts included."""
+    _, model, tok = tiny
+    kw = dict(max_new_tokens=2, max_prompt_tokens=40, progress=False)
+    prompts = _prompts()
+    prompts.insert(0, prompts.pop(5))                     # the too-long prompt in the first chunk
+
+    def batches(path, **extra):
+        eng, seen = _engine(model, tok), []
+        real = eng.generate
+        monkeypatch.setattr(eng, "generate", lambda ids, params: seen.append(ids) or real(ids, params))
+        regenerate(eng, tok, prompts, path, **kw, **extra)
+        return seen
+
+    whole = batches(tmp_path / "whole.jsonl")
+    first = batches(tmp_path / "cut.jsonl", time_budget_s=0.0)
+    rest = batches(tmp_path / "cut.jsonl")
+    assert [len(b) for b in whole] == [2, 3, 2] and first + rest == whole
+    assert _by_id(tmp_path / "cut.jsonl") == _by_id(tmp_path / "whole.jsonl")
+
+
 def test_truncated_tail_warns_and_corruption_raises(tmp_path, caplog):
     path = tmp_path / "r.jsonl"
     path.write_text('{"id": "a"}\n{"id": "b"}\n{"id": "c", "resp')
