@@ -12,7 +12,7 @@ import torch
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.models import load_target
 from ascend_dspark.training.prompts import Prompt
-from ascend_dspark.training.regen import main_regen, prompt_seed, read_records, regenerate
+from ascend_dspark.training.regen import chat_prompt_ids, main_regen, prompt_seed, read_records, regenerate
 from tests.helpers import greedy_decode, tiny_hf_checkpoint
 
 MAX_NEW = 6
@@ -124,6 +124,18 @@ def test_budget_stop_resumes_into_the_same_batches(tiny, tmp_path, monkeypatch):
     rest = batches(tmp_path / "cut.jsonl")
     assert [len(b) for b in whole] == [2, 3, 2] and first + rest == whole
     assert _by_id(tmp_path / "cut.jsonl") == _by_id(tmp_path / "whole.jsonl")
+
+
+def test_prompts_are_templated_with_thinking_off():
+    """A Qwen3-style template that reads `enable_thinking` gets the empty think block."""
+    from ascend_dspark.models.tokenizer import Tokenizer
+    from tests.helpers import tiny_tokenizer
+
+    hf = tiny_tokenizer()
+    hf.chat_template += ("{% if add_generation_prompt and enable_thinking is defined and not enable_thinking %}"
+                         "<think></think>\n{% endif %}")            # (Qwen3's has blank lines)
+    ids = chat_prompt_ids(Tokenizer(hf), [{"role": "user", "content": "Hi"}])
+    assert ids == _chatml_ids("Hi") + [5 + ord(c) - 32 if c != "\n" else 5 + 95 for c in "<think></think>\n"]
 
 
 def test_truncated_tail_warns_and_corruption_raises(tmp_path, caplog):
