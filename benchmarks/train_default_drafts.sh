@@ -17,7 +17,7 @@ RUN=${RUN:-/tmp/runs}
 PY=${PYTHON:-python3}
 CLI="$PY -m ascend_dspark.cli"
 DRAFTS=${DRAFTS:-"dspark dflash eagle3 dspark_gated dspark_rnn"}
-SHARDS=${SHARDS:-4}
+SHARDS=${SHARDS:-1}
 mkdir -p "$RUN"
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 
@@ -31,7 +31,7 @@ regen)
   for i in $(seq 0 $((SHARDS - 1))); do
     awk -v n="$SHARDS" -v i="$i" 'NR % n == i' "${PROMPTS:?}" > "$RUN/prompts.$i.jsonl"
     $CLI regen --prompts "$RUN/prompts.$i.jsonl" --out "$RUN/regen.$i.jsonl" \
-      --max-new-tokens 384 --batch-size 192 --time-budget-s "$BUDGET" --dtype bfloat16 --no-progress \
+      --max-new-tokens 384 --batch-size ${REGEN_BATCH:-1024} --time-budget-s "$BUDGET" --dtype bfloat16 --no-progress \
       > "$RUN/regen.$i.log" 2>&1 &
   done
   wait
@@ -40,8 +40,9 @@ regen)
 train)
   data=$(ls "$RUN"/regen.*.jsonl | sed 's/^/--data /' | tr '\n' ' ')
   for d in $DRAFTS; do
+    steps=$(eval echo "\${STEPS_$d:-}")      # STEPS_dspark=N: end this draft's schedule at step N
     $CLI train --config "${d}_smollm2" $data --out "$RUN/$d" --time-budget-s "$BUDGET" \
-      --export "$RUN/export/$d" ${TRAIN_SET:-} --no-progress > "$RUN/train.$d.log" 2>&1 &
+      --export "$RUN/export/$d" ${steps:+--set steps=$steps} --no-progress > "$RUN/train.$d.log" 2>&1 &
   done
   wait
   for d in $DRAFTS; do tail -n 1 "$RUN/train.$d.log"; done
@@ -56,11 +57,11 @@ eval)
   ;;
 bench)
   args=""
-  for d in dspark dflash eagle3; do
+  for d in ${BENCH_DRAFTS:-dspark dflash eagle3}; do
     src="$RUN/export/$d"; [ -d "$src" ] || src=$(ls -d "$RUN/$d"/step_* | tail -n 1)
     args="$args $src"
   done
-  $PY benchmarks/bench_generate.py --device cuda --max-tokens 128 --batch-sizes 1 4 \
+  $PY benchmarks/bench_generate.py --device cuda --max-tokens ${BENCH_TOKENS:-128} --batch-sizes ${BENCH_BATCHES:-1 4} \
     --drafters none $args --out "$RUN/bench_h200.json"
   ;;
 *) echo "unknown phase $PHASE" >&2; exit 2 ;;

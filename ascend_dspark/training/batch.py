@@ -33,3 +33,37 @@ def target_outputs(target, input_ids: torch.Tensor, lengths: torch.Tensor, layer
     slots = torch.arange(b, device=input_ids.device)
     out = target(input_ids, positions, cache, slots, valid, tuple(layer_ids))
     return out.features, out.hidden
+
+
+class CachedTargetOutputs:
+    """Target outputs read from an offline feature cache (`feature_cache.py`) instead of
+    running the target: each sample's cached tokens must equal the training sample's, so a
+    cache made from other data fails loudly. Keeps the last few shards in memory."""
+
+    def __init__(self, cache, keep_shards: int = 4) -> None:
+        self.cache = cache
+        self.keep = keep_shards
+        self._shards: dict[int, list] = {}
+
+    def sample(self, sample_id: str, input_ids: torch.Tensor):
+        shard, row = self.cache.locate(sample_id)
+        if shard not in self._shards:
+            if len(self._shards) >= self.keep:
+                self._shards.pop(next(iter(self._shards)))
+            self._shards[shard] = self.cache.read(shard)
+        cached = self._shards[shard][row]
+        if not torch.equal(cached.input_ids, input_ids):
+            raise ValueError(f"feature cache {self.cache.dir}: sample {sample_id!r} holds other tokens than the "
+                             "training data (cache made from another regen file or max_len): rebuild it")
+        return cached
+
+    def batch(self, samples, lengths: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(features [B, T, m*H], last_hidden [B, T, H]) right-padded with zeros, on `device`."""
+        rows = [self.sample(s.id, s.input_ids) for s in samples]
+        t = int(lengths.max())
+        features = rows[0].features.new_zeros(len(rows), t, rows[0].features.shape[-1])
+        hidden = rows[0].last_hidden.new_zeros(len(rows), t, rows[0].last_hidden.shape[-1])
+        for b, r in enumerate(rows):
+            features[b, : len(r.input_ids)] = r.features
+            hidden[b, : len(r.input_ids)] = r.last_hidden
+        return features.to(device), hidden.to(device)

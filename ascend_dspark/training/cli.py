@@ -25,6 +25,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out) | none | a step_N dir")
     p.add_argument("--time-budget-s", type=float, default=None, help="checkpoint and stop after this long")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--feature-cache", default=None, metavar="DIR",
+                   help="read the target's outputs from this offline cache, writing (or finishing) it first")
     p.add_argument("--export", default=None, help="also write the final draft here (this project's format)")
     p.add_argument("--device", default=None, help="cpu | cuda | npu (default: detect); torchrun adds the local rank")
     p.add_argument("--no-progress", action="store_true")
@@ -57,7 +59,9 @@ def run_train(args: argparse.Namespace) -> int:
         dtype = torch.bfloat16 if platform.supports_bf16_autocast else torch.float32
         target, _ = load_target(cfg.target, dtype, platform.device)
         samples = load_samples(cfg.data, cfg.max_len)
-        trainer = Trainer(cfg, target, samples, args.out, platform, progress=not args.no_progress)
+        cached = _feature_cache(args.feature_cache, target, samples, cfg, platform) if args.feature_cache else None
+        trainer = Trainer(cfg, target, samples, args.out, platform, progress=not args.no_progress,
+                          cached_outputs=cached)
         resume = _resume_path(args.resume, args.out)
         if resume is not None:
             trainer.resume(resume)
@@ -73,6 +77,21 @@ def run_train(args: argparse.Namespace) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def _feature_cache(path: str, target, samples, cfg, platform):
+    """Rank 0 writes (or finishes) the cache for the config's target layers; all ranks read it."""
+    from ascend_dspark.drafters.checkpoint import default_config
+
+    from . import distributed
+    from .batch import CachedTargetOutputs
+    from .feature_cache import FeatureCache, write_feature_cache
+
+    layer_ids = default_config(cfg.algorithm, target, **cfg.drafter).target_layer_ids
+    if distributed.rank() == 0:
+        write_feature_cache(target, samples, path, layer_ids)
+    distributed.barrier()
+    return CachedTargetOutputs(FeatureCache(path, target, layer_ids))
 
 
 def _resume_path(spec: str, out: str) -> Path | None:

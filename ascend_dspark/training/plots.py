@@ -112,16 +112,44 @@ def plot_reliability(figure, rows: list[dict], drafter: str, path: Path) -> None
     fig.savefig(path, dpi=120)
 
 
+def plot_training(logs: dict[str, Path], path: Path) -> Path | None:
+    """Training curves from `train_log.jsonl` files: loss and the teacher-forced expected
+    accepted length (tau_prob) against the step, one line per run."""
+    figure = _figure_class()
+    if figure is None:
+        return None
+    fig = figure(figsize=(10, 3.8))
+    loss_ax, tau_ax = fig.subplots(1, 2)
+    for name, log in logs.items():
+        rows = [json.loads(line) for line in Path(log).read_text().splitlines() if line.strip()]
+        steps = [r["step"] for r in rows]
+        loss_ax.plot(steps, [r["loss"] for r in rows], label=name, lw=1)
+        tau_ax.plot(steps, [r["metrics"]["tau_prob"] for r in rows], label=name, lw=1)
+    loss_ax.set(xlabel="step", ylabel="loss (each recipe's own mix)", yscale="log", title="training loss")
+    tau_ax.set(xlabel="step", ylabel="1 + sum_k prod_i<=k (1 - TV_i)", title="expected accepted length (T=1, teacher forced)")
+    tau_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return path
+
+
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", str(name)) or "_"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Redraw the plots of an evaluation report.")
-    parser.add_argument("report", type=Path, help="eval.json written by `ascend-dspark eval`")
+    parser.add_argument("report", type=Path, nargs="?", help="eval.json written by `ascend-dspark eval`")
     parser.add_argument("--out", type=Path, default=None, help="directory (default: the report's)")
+    parser.add_argument("--training", nargs="+", default=[], metavar="NAME=TRAIN_LOG",
+                        help="also draw training_curves.png from train_log.jsonl files")
     args = parser.parse_args(argv)
-    paths = write_plots(json.loads(args.report.read_text()), args.out or args.report.parent)
+    paths = write_plots(json.loads(args.report.read_text()), args.out or args.report.parent) if args.report else []
+    if args.training:
+        logs = dict(item.split("=", 1) for item in args.training)
+        out = args.out or (args.report.parent if args.report else Path("."))
+        drawn = plot_training(logs, out / "training_curves.png")
+        paths += [drawn] if drawn else []
     for p in paths:
         print(p)
     return 0 if paths else 1

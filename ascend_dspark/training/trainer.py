@@ -1,7 +1,7 @@
 """The training loop: one recipe for Eagle3, DFlash and DSpark drafts, one device or many.
 
 Each step: the frozen target runs the batch once (features at the drafter's layers and its
-final hidden states, online, no gradient), the drafter's objective gives loss terms as
+final hidden states, online, no gradient; or they are read from an offline feature cache), the drafter's objective gives loss terms as
 (numerator, denominator) pairs, denominators are summed over all data-parallel ranks, and
 AdamW (fp32 master weights, bf16 autocast where the platform has it) steps under a linear
 warmup + cosine schedule with gradient clipping.
@@ -37,7 +37,7 @@ from ascend_dspark.drafters import create_drafter, load_drafter, save_drafter
 from ascend_dspark.platform import Platform
 
 from . import distributed
-from .batch import TargetBatch, target_outputs
+from .batch import CachedTargetOutputs, TargetBatch, target_outputs
 from .block_objective import block_objective
 from .config import TrainConfig
 from .dataset import BatchSampler, Sample, collate
@@ -94,7 +94,8 @@ class StepLog:
 
 class Trainer:
     def __init__(self, cfg: TrainConfig, target: nn.Module, samples: list[Sample], out_dir: str | Path,
-                 platform: Platform, init_from: str | Path | None = None, progress: bool = True) -> None:
+                 platform: Platform, init_from: str | Path | None = None, progress: bool = True,
+                 cached_outputs: CachedTargetOutputs | None = None) -> None:
         self.cfg = cfg
         self.platform = platform
         self.device = platform.device
@@ -113,6 +114,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg))
         self.samples = samples
+        self.cached_outputs = cached_outputs
         self.sampler = BatchSampler(len(samples), cfg.batch_size, cfg.seed, self.rank, self.world_size)
         self.step = 0
         self.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" and platform.supports_bf16_autocast else None
@@ -169,7 +171,10 @@ class Trainer:
         rows = [self.samples[i] for i in self.sampler.next_batch()]
         ids, mask, lengths = collate(rows)
         ids, mask, lengths = ids.to(self.device), mask.to(self.device), lengths.to(self.device)
-        features, last_hidden = target_outputs(self.target, ids, lengths, self.drafter.target_layer_ids)
+        if self.cached_outputs is not None:
+            features, last_hidden = self.cached_outputs.batch(rows, lengths, self.device)
+        else:
+            features, last_hidden = target_outputs(self.target, ids, lengths, self.drafter.target_layer_ids)
         return TargetBatch(ids, mask, lengths, features, last_hidden)
 
     def train_step(self) -> StepLog:

@@ -146,3 +146,30 @@ def _env() -> dict:
     import os
 
     return dict(os.environ)
+
+
+def test_offline_feature_cache_trains_like_online(tiny, tmp_path):
+    """Reading the target's outputs from the offline cache trains like computing them online
+    (up to float rounding: the cache ran the target in other batches), and a cache built
+    from other data is refused."""
+    from ascend_dspark.training.batch import CachedTargetOutputs
+    from ascend_dspark.training.feature_cache import FeatureCache, write_feature_cache
+
+    _, data, target = tiny
+    cfg = _config("dspark", steps=4)
+    samples = load_samples([data], 64)
+    write_feature_cache(target, samples, tmp_path / "cache", LAYERS, samples_per_shard=5, progress=False)
+    cached = CachedTargetOutputs(FeatureCache(tmp_path / "cache", target, LAYERS), keep_shards=2)
+    online = Trainer(cfg, target, samples, tmp_path / "a", make_platform("cpu"), progress=False)
+    offline = Trainer(cfg, target, samples, tmp_path / "b", make_platform("cpu"), progress=False, cached_outputs=cached)
+    for _ in range(cfg.steps):
+        online.train_step()
+        offline.train_step()
+    gap = max(float((a - b).abs().max()) for a, b in
+              zip(online.drafter.state_dict().values(), offline.drafter.state_dict().values()))
+    assert gap < 1e-4
+
+    shorter = load_samples([data], 16)                 # same ids, other tokens (cut shorter)
+    other = Trainer(cfg, target, shorter, tmp_path / "c", make_platform("cpu"), progress=False, cached_outputs=cached)
+    with pytest.raises(ValueError, match="other tokens"):
+        other.train_step()
