@@ -23,6 +23,8 @@ def add_train_parser(sub) -> None:
     p.add_argument("--data", action="append", default=[], help="regenerated JSONL (repeatable; adds to the config's)")
     p.add_argument("--out", required=True, help="run directory: checkpoints step_N/, train_log.jsonl")
     p.add_argument("--resume", default="auto", help="auto (newest checkpoint in --out) | none | a step_N dir")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from this draft's weights (e.g. a shipped draft) instead of random init")
     p.add_argument("--time-budget-s", type=float, default=None, help="checkpoint and stop after this long")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--feature-cache", default=None, metavar="DIR",
@@ -60,8 +62,8 @@ def run_train(args: argparse.Namespace) -> int:
         target, _ = load_target(cfg.target, dtype, platform.device)
         samples = load_samples(cfg.data, cfg.max_len)
         cached = _feature_cache(args.feature_cache, target, samples, cfg, platform) if args.feature_cache else None
-        trainer = Trainer(cfg, target, samples, args.out, platform, progress=not args.no_progress,
-                          cached_outputs=cached)
+        trainer = Trainer(cfg, target, samples, args.out, platform, init_from=args.init_from,
+                          progress=not args.no_progress, cached_outputs=cached)
         resume = _resume_path(args.resume, args.out)
         if resume is not None:
             trainer.resume(resume)
