@@ -77,8 +77,14 @@ class Engine:
         cfg = target.config
         param = next(target.parameters())
         self.dtype, self.device = param.dtype, param.device
-        # Room for the longest sequence plus one speculative block past it.
-        capacity = max_model_len + self.num_speculative_tokens + 1
+        # The highest anchor sits at max_model_len - 2 (a request whose next token would reach
+        # max_model_len has finished). From it verification writes K + 1 target positions (the
+        # drafter observes the same ones) and a proposal writes `lookahead` scratch positions
+        # into the drafter's cache: both caches get room for the larger, and no more, so a
+        # write past the end fails loudly instead of landing in the scratch row. Duck-typed
+        # drafters without a cache (test doubles) may leave `lookahead` out.
+        lookahead = getattr(drafter, "lookahead", 0) if drafter is not None else 0
+        capacity = max_model_len - 2 + max(self.num_speculative_tokens + 1, lookahead)
         self.cache = KVCache(cfg.num_layers, max_batch_size, capacity, cfg.num_kv_heads, cfg.head_dim,
                              self.dtype, self.device)
         if drafter is not None:
@@ -117,7 +123,7 @@ class Engine:
         sampling = SamplingBatch([r.params for r in requests], dev)
         self.platform.synchronize()
         t0 = time.perf_counter()
-        anchors, anchor_pos = self._prefill(requests, slots, sampling)
+        anchors = self._prefill(requests, slots, sampling)
         self._commit(requests, [[t] for t in anchors.tolist()], None, verified=0)
         self.platform.synchronize()
         t1 = time.perf_counter()
@@ -126,9 +132,8 @@ class Engine:
             rows = torch.tensor(active, device=dev)
             reqs = [requests[i] for i in active]
             sub = sampling.select(rows, [r.params for r in reqs]) if len(active) < len(requests) else sampling
-            new_tokens, num_accepted, next_anchor, confidence = self._step(slots[rows], anchors[rows], anchor_pos[rows], sub)
+            new_tokens, num_accepted, next_anchor, confidence = self._step(slots[rows], anchors[rows], sub)
             anchors[rows] = next_anchor
-            anchor_pos[rows] += num_accepted + 1
             counts, token_lists, confidences = _to_host(num_accepted, new_tokens, confidence)
             self._commit(reqs, token_lists, counts, verified=self.num_speculative_tokens, confidences=confidences)
             active = [i for i, r in zip(active, reqs) if r.finish_reason is None]
@@ -158,11 +163,17 @@ class Engine:
             next_tokens.scatter_(1, (lens - 1).view(-1, 1), first.view(-1, 1))
             self.drafter.reset(slots)
             self.drafter.observe(slots, out.features, positions, next_tokens, lens)
-        return first, lens.clone()
+        return first
 
-    def _step(self, slots, anchors, anchor_pos, sampling: SamplingBatch):
-        """One draft + verify + rollback step for the active rows."""
+    def _step(self, slots, anchors, sampling: SamplingBatch):
+        """One draft + verify + rollback step for the active rows.
+
+        The anchor (the last committed token, not yet in the cache) sits at the slot's cache
+        length: the length is where this step's writes start, and the causal masks built from
+        these positions let every query see exactly the committed prefix plus this step's
+        tokens. Rolling back the rejected tail is therefore only lowering the length."""
         k = self.num_speculative_tokens
+        anchor_pos = self.cache.lengths[slots]
         batch = anchors.shape[0]
         if self.drafter is not None:
             proposal = self.drafter.propose(slots, anchors, anchor_pos, k, sampling)
@@ -200,11 +211,10 @@ class Engine:
                 if tok in r.stop_ids:
                     r.finish_reason = "stop"
                     break
-                if len(r.output) >= r.params.max_tokens:
+                # Token by token: an accepted block may run past either limit.
+                if len(r.output) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output) >= self.max_model_len:
                     r.finish_reason = "length"
                     break
-            if r.finish_reason is None and len(r.prompt_ids) + len(r.output) >= self.max_model_len:
-                r.finish_reason = "length"
             if r.params.stop and self.tokenizer is not None:
                 self._check_stop_strings(r)
 

@@ -1,9 +1,12 @@
 """Static slot KV cache.
 
 Each request owns a slot; each slot has room for `capacity` positions (plus one scratch
-row for padding writes). `lengths[slot]` is the number of valid positions. Rolling back
-rejected speculative tokens is lowering a length: data never moves, shapes never change,
-so a step can be captured as a graph.
+row for padding writes). `lengths[slot]` is the number of valid (committed) positions, and
+it is what the next step reads: the engine starts a slot's next write at its length, and
+the causal masks built from those positions let attention see positions < length plus
+the step's own tokens, never the stale tail. Rolling back rejected speculative tokens is
+lowering a length: data never moves, shapes never change, so a step can be captured as a
+graph.
 """
 
 from __future__ import annotations
