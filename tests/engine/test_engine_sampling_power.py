@@ -6,19 +6,22 @@ engine-level chi-square sees only the rejection path (a bonus drawn from q passe
 an expected law built with `SamplingBatch.probs` moves together with a sampling bug (a
 top-p that keeps one token too few passes it). Here:
 - the target's exact joint of the first three generated tokens comes from transformers'
-  forward of all 8^3 continuations and a closed-form temperature / top-k / top-p / min-p
-  written in this file (`closed_form_probs`), never from ascend_dspark.spec or ops.sampling;
+  logits after every two-token continuation (8^2 sequences) and a closed-form temperature
+  / top-k / top-p / min-p written in this file (`closed_form_probs`), never from
+  ascend_dspark.spec or ops.sampling;
 - a drafter double proposes from q = LAMBDA * p + (1 - LAMBDA) * r, with p the
   closed-form target law of the context it was told and r the same probabilities in
-  reverse rank order, so at least LAMBDA of the drafts are accepted while q stays far
-  enough from p for every wrong rule to show; with K = 1 the first step's bonus is the third token in ~80% of requests, the
-  rejections' residuals are the second, and the second step's draft / residual / bonus the
-  third: accept, residual and bonus all shape the compared joint;
+  reverse rank order: at least LAMBDA of the drafts are accepted, and q stays far enough
+  from p for every wrong rule to show. With K = 1 the first step's bonus is the third
+  token in ~80% of requests, the rejections' residuals are the second, and the second
+  step's draft / residual / bonus the third: accept, residual and bonus all shape the
+  compared joint;
 - 6000 seeded requests run in one batch (fixed seeds: the test is deterministic), and the
   chi-square must pass for the real verifier and fail for broken verifiers patched in:
   residual from q, bonus from q, every draft accepted, acceptance with probability p(x)
-  (no ratio), and acceptance min(1, q/p). (Literally dropping the min(1, .) of min(1, p/q) is an
-  equivalent mutant: the coin u < p/q with u in (0, 1) accepts exactly when u < 1.)
+  (no ratio), and acceptance min(1, q/p). (Literally dropping the min(1, .) of
+  min(1, p/q) is an equivalent mutant: the coin u < p/q, u in (0, 1), is then true
+  whenever p >= q, exactly as with the min.)
 """
 
 from __future__ import annotations
