@@ -123,6 +123,7 @@ class ReferenceDrafter(_Wrapper):
         self.p_plant = p_plant
         self.gen = torch.Generator().manual_seed(seed)
         self.told: dict[int, dict[int, int]] = {}
+        self.raw_proposals: list[DraftProposal] = []      # the real drafter's, before planting
 
     def reset(self, slot_ids):
         for s in slot_ids.tolist():
@@ -143,6 +144,7 @@ class ReferenceDrafter(_Wrapper):
 
     def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
         proposal = super().propose(slot_ids, anchors, anchor_positions, num_tokens, sampling)
+        self.raw_proposals.append(proposal)
         tokens, probs = proposal.tokens.clone(), proposal.probs.clone()
         for b, s in enumerate(slot_ids.tolist()):
             told = self.told[s]
