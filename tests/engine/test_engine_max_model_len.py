@@ -36,23 +36,27 @@ def references(target):
     return [greedy_reference(target, p, LIMIT - len(p) + MAX_K + 1) for p in PROMPTS]
 
 
-def run(target, references, kind, k, max_model_len):
+def run(target, references, kind, k, max_model_len, temperature):
     drafter = ReferenceDrafter(real_drafter(kind, target), references, p_plant=0.5)
     engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=max_model_len, max_batch_size=4)
-    params = [SamplingParams(temperature=0.0, max_tokens=LIMIT - len(p), ignore_eos=True) for p in PROMPTS]
+    params = [SamplingParams(temperature=temperature, seed=i, max_tokens=LIMIT - len(p), ignore_eos=True)
+              for i, p in enumerate(PROMPTS)]
     return engine.generate(PROMPTS, params), drafter.raw_proposals
 
 
 @pytest.mark.parametrize("k", range(1, MAX_K + 1))
 @pytest.mark.parametrize("kind", KINDS)
 def test_generation_runs_into_max_model_len(target, references, kind, k):
-    outs, proposals = run(target, references, kind, k, LIMIT)
+    outs, _ = run(target, references, kind, k, LIMIT, temperature=0.0)
     for prompt, ref, out in zip(PROMPTS, references, outs):
         assert out.finish_reason == "length" and len(prompt) + len(out.token_ids) == LIMIT
         assert out.token_ids == ref[len(prompt):LIMIT]
-    roomy_outs, roomy = run(target, references, kind, k, 4 * LIMIT)
-    assert [o.token_ids for o in roomy_outs] == [o.token_ids for o in outs]
+    # Sampled (T = 1, seeded), so draft probabilities are continuous and any change shows.
+    outs, proposals = run(target, references, kind, k, LIMIT, temperature=1.0)
+    roomy_outs, roomy = run(target, references, kind, k, 4 * LIMIT, temperature=1.0)
+    assert all(len(p) + len(o.token_ids) == LIMIT for p, o in zip(PROMPTS, outs))
     assert len(proposals) == len(roomy)
     for step, (tight, spare) in enumerate(zip(proposals, roomy)):
         torch.testing.assert_close(tight.probs, spare.probs, rtol=0, atol=1e-6,
                                    msg=lambda m: f"{kind} K={k} step {step}: the draft depends on the cache size\n{m}")
+    assert [o.token_ids for o in roomy_outs] == [o.token_ids for o in outs]
