@@ -265,9 +265,11 @@ def test_engine_output_follows_the_exact_joint(models, name):
     params = PARAMS[name]
     tables = conditional_tables(hf, params)
     observed, bonus = sample_joint(target, tables, params, k=1)
-    assert bonus > 0.7, f"the bonus path ran in only {bonus:.0%} of first steps: the test lost its power"
     p = chi_square_p(observed, exact_joint(tables))
     assert p > ALPHA, f"{name}: chi-square p = {p:.2e}"
+    # A drafter this close to the target gets most drafts accepted; if not, the test has lost
+    # its power, or the target's p is not the law the closed form says (the oracle again).
+    assert bonus > 0.7, f"the bonus path ran in only {bonus:.0%} of first steps"
 
 
 def test_plain_verifier_of_this_file_passes(models, monkeypatch):
