@@ -27,7 +27,7 @@ from ascend_dspark.spec.sampling import SamplingParams, Stream
 BOS = 1
 PROMPTS = [[BOS, 17, 3], [BOS, 44, 2, 7, 30, 8], [BOS, 61, 62, 63], [BOS, 3, 99, 7, 1]]
 PARAMS = [SamplingParams(temperature=t, seed=s, max_tokens=m, ignore_eos=True)
-          for t, s, m in [(1.0, 11, 13), (0.7, 2**40 + 5, 4), (1.3, 7, 9), (1.0, 12, 6)]]
+          for t, s, m in [(1.0, 11, 13), (0.7, 2**40 + 5, 2), (1.3, 7, 11), (1.0, 12, 6)]]
 MIX = 0.7
 
 
