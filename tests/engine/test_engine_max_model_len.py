@@ -9,7 +9,8 @@ a different draft. For each drafter and K = 1..7, requests of several lengths (o
 starting at max_model_len - 2, one at max_model_len - 1) run into the limit; the output
 must be the greedy reference cut at max_model_len, and every proposal of the real
 drafter must equal the one it makes when the engine has room to spare (the same requests
-under a larger max_model_len, stopped by max_tokens at the same length).
+under a larger max_model_len, stopped by max_tokens at the same length). An accepted block
+that crosses the limit is cut at it, token by token.
 """
 
 from __future__ import annotations
@@ -37,9 +38,12 @@ def references(target):
 
 
 def run(target, references, kind, k, max_model_len, temperature):
+    """Under max_model_len = LIMIT the limit stops every request (max_tokens is larger);
+    under a larger one max_tokens stops it at the same length."""
     drafter = ReferenceDrafter(real_drafter(kind, target), references, p_plant=0.5)
     engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=max_model_len, max_batch_size=4)
-    params = [SamplingParams(temperature=temperature, seed=i, max_tokens=LIMIT - len(p), ignore_eos=True)
+    params = [SamplingParams(temperature=temperature, seed=i, ignore_eos=True,
+                             max_tokens=100 if max_model_len == LIMIT else LIMIT - len(p))
               for i, p in enumerate(PROMPTS)]
     return engine.generate(PROMPTS, params), drafter.raw_proposals
 
