@@ -79,7 +79,7 @@ SLOW_TESTS = [
     "test_long_accepted_prefixes_stay_identical", "test_stops_on_eos_inside_an_accepted_block",
     "test_max_tokens_truncates_an_accepted_block")]
 # every pytest run, stats, clean run and per-mutant runs alike
-PYTEST_ARGS = ["-p", "no:cacheprovider", "-m", "not slow and not cuda"] + [f"--deselect={t}" for t in SLOW_TESTS]
+PYTEST_ARGS = ["-p", "no:cacheprovider", "-p", "tests.mutants.scope", "-m", "not slow and not cuda"] + [f"--deselect={t}" for t in SLOW_TESTS]
 
 # Decorators mutmut would skip a function for; moved to the end of the module in the copy.
 MOVABLE_DECORATOR = re.compile(r"^(?P<indent>\s*)@(?P<deco>dispatching\([^()]*\)|torch\.no_grad\(\)|"
@@ -164,11 +164,6 @@ def write_config(files: list[str]) -> None:
            f"only_mutate ={lst(files)}",
            f"pytest_add_cli_args ={lst(PYTEST_ARGS)}",
            f"pytest_add_cli_args_test_selection ={lst(fast_test_args())}",
-           # A test covers a function when it calls it through at most 4 frames of our code:
-           # the engine's tests cover the engine and the drafters, the spec / ops / drafter
-           # tests cover verification and sampling (the engine tests reach those 7 deep and
-           # would make every surviving op mutant cost a minute).
-           "max_stack_depth = 5",
            # A mutant times out after 5 * (its tests' time + 5 s) wall seconds. The tests'
            # time is measured without fixture setup and on a shared 2-core machine a
            # surviving mutant's run takes up to 4x it: tighter, and equivalent mutants
