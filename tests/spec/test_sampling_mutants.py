@@ -80,3 +80,34 @@ def test_probs_and_sample_stay_on_the_input_device():
     assert probs.device == meta and probs.shape == (2, 4, 9) and probs.dtype == torch.float32
     tokens = sampling.sample(probs, torch.empty(2, 4, dtype=torch.long, device=meta), Stream.DRAFT)
     assert tokens.device == meta and tokens.shape == (2, 4)
+
+
+def test_batch_attributes():
+    params = [SamplingParams(seed=1), SamplingParams(seed=2), SamplingParams(seed=3)]
+    batch = SamplingBatch(params, CPU)
+    assert batch.size == 3 and batch.device == CPU
+    empty = SamplingBatch([], CPU)
+    assert empty.size == 0 and empty.top_k_bounds is None and empty.all_greedy and not empty.any_greedy
+
+
+def test_greedy_rows_carry_temperature_one_and_top_k_one():
+    """Documented: greedy rows hold temperature 1 (no division by 0 in a fused kernel) and
+    top_k 1 (inside the range fused top-k kernels accept) in the batch tensors."""
+    params = [SamplingParams(temperature=0.0, top_k=50), SamplingParams(temperature=0.7, top_k=3),
+              SamplingParams(temperature=0.0)]
+    batch = SamplingBatch(params, CPU)
+    assert batch.temperature.tolist() == [1.0, pytest.approx(0.7), 1.0]
+    assert batch.top_k.tolist() == [1, 3, 1]
+    assert batch.greedy.tolist() == [True, False, True]
+    assert batch.top_k_bounds == (1, 3)
+
+
+def test_sampled_top_k_of_one_keeps_only_the_largest_token():
+    """top_k = 1 on a sampled row: a one-hot on the argmax (plain torch), even with a
+    greedy row beside it."""
+    logits = torch.randn(2, 4, 11, generator=torch.Generator().manual_seed(5))
+    for params in ([SamplingParams(temperature=0.9, top_k=1)],
+                   [SamplingParams(temperature=0.9, top_k=1), SamplingParams(temperature=0.0)]):
+        probs = SamplingBatch(params, CPU).probs(logits[: len(params)])
+        expected = torch.nn.functional.one_hot(logits[0].argmax(-1), 11).float()
+        torch.testing.assert_close(probs[0], expected, rtol=0, atol=0)

@@ -55,3 +55,12 @@ def test_sampling_ops_stay_on_the_input_device():
     assert noise.device == META and noise.shape == (batch, 3, vocab)
     assert counter_uniform(seeds, positions, 1).device == META
     assert exponential_race(logits, noise).device == META
+
+
+def test_top_p_drops_a_token_whose_mass_above_equals_top_p():
+    """Four equal logits: softmax .25 each, exact in float32, so the mass strictly above the
+    tokens in sorted order is 0, .25, .5, .75. top_p = .5 keeps a token when that mass is
+    < .5: two tokens (the third has exactly .5 above it). top_p = .75 keeps three."""
+    logits = torch.zeros(2, 4)
+    out = apply_temperature_top_k_top_p(logits, torch.ones(2), None, torch.tensor([.5, .75]))
+    assert torch.isfinite(out).sum(-1).tolist() == [2, 3]
