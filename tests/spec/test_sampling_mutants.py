@@ -111,3 +111,17 @@ def test_sampled_top_k_of_one_keeps_only_the_largest_token():
         probs = SamplingBatch(params, CPU).probs(logits[: len(params)])
         expected = torch.nn.functional.one_hot(logits[0].argmax(-1), 11).float()
         torch.testing.assert_close(probs[0], expected, rtol=0, atol=0)
+
+
+def test_batch_tensor_dtypes_do_not_follow_the_default_dtype():
+    """Backends read these tensors as float32 / int64 / bool, whatever torch's default dtype."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        batch = SamplingBatch([SamplingParams(temperature=0.5, top_p=0.9, min_p=0.1, seed=1),
+                               SamplingParams(temperature=0.0, seed=2)], CPU)
+    finally:
+        torch.set_default_dtype(before)
+    assert batch.temperature.dtype == batch.top_p.dtype == batch.min_p.dtype == torch.float32
+    assert batch.top_k.dtype == batch.seeds.dtype == torch.long
+    assert batch.greedy.dtype == torch.bool
