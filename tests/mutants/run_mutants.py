@@ -304,6 +304,8 @@ def check_kills(claims: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
 
 def report(files: list[str], elapsed: float | None) -> int:
     status = mutant_status(files)
+    if elapsed is None and (WORK / "run_seconds").exists():
+        elapsed = float((WORK / "run_seconds").read_text())
     spans_cache, defs_cache, described = {}, {}, {}
     for name, (rel, st) in status.items():
         if rel not in spans_cache:
@@ -409,6 +411,7 @@ def main() -> int:
         stage(files)
         rc = run_mutmut(files, args.max_children, args.time_limit)
         elapsed = time.monotonic() - t0
+        (WORK / "run_seconds").write_text(f"{elapsed:.0f}\n")
         log(f"mutmut exited {rc} after {elapsed / 60:.1f} min")
         if rc not in (0, 124):
             return rc
