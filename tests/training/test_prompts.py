@@ -11,7 +11,7 @@ import pytest
 from ascend_dspark.training import prompts as P
 from ascend_dspark.training.prompts import Prompt, assert_disjoint, load_prompts, normalize, training_mix
 
-# Sizes stated in /work/shared/data/README.md (ShareGPT: 17,671 whole records, of which the
+# Sizes stated in the project data README (shared/data/README.md) (ShareGPT: 17,671 whole records, of which the
 # `_0` pieces starting with a human turn are conversations' first turns).
 SIZES = {"gsm8k-train": 7473, "gsm8k-test": 1319, "humaneval": 164, "mtbench": 80}
 
@@ -47,7 +47,7 @@ def test_first_turns_match_the_raw_files():
     assert [p.text for p in mt] == [r["turns"][0].strip() for r in rows]
     assert all(r["turns"][1].strip() not in {p.text for p in mt} for r in rows)   # no second turns
 
-    with open(P.shared_data_dir() / "gsm8k_test.jsonl") as f:
+    with gzip.open(P.shared_data_dir() / "gsm8k_test.jsonl.gz", "rt") as f:
         q0 = json.loads(f.readline())["question"]
     assert load_prompts("gsm8k-test")[0].text == q0.strip()
 
@@ -140,7 +140,7 @@ def test_training_mix_round_robin_and_guarded(monkeypatch):
 
 def test_shared_data_dir_error_names_both_locations(monkeypatch, tmp_path):
     monkeypatch.setenv(P.DATA_ENV, str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match=r"nowhere.*ASCEND_DSPARK_DATA=.*default .*shared/data"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere.*ASCEND_DSPARK_DATA=.*default .*training/data"):
         P.shared_data_dir()
     monkeypatch.setenv(P.DATA_ENV, str(tmp_path))
     assert P.shared_data_dir() == tmp_path
