@@ -14,7 +14,6 @@ that runs into max_model_len; K in {1, 3, max}.
 from __future__ import annotations
 
 import pytest
-import torch
 from engine_doubles import (KINDS, MAX_K, RecordingDrafter, ReferenceDrafter, greedy_reference, make_target,  # noqa: F401
                             one_thread, real_drafter)
 
