@@ -136,13 +136,13 @@ def op_cases(model: str, rows: int, device: torch.device, dtype: torch.dtype):
     bsz, t = (rows, 1) if decode else (1, rows)
     capacity = 512 if decode else rows
     k, v = rnd(bsz, t, hkv, d), rnd(bsz, t, hkv, d)
-    kc = torch.zeros(max(bsz, 2), capacity + 1, hkv, d, device=device, dtype=dtype)
+    block_size = 16
+    kc = torch.zeros(max(bsz, 2) * (capacity // block_size + 1), block_size, hkv, d, device=device, dtype=dtype)
     vc = torch.zeros_like(kc)
-    slots = torch.arange(bsz, device=device)
     pos = (torch.full((bsz, 1), 300, device=device) if decode else torch.arange(t, device=device)[None])
-    valid = torch.ones(bsz, t, dtype=torch.bool, device=device)
-    cases.append(("kv_write", lambda: tk.kv_write(kc, vc, k, v, slots, pos, valid),
-                  lambda: ops.kv_write.reference(kc, vc, k, v, slots, pos, valid), 4 * bsz * t * hkv * d * es))
+    rows = pos + torch.arange(bsz, device=device).unsqueeze(1) * (capacity + block_size)   # one region per request
+    cases.append(("kv_write", lambda: tk.kv_write(kc, vc, k, v, rows),
+                  lambda: ops.kv_write.reference(kc, vc, k, v, rows), 4 * bsz * t * hkv * d * es))
     return cases
 
 
@@ -174,7 +174,7 @@ def bench_ops(args, timer: Timer, device: torch.device, dtype: torch.dtype, copy
 
 def bench_decode_step(args, timer: Timer, device: torch.device,
                       dtype: torch.dtype) -> tuple[list[dict], dict[str, str]]:
-    from ascend_dspark.engine.kv_cache import KVCache
+    from ascend_dspark.models.kv_cache import PagedKVCache
     from ascend_dspark.models import DecoderModel, ModelConfig
     from ops import registry
 
@@ -187,7 +187,7 @@ def bench_decode_step(args, timer: Timer, device: torch.device,
     context = 256
     rows = []
     for batch in args.decode_batches:
-        cache = KVCache(cfg.num_layers, batch, 512, cfg.num_kv_heads, cfg.head_dim, dtype, device)
+        cache = PagedKVCache.contiguous(cfg.num_layers, batch, 512, cfg.num_kv_heads, cfg.head_dim, dtype, device)
         slots = torch.arange(batch, device=device)
         for tokens in (1, 8):
             ids = torch.randint(0, cfg.vocab_size, (batch, tokens), device=device)

@@ -1,4 +1,4 @@
-"""Attention of new tokens over the static slot KV cache.
+"""Attention of new tokens over the paged KV cache, through a block table.
 
 One op covers every case the engine needs, through a per-query exclusive key limit:
 - causal prefill / decode / verification: `kv_limit = position + 1`;
@@ -27,12 +27,18 @@ def build_attention_mask(query_positions: torch.Tensor, kv_limit: torch.Tensor, 
 
 
 @dispatching("attention")
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
               mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [B, T, Hq, D] over keys 0..S-1 of the given slots ([slots, S+, Hkv, D] caches); mask [B, 1, T, S]."""
+    """q [B, T, Hq, D] over keys 0..S-1 of each row's blocks; caches [blocks, block_size, Hkv, D],
+    block_table [B, nb] (nb * block_size >= S), mask [B, 1, T, S].
+
+    The reference gathers each row's blocks into a contiguous [B, S, Hkv, D] copy; table
+    entries past a request's blocks point at the never-written null block (finite zeros)."""
+    b = block_table.shape[0]
     num_keys = mask.shape[-1]
-    k = k_cache[:, :num_keys].index_select(0, slot_ids).transpose(1, 2)
-    v = v_cache[:, :num_keys].index_select(0, slot_ids).transpose(1, 2)
+    rows = block_table.reshape(-1).long()
+    k = k_cache.index_select(0, rows).view(b, -1, *k_cache.shape[2:])[:, :num_keys].transpose(1, 2)
+    v = v_cache.index_select(0, rows).view(b, -1, *v_cache.shape[2:])[:, :num_keys].transpose(1, 2)
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=scale,
         enable_gqa=q.shape[2] != k.shape[1],

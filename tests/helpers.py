@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ascend_dspark.engine.kv_cache import KVCache
+from ascend_dspark.models.kv_cache import PagedKVCache
 from ascend_dspark.models import DecoderModel, ModelConfig
 
 ARCHS = ("llama", "qwen3", "gemma3")
@@ -123,15 +123,15 @@ def tiny_hf_checkpoint(arch: str, tmp_path: Path, vocab: int = 128, std: float =
     return out
 
 
-def new_cache(model: DecoderModel, num_slots: int = 1, capacity: int = 64) -> KVCache:
+def new_cache(model: DecoderModel, num_slots: int = 1, capacity: int = 64) -> PagedKVCache:
     """A KV cache matching the model's layers, heads and dtype."""
     cfg = model.config
     weight = model.lm_head.weight
-    return KVCache(cfg.num_layers, num_slots, capacity, cfg.num_kv_heads, cfg.head_dim,
+    return PagedKVCache.contiguous(cfg.num_layers, num_slots, capacity, cfg.num_kv_heads, cfg.head_dim,
                    weight.dtype, weight.device)
 
 
-def run_batch(model: DecoderModel, cache: KVCache, tokens: list[list[int]], starts: list[int],
+def run_batch(model: DecoderModel, cache: PagedKVCache, tokens: list[list[int]], starts: list[int],
               slots: list[int] | None = None, capture_layers: tuple[int, ...] = ()):
     """One right-padded ragged forward: row b holds tokens[b] at positions starts[b]...
 

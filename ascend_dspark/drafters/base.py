@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import ops
-from ascend_dspark.engine.kv_cache import KVCache
+from ascend_dspark.models.kv_cache import BlockTables, PagedKVCache
 from ascend_dspark.spec.sampling import SamplingBatch
 
 from .config import DrafterConfig
@@ -50,7 +50,7 @@ class Drafter(nn.Module):
         self._target_ref = (target,)          # a tuple is not registered as a submodule
         self.target_layer_ids: tuple[int, ...] = tuple(cfg.target_layer_ids)
         self.max_draft_tokens: int = cfg.max_draft_tokens
-        self.cache: KVCache | None = None
+        self.cache: PagedKVCache | None = None
         self._rope_from_target = _rope_matches_target(cfg, target)
         if not self._rope_from_target:
             rope_type = cfg.rope.get("rope_type", "default")
@@ -95,17 +95,28 @@ class Drafter(nn.Module):
     # -- cache --------------------------------------------------------------------------------
     def allocate(self, num_slots: int, capacity: int, dtype: torch.dtype | None = None,
                  device: torch.device | str | None = None) -> None:
-        """Slot caches: `capacity` must cover the highest position plus one block / chain of drafts."""
+        """Standalone caches where every slot owns `capacity` positions: it must cover the
+        highest position plus one block / chain of drafts."""
+        device = torch.device(device) if device is not None else self.device
+        self.attach(BlockTables.contiguous(num_slots, capacity, device), dtype)
+
+    def attach(self, tables: BlockTables, dtype: torch.dtype | None = None) -> None:
+        """K/V over the engine's block tables: the drafter's entries for a position live in the
+        blocks of the same ids as the target's, so one allocator serves both."""
         cfg = self.config
-        self.cache = KVCache(cfg.num_layers, num_slots, capacity, cfg.num_kv_heads, cfg.head_dim,
-                             dtype or self.dtype, torch.device(device) if device is not None else self.device)
+        self.cache = PagedKVCache(cfg.num_layers, tables, cfg.num_kv_heads, cfg.head_dim, dtype or self.dtype)
+
+    def kv_bytes_per_block(self, block_size: int, dtype: torch.dtype | None = None) -> int:
+        cfg = self.config
+        return PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim,
+                                            dtype or self.dtype)
 
     def reset(self, slot_ids: torch.Tensor) -> None:
         self._require_cache().reset(slot_ids)
 
-    def _require_cache(self) -> KVCache:
+    def _require_cache(self) -> PagedKVCache:
         if self.cache is None:
-            raise RuntimeError(f"{type(self).__name__}: call allocate(num_slots, capacity, dtype, device) first")
+            raise RuntimeError(f"{type(self).__name__}: call allocate(num_slots, capacity, dtype, device) or attach(tables) first")
         return self.cache
 
     def _commit_lengths(self, slot_ids: torch.Tensor, positions: torch.Tensor, counts: torch.Tensor) -> None:

@@ -2,7 +2,7 @@
 
 Context (observe): `c = hidden_norm(fc(features))`; in every draft layer the context K/V are
 `k_norm(k_proj(c))` with RoPE at the context positions and `v_proj(c)` (no input_layernorm on
-c, c is the same input for every layer), written into the drafter's slot cache.
+c, c is the same input for every layer), written into the drafter's paged cache.
 
 Block (propose): `[anchor, mask x (B-1)]` at positions anchor_pos..anchor_pos+B-1, embedded
 with the target's embedding. Each layer is a pre-norm Qwen3 layer whose block K/V are
@@ -35,8 +35,8 @@ class BlockLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, slot_ids, positions, valid, mask) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, slot_ids, positions, valid, mask)
+    def forward(self, x, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, mask)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -70,9 +70,10 @@ class BlockDrafter(Drafter):
         t = features.shape[1]
         valid = torch.arange(t, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
         cos, sin = self.rotary(positions, c.dtype)
+        rows = cache.tables.slot_mapping(slot_ids, positions, valid)
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.key_value(c, cos, sin)
-            ops.kv_write(cache.k[i], cache.v[i], k, v, slot_ids, positions, valid)
+            ops.kv_write(cache.k[i], cache.v[i], k, v, rows)
         self._commit_lengths(slot_ids, positions, counts)
 
     def block_hidden(self, slot_ids: torch.Tensor, anchors: torch.Tensor,
@@ -88,9 +89,10 @@ class BlockDrafter(Drafter):
         x = self.embed(ids)
         cos, sin = self.rotary(positions, x.dtype)
         kv_limit = (anchor_positions + n).unsqueeze(1).expand(b, n)
-        mask = ops.build_attention_mask(positions, kv_limit, cache.capacity)
+        meta = cache.address(slot_ids, positions, valid)
+        mask = ops.build_attention_mask(positions, kv_limit, meta.num_keys)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], slot_ids, positions, valid, mask)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], meta, mask)
         return self.norm(x)
 
     def draft_hidden(self, h: torch.Tensor, num_tokens: int) -> torch.Tensor:

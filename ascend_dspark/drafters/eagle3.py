@@ -38,9 +38,9 @@ class Eagle3Layer(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
 
-    def forward(self, emb, hidden, cos, sin, k_cache, v_cache, slot_ids, positions, valid, mask) -> torch.Tensor:
+    def forward(self, emb, hidden, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
         x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
-        h = hidden + self.self_attn(x, cos, sin, k_cache, v_cache, slot_ids, positions, valid, mask)
+        h = hidden + self.self_attn(x, cos, sin, k_cache, v_cache, meta, mask)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -59,10 +59,9 @@ class Eagle3Drafter(Drafter):
     def lookahead(self) -> int:
         return self.max_draft_tokens - 1
 
-    def allocate(self, num_slots: int, capacity: int, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None) -> None:
-        super().allocate(num_slots, capacity, dtype, device)
-        self.last_hidden = torch.zeros(num_slots, self.config.hidden_size, dtype=dtype or self.dtype,
+    def attach(self, tables, dtype: torch.dtype | None = None) -> None:
+        super().attach(tables, dtype)
+        self.last_hidden = torch.zeros(tables.num_seqs, self.config.hidden_size, dtype=dtype or self.dtype,
                                        device=self.cache.lengths.device)
 
     def reset(self, slot_ids: torch.Tensor) -> None:
@@ -73,8 +72,9 @@ class Eagle3Drafter(Drafter):
                    positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         cache = self.cache
         cos, sin = self.rotary(positions, hidden.dtype)
-        mask = ops.build_attention_mask(positions, positions + 1, cache.capacity)   # causal
-        return self.layers[0](emb, hidden, cos, sin, cache.k[0], cache.v[0], slot_ids, positions, valid, mask)
+        meta = cache.address(slot_ids, positions, valid)
+        mask = ops.build_attention_mask(positions, positions + 1, meta.num_keys)   # causal
+        return self.layers[0](emb, hidden, cos, sin, cache.k[0], cache.v[0], meta, mask)
 
     @torch.no_grad()
     def observe(self, slot_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,

@@ -12,12 +12,13 @@ from torch import nn
 import ops
 
 from ascend_dspark.models.decoder import GatedMLP, RMSNorm  # noqa: F401  (re-used: DrafterConfig has the same fields)
+from ascend_dspark.models.kv_cache import StepMeta
 
 from .config import DrafterConfig
 
 
 class SelfAttention(nn.Module):
-    """q/k/v/o projections with optional per-head q/k RMSNorm; the attention op runs on the slot cache."""
+    """q/k/v/o projections with optional per-head q/k RMSNorm; the attention op runs on the paged cache."""
 
     def __init__(self, cfg: DrafterConfig, input_size: int) -> None:
         super().__init__()
@@ -49,13 +50,12 @@ class SelfAttention(nn.Module):
         return ops.apply_rotary(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, slot_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor,
-                mask: torch.Tensor) -> torch.Tensor:
-        """Write this chunk's K/V at `positions`, then attend over the slot cache under `mask`."""
+                v_cache: torch.Tensor, meta: StepMeta, mask: torch.Tensor) -> torch.Tensor:
+        """Write this chunk's K/V at its rows, then attend over the paged cache under `mask`."""
         q = self.query(x, cos, sin)
         k, v = self.key_value(x, cos, sin)
-        ops.kv_write(k_cache, v_cache, k, v, slot_ids, positions, valid)
-        out = ops.attention(q, k_cache, v_cache, slot_ids, mask, self.scale)
+        ops.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = ops.attention(q, k_cache, v_cache, meta.block_table, mask, self.scale)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
 

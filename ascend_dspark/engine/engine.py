@@ -1,48 +1,58 @@
-"""The speculative step loop: prefill, then draft -> verify -> commit until every request stops.
+"""The serving engine: requests join and leave between steps; each step drafts, verifies and
+commits for every decoding request, and prefills prompt chunks for new ones.
 
-    prefill   target runs the prompts, samples the first token (the first anchor), and
-              the drafter observes the prompt's target features.
-    draft     the drafter proposes K tokens after each request's anchor.
-    verify    the target runs [anchor, d1..dK] in one forward; the verifier accepts a
-              prefix per request plus one target token (lossless).
-    commit    KV lengths roll back past the rejected tail (a length, not a copy), the
-              drafter observes the features of what was accepted, new tokens stream out.
+    add_request(id, prompt_ids, params)   queue a request (refused at once if it can never fit)
+    step() -> [RequestDelta]              one scheduler plan, run on the device:
+        prefill   prompt chunks of admitted requests (one padded forward); a request's last
+                  chunk samples its first token (the first anchor), and the drafter observes
+                  every chunk's target features.
+        draft     the drafter proposes K tokens after each decoding request's anchor.
+        verify    the target runs [anchor, d1..dK] in one forward; the verifier accepts a
+                  prefix per request plus one target token (lossless).
+        commit    KV lengths roll back past the rejected tail (a length, not a copy), the
+                  drafter observes what was accepted, new tokens stream out.
+    abort(id)                             free the request's slot and KV blocks at once
+    generate(prompts, params)             offline: add everything, step until done
 
-Requests in one batch accept different numbers of tokens per step; finished requests
-leave the batch. Plain decoding is the same loop with no drafter (K = 0).
+Requests accept different numbers of tokens per step and leave as they finish, and the
+scheduler (scheduler.py) admits waiting ones whenever a slot and KV blocks are free, so
+continuous batching is invisible in the output: counter-based sampling noise keys on
+(seed, position), never on the batch. Plain decoding is the same loop with no drafter
+(K = 0). One device -> host copy per step carries every token the step produced.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+import logging
+import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
+from ascend_dspark.models.kv_cache import BlockTables, PagedKVCache
 from ascend_dspark.platform import Platform, current_platform
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 
-from .kv_cache import KVCache
-from .outputs import RequestOutput, RequestStats
+from .outputs import RequestOutput
+from .request import Request, RequestDelta, Status
+from .scheduler import PrefillChunk, Scheduler
 
+logger = logging.getLogger(__name__)
 
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    params: SamplingParams
-    slot: int
-    stop_ids: frozenset[int]
-    output: list[int] = field(default_factory=list)
-    stats: RequestStats = field(default_factory=RequestStats)
-    finish_reason: str | None = None
-    text: str | None = None
+DEFAULT_BLOCK_SIZE = 16
+DEFAULT_PREFILL_TOKENS = 2048
 
 
 @dataclass
 class GenerateTimings:
-    """Wall-clock split of the last generate() call (device synchronised at the ends)."""
+    """Wall-clock split of the last generate() call: steps that ran a prefill chunk count as
+    prefill, steps that only decoded as decode."""
 
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -59,10 +69,17 @@ class GenerateTimings:
 
 
 class Engine:
-    """Generation over a target model and an optional drafter, both already on the device."""
+    """Generation over a target model and an optional drafter, both already on the device.
+
+    `max_batch_size`: sequences held at once (slots). `num_kv_blocks`: blocks of
+    `kv_block_size` positions shared by all requests (default: enough for every slot to
+    reach `max_model_len`). `max_prefill_tokens`: the per-step budget of (padded) prompt
+    tokens."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
-                 max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None) -> None:
+                 max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
+                 num_kv_blocks: int | None = None, kv_block_size: int = DEFAULT_BLOCK_SIZE,
+                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> None:
         self.platform = platform or current_platform()
         self.target = target
         self.drafter = drafter
@@ -71,141 +88,250 @@ class Engine:
         if drafter is not None and not 1 <= num_speculative_tokens <= drafter.max_draft_tokens:
             raise ValueError(f"num_speculative_tokens={num_speculative_tokens} must be in "
                              f"1..{drafter.max_draft_tokens} for this drafter")
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
         self.capture_layers = tuple(drafter.target_layer_ids) if drafter is not None else ()
         cfg = target.config
         param = next(target.parameters())
         self.dtype, self.device = param.dtype, param.device
-        # The highest anchor sits at max_model_len - 2 (a request whose next token would reach
-        # max_model_len has finished). From it verification writes K + 1 target positions (the
-        # drafter observes the same ones) and a proposal writes `lookahead` scratch positions
-        # into the drafter's cache: both caches get room for the larger, and no more, so a
-        # write past the end fails loudly instead of landing in the scratch row. Duck-typed
-        # drafters without a cache (test doubles) may leave `lookahead` out.
-        lookahead = getattr(drafter, "lookahead", 0) if drafter is not None else 0
-        capacity = max_model_len - 2 + max(self.num_speculative_tokens + 1, lookahead)
-        self.cache = KVCache(cfg.num_layers, max_batch_size, capacity, cfg.num_kv_heads, cfg.head_dim,
-                             self.dtype, self.device)
+        # From an anchor, verification writes K + 1 target positions (the drafter observes the
+        # same ones) and a proposal writes `lookahead` scratch positions into the drafter's
+        # cache: every request's blocks cover the larger past its anchor. The highest anchor
+        # sits at max_model_len - 2 (a request whose next token would reach max_model_len has
+        # finished).
+        self.reserve = max(self.num_speculative_tokens + 1, drafter.lookahead if drafter is not None else 0)
+        per_seq = -(-(max_model_len - 2 + self.reserve) // kv_block_size)
+        num_kv_blocks = num_kv_blocks if num_kv_blocks is not None else per_seq * max_batch_size
+        scratch = max(max_prefill_tokens, max_batch_size * self.reserve)
+        self.tables = BlockTables(max_batch_size, per_seq, num_kv_blocks, kv_block_size, self.device, scratch)
+        self.cache = PagedKVCache(cfg.num_layers, self.tables, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if drafter is not None:
-            drafter.allocate(max_batch_size, capacity, self.dtype, self.device)
+            drafter.attach(self.tables, self.dtype)
+        self.scheduler = Scheduler(self.tables, max_model_len, self.reserve, max_prefill_tokens)
+        self.anchors = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.requests: dict[str, Request] = {}
+        self._arrivals = itertools.count()
+        self._sampling_key: tuple | None = None
+        self._sampling: SamplingBatch | None = None
         self.timings = GenerateTimings()
 
-    # -- public -------------------------------------------------------------------------
+    # -- public: the serving API ------------------------------------------------------------
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
+                    detokenize: bool = True) -> None:
+        """Queue a request. Raises ValueError (and queues nothing) for a bad prompt, stop
+        strings without a tokenizer, or a request that could never fit in the KV cache.
+        `detokenize=False` skips the per-step text deltas (offline generation decodes once)."""
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in the engine")
+        self._check_prompt(prompt_ids)
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer: this engine has none (use stop_token_ids)")
+        if params.seed is None:        # fixed once, so a preempted request recomputes the same tokens
+            params = dataclasses.replace(params, seed=random.getrandbits(63))
+        request = Request(request_id, list(prompt_ids), params, self._stop_ids(params), next(self._arrivals),
+                          detokenize=detokenize and self.tokenizer is not None)
+        self.scheduler.add(request)
+        self.requests[request_id] = request
+
+    def abort(self, request_id: str) -> RequestDelta | None:
+        """Stop a request now and free its slot and blocks; None if it is unknown or done."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return None
+        self.scheduler.finish(request)
+        request.finish_reason = "abort"
+        return self._delta(request)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running) + len(self.scheduler.prefilling)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    @torch.inference_mode()
+    def step(self) -> list[RequestDelta]:
+        """Run one scheduler plan; returns a delta for every request that produced tokens or finished."""
+        plan = self.scheduler.schedule()
+        if plan.empty:
+            return []
+        first_tokens = self._prefill(plan.prefill) if plan.prefill else None
+        verified = self._verify(plan.decode) if plan.decode else None
+        firsts, counts, token_lists, confidences = _to_host(first_tokens, verified)
+        touched: list[Request] = []
+        if plan.decode:
+            verify_lens = [self._verify_len(r) for r in plan.decode]
+            self._commit(plan.decode, token_lists, counts, verify_lens, confidences)
+            touched += plan.decode
+        for chunk, first in zip(plan.prefill, firsts):
+            r = chunk.request
+            r.num_cached = chunk.end
+            if chunk.is_last:
+                self.scheduler.prefill_done(r)
+                if not r.output:
+                    self._commit([r], [[first]], None, None, None)
+                    touched.append(r)
+        deltas = []
+        for r in touched:
+            if r.finish_reason is not None and not r.finished:
+                self.scheduler.finish(r)
+                self.requests.pop(r.request_id, None)
+            deltas.append(self._delta(r))
+        return deltas
+
+    def stream(self) -> Iterator[list[RequestDelta]]:
+        """Step until nothing is left, yielding each step's deltas."""
+        while self.has_unfinished():
+            yield self.step()
+
+    # -- public: offline ----------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  progress: bool = False) -> list[RequestOutput]:
-        """Generate for token-id prompts; batches of at most `max_batch_size` run together."""
+        """Generate for token-id prompts: all are queued at once and run under continuous batching."""
         if isinstance(params, SamplingParams):
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        for ids in prompts:
-            self._check_prompt(ids)
+        requests = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = f"generate-{next(self._arrivals)}"
+                self.add_request(rid, prompt, p, detokenize=bool(p.stop))
+                requests.append(self.requests[rid])
+        except ValueError:
+            for r in requests:                      # all or nothing
+                self.abort(r.request_id)
+            raise
         self.timings = GenerateTimings()
-        outputs: list[RequestOutput] = []
         bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="req")
-        for start in range(0, len(prompts), self.max_batch_size):
-            chunk = range(start, min(start + self.max_batch_size, len(prompts)))
-            requests = [_Request(list(prompts[i]), params[i], slot, self._stop_ids(params[i]))
-                        for slot, i in enumerate(chunk)]
-            self._run(requests)
-            outputs += [RequestOutput(r.prompt_ids, r.output, r.finish_reason or "length", r.stats, r.text)
-                        for r in requests]
-            bar.update(len(requests))
+        self.platform.synchronize()
+        while self.has_unfinished():
+            t0 = time.perf_counter()
+            prefilling = bool(self.scheduler.waiting or self.scheduler.prefilling)
+            deltas = self.step()
+            elapsed = time.perf_counter() - t0            # step() ends with its host copy: synchronised
+            if prefilling:
+                self.timings.prefill_s += elapsed
+            else:
+                self.timings.decode_s += elapsed
+            bar.update(sum(d.finished for d in deltas))
         bar.close()
-        return outputs
+        self.timings.generated_tokens = sum(len(r.output) for r in requests)
+        return [RequestOutput(r.prompt_ids, r.output, r.finish_reason or "length", r.stats,
+                              r.text if r.params.stop else None) for r in requests]
 
-    # -- the loop -----------------------------------------------------------------------
-    def _run(self, requests: list[_Request]) -> None:
+    # -- device work ----------------------------------------------------------------------------
+    def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+        """One padded forward over the chunks; returns each row's sampled next token (used
+        for rows that finish a fresh prompt)."""
         dev = self.device
-        slots = torch.tensor([r.slot for r in requests], device=dev)
-        sampling = SamplingBatch([r.params for r in requests], dev)
-        self.platform.synchronize()
-        t0 = time.perf_counter()
-        anchors = self._prefill(requests, slots, sampling)
-        self._commit(requests, [[t] for t in anchors.tolist()], None, verified=0)
-        self.platform.synchronize()
-        t1 = time.perf_counter()
-        active = [i for i, r in enumerate(requests) if r.finish_reason is None]
-        while active:
-            rows = torch.tensor(active, device=dev)
-            reqs = [requests[i] for i in active]
-            sub = sampling.select(rows, [r.params for r in reqs]) if len(active) < len(requests) else sampling
-            new_tokens, num_accepted, next_anchor, confidence = self._step(slots[rows], anchors[rows], sub)
-            anchors[rows] = next_anchor
-            counts, token_lists, confidences = _to_host(num_accepted, new_tokens, confidence)
-            self._commit(reqs, token_lists, counts, verified=self.num_speculative_tokens, confidences=confidences)
-            active = [i for i, r in zip(active, reqs) if r.finish_reason is None]
-        self.platform.synchronize()
-        t2 = time.perf_counter()
-        self.timings.prefill_s += t1 - t0
-        self.timings.decode_s += t2 - t1
-        self.timings.generated_tokens += sum(len(r.output) for r in requests)
-
-    def _prefill(self, requests: list[_Request], slots: torch.Tensor, sampling: SamplingBatch):
-        dev = self.device
-        lens = torch.tensor([len(r.prompt_ids) for r in requests], device=dev)
-        width = int(max(len(r.prompt_ids) for r in requests))
-        ids = torch.zeros(len(requests), width, dtype=torch.long, device=dev)
-        for b, r in enumerate(requests):
-            ids[b, : len(r.prompt_ids)] = torch.tensor(r.prompt_ids, device=dev)
-        positions = torch.arange(width, device=dev).expand(len(requests), width)
-        valid = positions < lens.unsqueeze(1)
-        self.cache.reset(slots)
+        reqs = [c.request for c in chunks]
+        width = max(c.end - c.start for c in chunks)
+        ids, nxt = [], []
+        for c in chunks:
+            tokens = c.request.tokens
+            chunk = tokens[c.start:c.end]
+            follow = tokens[c.start + 1:c.end + 1]                 # the token after each position, where known
+            ids.append(chunk + [0] * (width - len(chunk)))
+            nxt.append(follow + [0] * (width - len(follow)))
+        host = torch.tensor([[c.start, c.end - c.start, c.request.slot,
+                              c.is_last and not c.request.output, c.is_last,
+                              c.request.output[-1] if c.request.output else 0] for c in chunks])
+        ids, nxt, host = torch.tensor(ids).to(dev), torch.tensor(nxt).to(dev), host.to(dev)
+        starts, lens, slots = host[:, 0], host[:, 1], host[:, 2]
+        samples_first, is_last, resumed_anchor = host[:, 3].bool(), host[:, 4].bool(), host[:, 5]
+        fresh = [c.request.slot for c in chunks if c.start == 0]
+        if fresh:
+            fresh = torch.tensor(fresh).to(dev)
+            self.cache.reset(fresh)
+            if self.drafter is not None:
+                self.drafter.reset(fresh)
+        positions = starts.unsqueeze(1) + torch.arange(width, device=dev)
+        valid = torch.arange(width, device=dev).unsqueeze(0) < lens.unsqueeze(1)
+        self.tables.set_view(max(c.end for c in chunks))
         out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers)
         last = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
-        probs = sampling.probs(self.target.logits(last))                      # [B, 1, V]
-        first = sampling.sample(probs, lens.view(-1, 1), Stream.TARGET)[:, 0]
-        self.cache.set_lengths(slots, lens)
+        sampling = SamplingBatch([r.params for r in reqs], dev)
+        first = sampling.sample(sampling.probs(self.target.logits(last)), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
+        self.cache.set_lengths(slots, starts + lens)
+        # A fresh prompt's last position is followed by the token just sampled.
+        last_col = (lens - 1).unsqueeze(1)
+        nxt.scatter_(1, last_col, torch.where(samples_first.unsqueeze(1), first.unsqueeze(1), nxt.gather(1, last_col)))
         if self.drafter is not None:
-            next_tokens = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
-            next_tokens.scatter_(1, (lens - 1).view(-1, 1), first.view(-1, 1))
-            self.drafter.reset(slots)
-            self.drafter.observe(slots, out.features, positions, next_tokens, lens)
+            self.drafter.observe(slots, out.features, positions, nxt, lens)
+        # The anchor of a request that finished its prefill: the sampled token, or (after a
+        # preemption) its last committed token, which the prefill did not put in the cache.
+        anchor = torch.where(samples_first, first, resumed_anchor)
+        self.anchors[slots] = torch.where(is_last, anchor, self.anchors[slots])
         return first
 
-    def _step(self, slots, anchors, sampling: SamplingBatch):
-        """One draft + verify + rollback step for the active rows.
+    def _verify(self, requests: list[Request]):
+        """One draft + verify + rollback step for the decoding requests.
 
         The anchor (the last committed token, not yet in the cache) sits at the slot's cache
         length: the length is where this step's writes start, and the causal masks built from
         these positions let every query see exactly the committed prefix plus this step's
         tokens. Rolling back the rejected tail is therefore only lowering the length."""
+        dev = self.device
         k = self.num_speculative_tokens
+        slots = torch.tensor([r.slot for r in requests], device=dev)
+        sampling = self._sampling_for(requests)
+        anchors = self.anchors[slots]
         anchor_pos = self.cache.lengths[slots]
-        batch = anchors.shape[0]
+        batch = len(requests)
+        self.tables.set_view(max(r.num_cached for r in requests) + self.reserve)
         if self.drafter is not None:
             proposal = self.drafter.propose(slots, anchors, anchor_pos, k, sampling)
             draft_tokens, draft_probs, confidence = proposal.tokens, proposal.probs, proposal.confidence
         else:
             confidence = None
             draft_tokens = anchors.new_zeros(batch, 0)
-            draft_probs = torch.empty(batch, 0, self.target.config.vocab_size, device=anchors.device)
+            draft_probs = torch.empty(batch, 0, self.target.config.vocab_size, device=dev)
         inputs = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)
-        positions = anchor_pos.unsqueeze(1) + torch.arange(k + 1, device=anchors.device)
+        positions = anchor_pos.unsqueeze(1) + torch.arange(k + 1, device=dev)
         valid = torch.ones_like(inputs, dtype=torch.bool)
         out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers)
         logits = self.target.logits(out.hidden)
-        verify_lens = torch.full((batch,), k, dtype=torch.long, device=anchors.device)
+        verify_lens = torch.tensor([self._verify_len(r) for r in requests], dtype=torch.long, device=dev)
         result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
         num_accepted = result.num_accepted
         self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)
         if self.drafter is not None:
             self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1)
-        next_anchor = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
-        return result.tokens, num_accepted, next_anchor, confidence
+        self.anchors[slots] = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
+        return num_accepted, result.tokens, confidence
 
-    # -- bookkeeping on the host --------------------------------------------------------
-    def _commit(self, requests: list[_Request], token_lists: list[list[int]], accepted: list[int] | None,
-                verified: int, confidences: list[list[float]] | None = None) -> None:
+    def _verify_len(self, request: Request) -> int:
+        cap = request.params.num_speculative_tokens
+        return self.num_speculative_tokens if cap is None else min(cap, self.num_speculative_tokens)
+
+    def _sampling_for(self, requests: list[Request]) -> SamplingBatch:
+        """The decoding batch's sampling tensors, rebuilt only when its membership changes."""
+        key = tuple(r.request_id for r in requests)
+        if key != self._sampling_key:
+            self._sampling_key, self._sampling = key, SamplingBatch([r.params for r in requests], self.device)
+        return self._sampling
+
+    # -- bookkeeping on the host --------------------------------------------------------------
+    def _commit(self, requests: list[Request], token_lists: list[list[int]], accepted: list[int] | None,
+                verify_lens: list[int] | None, confidences: list[list[float]] | None) -> None:
         """Append committed tokens; stop at EOS / stop token, max_tokens, stop string, length.
 
         `accepted` is None for the prefill's first token (not a verify step)."""
         for i, (r, tokens) in enumerate(zip(requests, token_lists)):
             if accepted is not None:
                 stop = next((j for j, tok in enumerate(tokens) if tok in r.stop_ids), None)
-                r.stats.record(accepted[i], verified, confidences[i] if confidences is not None else None, stop)
+                verified = verify_lens[i]
+                conf = confidences[i][:verified] if confidences is not None else None
+                r.stats.record(accepted[i], verified, conf, stop)
+                r.num_cached += len(tokens)
             for tok in tokens:
                 r.output.append(tok)
                 if tok in r.stop_ids:
@@ -215,15 +341,35 @@ class Engine:
                 if len(r.output) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output) >= self.max_model_len:
                     r.finish_reason = "length"
                     break
-            if r.params.stop and self.tokenizer is not None:
-                self._check_stop_strings(r)
+            if r.detokenize:
+                self._update_text(r)
 
-    def _check_stop_strings(self, r: _Request) -> None:
+    def _update_text(self, r: Request) -> None:
+        """Decode the output and cut it at the first stop string (which finishes the request)."""
         text = self.tokenizer.decode(r.output)
         hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
         if hits:
-            r.text = text[: min(hits)]
+            text = text[: min(hits)]
             r.finish_reason = "stop"
+        r.text = text
+
+    def _delta(self, r: Request) -> RequestDelta:
+        new_tokens = r.output[r.emitted_tokens:]
+        r.emitted_tokens = len(r.output)
+        text_delta = None
+        if r.detokenize:
+            end = len(r.text)
+            if r.finish_reason is None:
+                # Hold back what may still change: an incomplete UTF-8 character, and a tail
+                # that could be the start of a stop string.
+                if r.text.endswith("\ufffd"):
+                    end = len(r.text.rstrip("\ufffd"))
+                if r.params.stop:
+                    end = min(end, len(r.text) - max(len(s) for s in r.params.stop) + 1)
+            end = max(end, r.emitted_text)
+            text_delta, r.emitted_text = r.text[r.emitted_text:end], end
+        return RequestDelta(r.request_id, new_tokens, text_delta, r.finish_reason, r.stats,
+                            len(r.prompt_ids), len(r.output))
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         ids = set(params.stop_token_ids)
@@ -241,20 +387,33 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
 
-def _to_host(num_accepted: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor | None):
-    """The one device -> host copy per step: accepted counts, tokens and confidences together.
+def _to_host(first_tokens: torch.Tensor | None, verified) -> tuple:
+    """The one device -> host copy per step: the prefill's sampled tokens, and the verify
+    step's accepted counts, tokens and confidences, in one int64 tensor.
 
-    The float32 confidences travel bit-cast to int32 inside the same int64 tensor as the
-    tokens (exact, no float64, which NPUs lack); the host casts the bits back. Returns
-    (counts, each row's n + 1 committed tokens, each row's confidences or None)."""
-    parts = [num_accepted.unsqueeze(1), tokens]
-    if confidence is not None:
-        parts.append(confidence.float().contiguous().view(torch.int32).long())
-    rows = torch.cat(parts, dim=1).tolist()
-    width = tokens.shape[1]
+    The float32 confidences travel bit-cast to int32 inside the same tensor (exact, no
+    float64, which NPUs lack); the host casts the bits back. Returns (first tokens, counts,
+    each row's n + 1 committed tokens, each row's confidences or None)."""
+    parts, n_first = [], 0
+    if first_tokens is not None:
+        n_first = first_tokens.numel()
+        parts.append(first_tokens.reshape(-1))
+    if verified is not None:
+        num_accepted, tokens, confidence = verified
+        rows = [num_accepted.unsqueeze(1), tokens]
+        if confidence is not None:
+            rows.append(confidence.float().contiguous().view(torch.int32).long())
+        parts.append(torch.cat(rows, dim=1).reshape(-1))
+    flat = torch.cat(parts).tolist()
+    firsts = flat[:n_first]
+    if verified is None:
+        return firsts, None, None, None
+    num_accepted, tokens, confidence = verified
+    width = 1 + tokens.shape[1] + (confidence.shape[1] if confidence is not None else 0)
+    rows = [flat[n_first + i * width: n_first + (i + 1) * width] for i in range(tokens.shape[0])]
     counts = [row[0] for row in rows]
     token_lists = [row[1: n + 2] for row, n in zip(rows, counts)]
     if confidence is None:
-        return counts, token_lists, None
-    bits = torch.tensor([row[1 + width:] for row in rows], dtype=torch.int32)
-    return counts, token_lists, bits.view(torch.float32).tolist()
+        return firsts, counts, token_lists, None
+    bits = torch.tensor([row[1 + tokens.shape[1]:] for row in rows], dtype=torch.int32)
+    return firsts, counts, token_lists, bits.view(torch.float32).tolist()

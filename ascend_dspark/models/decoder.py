@@ -1,4 +1,4 @@
-"""Llama / Qwen3 / Gemma3 decoder over the static slot KV cache, written on ops/.
+"""Llama / Qwen3 / Gemma3 decoder over the paged KV cache, written on ops/.
 
 Module and parameter names mirror transformers (`model.layers.{i}.self_attn.q_proj`, ...)
 so HF safetensors load with a strict `load_state_dict`. The forward contract is described
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import ops
-from ascend_dspark.engine.kv_cache import KVCache
 
 from .base import ForwardOutput
 from .config import ModelConfig
+from .kv_cache import PagedKVCache, StepMeta
 from .rope import inverse_frequencies
 
 
@@ -47,7 +47,7 @@ class Attention(nn.Module):
         self.cfg = cfg
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, meta: "StepMeta", mask: torch.Tensor) -> torch.Tensor:
+                v_cache: torch.Tensor, meta: StepMeta, mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         q = self.q_proj(x).view(b, t, -1, hd)
@@ -56,8 +56,8 @@ class Attention(nn.Module):
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
-        ops.kv_write(k_cache, v_cache, k, v, meta.slot_ids, meta.positions, meta.valid)
-        out = ops.attention(q, k_cache, v_cache, meta.slot_ids, mask, self.cfg.scale)
+        ops.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = ops.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -98,15 +98,6 @@ class DecoderLayer(nn.Module):
             return x + self.post_feedforward_layernorm(self.mlp(normed))
         normed, x = self.post_attention_layernorm.add_and_norm(attn, x)
         return x + self.mlp(normed)
-
-
-class StepMeta:
-    """Per-forward metadata shared by every layer (built once per step)."""
-
-    def __init__(self, slot_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
-        self.slot_ids = slot_ids
-        self.positions = positions
-        self.valid = valid
 
 
 class _Backbone(nn.Module):
@@ -152,21 +143,20 @@ class DecoderModel(nn.Module):
                                   getattr(self, f"rope_scaling_{layer_type}"), dtype)
 
     # -- forward ----------------------------------------------------------------------------
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: KVCache,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                 slot_ids: torch.Tensor, valid: torch.Tensor,
                 capture_layers: tuple[int, ...] = ()) -> ForwardOutput:
         cfg = self.config
-        meta = StepMeta(slot_ids, positions, valid)
+        meta = cache.address(slot_ids, positions, valid)
         x = self.embed(input_ids)
         dtype = x.dtype
         rope = {t: self.rotary(positions, t, dtype) for t in set(cfg.layer_types)}
-        num_keys = int(positions.max()) + 1
         masks: dict[int | None, torch.Tensor] = {}
         captured: dict[int, torch.Tensor] = {-1: x} if -1 in capture_layers else {}
         for i, layer in enumerate(self.model.layers):
             window = cfg.window(i)
             if window not in masks:
-                masks[window] = ops.build_attention_mask(positions, positions + 1, num_keys, window)
+                masks[window] = ops.build_attention_mask(positions, positions + 1, meta.num_keys, window)
             cos, sin = rope[cfg.layer_types[i]]
             x = layer(x, cos, sin, cache.k[i], cache.v[i], meta, masks[window])
             if i in capture_layers:

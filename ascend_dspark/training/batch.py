@@ -22,12 +22,12 @@ def target_outputs(target, input_ids: torch.Tensor, lengths: torch.Tensor, layer
     """(features [B, T, m*H], last_hidden [B, T, H]) of the frozen target over right-padded
     rows, computed online through a scratch KV cache sized for this batch (no_grad, not
     inference_mode: the drafter's graph keeps these tensors as inputs)."""
-    from ascend_dspark.engine.kv_cache import KVCache
+    from ascend_dspark.models.kv_cache import PagedKVCache
 
     cfg = target.config
     b, t = input_ids.shape
     dtype = next(target.parameters()).dtype
-    cache = KVCache(cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim, dtype, input_ids.device)
+    cache = PagedKVCache.contiguous(cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim, dtype, input_ids.device)
     positions = torch.arange(t, device=input_ids.device).expand(b, t)
     valid = positions < lengths.unsqueeze(1)
     slots = torch.arange(b, device=input_ids.device)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from ascend_dspark.engine.kv_cache import KVCache
+from ascend_dspark.models.kv_cache import PagedKVCache
 from ascend_dspark.models.config import ModelConfig
 from ascend_dspark.models.decoder import DecoderModel
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, exponential_race
@@ -78,7 +78,7 @@ def prefill_features(target: DecoderModel, prompt: torch.Tensor, layer_ids) -> t
     """Target features [1, T, m*H] of a prompt, through the real target forward."""
     cfg = target.config
     dtype = next(target.parameters()).dtype
-    cache = KVCache(cfg.num_layers, 1, 64, cfg.num_kv_heads, cfg.head_dim, dtype, CPU)
+    cache = PagedKVCache.contiguous(cfg.num_layers, 1, 64, cfg.num_kv_heads, cfg.head_dim, dtype, CPU)
     t = prompt.shape[1]
     out = target(prompt, torch.arange(t).unsqueeze(0), cache, torch.zeros(1, dtype=torch.long),
                  torch.ones(1, t, dtype=torch.bool), capture_layers=tuple(layer_ids))

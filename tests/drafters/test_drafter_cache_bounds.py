@@ -8,7 +8,7 @@ written by the same call: the next step's observe overwrites from the anchor, so
 at or past the length are stale (rejected drafts, a previous request in a reused slot).
 
 For each drafter and every K: after observing a context (with a right-padded chunk),
-- propose writes only positions [anchor, anchor + lookahead), never the scratch row, and
+- propose writes only positions [anchor, anchor + lookahead), and
   with K = max_draft_tokens reaches anchor + lookahead - 1;
 - with the cache exactly anchor + lookahead long, and with every entry at or past the
   length poisoned beforehand, the proposal is the one a roomy, clean cache gives.
@@ -59,10 +59,11 @@ def snapshot(drafter):
 
 
 def written_positions(before, drafter, slot):
-    """Positions (scratch row = capacity) of `slot` whose K or V changed."""
-    changed = torch.zeros(drafter.cache.capacity + 1, dtype=torch.bool)
-    for old, new in zip(before, drafter.cache.k + drafter.cache.v):
-        changed |= (old[slot] != new[slot]).flatten(1).any(1)
+    """Positions of `slot` whose K or V changed (a write past the slot's blocks raises)."""
+    cache = drafter.cache
+    changed = torch.zeros(cache.capacity, dtype=torch.bool)
+    for old, new in zip(before, cache.k + cache.v):
+        changed |= (cache.positions(old, slot) != cache.positions(new, slot)).flatten(1).any(1)
     return changed.nonzero().flatten().tolist()
 
 
@@ -86,8 +87,10 @@ def test_tight_poisoned_cache_gives_the_roomy_clean_proposal(tiny, kind):
     for k in range(1, roomy.max_draft_tokens + 1):
         tight, _, _ = observed(kind, tiny, capacity=ANCHOR + roomy.lookahead)
         gen = torch.Generator().manual_seed(k)
+        stale = tight.cache.tables.rows_of(1)[ANCHOR:]
         for t in tight.cache.k + tight.cache.v:                        # stale past the length
-            t[1, ANCHOR:] = 1e3 * torch.randn(t[1, ANCHOR:].shape, generator=gen, dtype=torch.float64).to(t.dtype)
+            flat = t.view(-1, *t.shape[2:])
+            flat[stale] = 1e3 * torch.randn(flat[stale].shape, generator=gen, dtype=torch.float64).to(t.dtype)
         if kind == "eagle3":                       # (a cache of another size sums in another order)
             torch.testing.assert_close(tight.last_hidden[1], roomy.last_hidden[1], rtol=0, atol=1e-12)
         want = roomy.propose(slot, anchor, torch.tensor([ANCHOR]), k, SoftmaxSampling(1))

@@ -25,7 +25,7 @@ import torch
 
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.drafters.base import Drafter, DraftProposal
-from ascend_dspark.engine.kv_cache import KVCache
+from ascend_dspark.models.kv_cache import PagedKVCache
 from tests.helpers import tiny_target
 
 KINDS = ("eagle3", "dflash", "dspark")
@@ -59,7 +59,7 @@ def greedy_reference(target, prompt: list[int], n: int) -> list[int]:
     seq = list(prompt)
     cfg = target.config
     for _ in range(n):
-        cache = KVCache(cfg.num_layers, 1, len(seq), cfg.num_kv_heads, cfg.head_dim, torch.float64, torch.device("cpu"))
+        cache = PagedKVCache.contiguous(cfg.num_layers, 1, len(seq), cfg.num_kv_heads, cfg.head_dim, torch.float64, torch.device("cpu"))
         ids = torch.tensor([seq])
         with torch.inference_mode():
             out = target(ids, torch.arange(len(seq)).unsqueeze(0), cache, torch.zeros(1, dtype=torch.long),
@@ -71,7 +71,7 @@ def greedy_reference(target, prompt: list[int], n: int) -> list[int]:
 def target_features(target, seq: list[int], layer_ids) -> torch.Tensor:
     """[len(seq), m*H] target features of a committed sequence, from one plain forward."""
     cfg = target.config
-    cache = KVCache(cfg.num_layers, 1, len(seq), cfg.num_kv_heads, cfg.head_dim, torch.float64, torch.device("cpu"))
+    cache = PagedKVCache.contiguous(cfg.num_layers, 1, len(seq), cfg.num_kv_heads, cfg.head_dim, torch.float64, torch.device("cpu"))
     ids = torch.tensor([seq])
     with torch.inference_mode():
         out = target(ids, torch.arange(len(seq)).unsqueeze(0), cache, torch.zeros(1, dtype=torch.long),
@@ -92,6 +92,10 @@ class _Wrapper(Drafter):
 
     def allocate(self, *args, **kwargs) -> None:
         self.inner.allocate(*args, **kwargs)
+        self.cache = self.inner.cache
+
+    def attach(self, *args, **kwargs) -> None:
+        self.inner.attach(*args, **kwargs)
         self.cache = self.inner.cache
 
     def reset(self, slot_ids):

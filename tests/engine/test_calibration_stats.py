@@ -37,7 +37,9 @@ class PlantingDrafter:
         self.sequences, self.vocab, self.with_confidence = sequences, vocab, with_confidence
         self.log: dict[int, list[tuple[int, int, list[float]]]] = {s: [] for s in range(len(sequences))}
 
-    def allocate(self, *args):
+    lookahead = 0
+
+    def attach(self, tables, dtype=None):
         pass
 
     def reset(self, slot_ids):

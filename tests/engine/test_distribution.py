@@ -22,7 +22,7 @@ import ascend_dspark.spec.verify as verify_module
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
-from tests.helpers import tiny_target
+from tests.helpers import new_cache, tiny_target
 
 VOCAB = 8
 PROMPT = [1, 5, 2]
@@ -43,10 +43,10 @@ def exact_marginal(target, params: SamplingParams) -> np.ndarray:
     """P(t2, t3) under the target with the request's sampling transforms, by enumeration."""
     seqs = torch.tensor(list(itertools.product(range(VOCAB), repeat=3)))
     ids = torch.cat([torch.tensor(PROMPT).expand(len(seqs), -1), seqs], dim=1)
-    engine = Engine(target, None, max_model_len=16, max_batch_size=len(seqs))
+    cache = new_cache(target, num_slots=len(seqs), capacity=ids.shape[1])
     positions = torch.arange(ids.shape[1]).expand_as(ids)
     slots = torch.arange(len(seqs))
-    out = target(ids, positions, engine.cache, slots, torch.ones_like(ids, dtype=torch.bool))
+    out = target(ids, positions, cache, slots, torch.ones_like(ids, dtype=torch.bool))
     probs = SamplingBatch([params] * len(seqs), torch.device("cpu")).probs(target.logits(out.hidden))
     n = len(PROMPT)
     joint = torch.ones(len(seqs), dtype=torch.float64)
@@ -56,7 +56,8 @@ def exact_marginal(target, params: SamplingParams) -> np.ndarray:
 
 
 def sampled_marginal(target, drafter, params: SamplingParams, k: int) -> np.ndarray:
-    engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=16, max_batch_size=DRAWS)
+    engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=16, max_batch_size=DRAWS,
+                    max_prefill_tokens=DRAWS * len(PROMPT))           # all prompts in one prefill step
     requests = [SamplingParams(**{**params.__dict__, "seed": SEED_BASE + i}) for i in range(DRAWS)]
     outs = engine.generate([PROMPT] * DRAWS, requests)
     cells = np.array([o.token_ids[1] * VOCAB + o.token_ids[2] for o in outs])

@@ -1,11 +1,11 @@
 """Rollback is a length, and the length is what the next step uses.
 
-`KVCache.lengths[slot]` is the committed length: the engine starts a slot's next write
+`PagedKVCache.lengths[slot]` is the committed length: the engine starts a slot's next write
 there (the anchor's position), and the causal masks built from those positions let the
 next forward see positions < length plus its own tokens. A spy around the target records,
 on every forward, where each row's write starts and the slot's length at that moment, and
-poisons every cache entry at or past the length (finite garbage, K and V, scratch row
-included) before the forward runs. Then:
+poisons every cache entry of the slot's blocks at or past the length (finite garbage, K
+and V) before the forward runs. Then:
 - every verify forward writes [anchor, anchor + K] with anchor = the length =
   prompt + tokens committed so far - 1, and the length after a step is the new anchor
   (accepted drafts + 1 further), for steps that accept 0..K drafts;
@@ -50,9 +50,10 @@ class PoisoningSpyTarget(nn.Module):
         self.log.append([(s, int(positions[b, 0]), int(valid[b].sum()), n)
                          for b, (s, n) in enumerate(zip(slot_ids.tolist(), lengths))])
         for s, n in zip(slot_ids.tolist(), lengths):
+            tail = cache.tables.rows_of(s)[n:]
             for t in cache.k + cache.v:
-                tail = t[s, n:]
-                tail.copy_(POISON * torch.randn(tail.shape, generator=self.gen, dtype=torch.float64).to(t.dtype))
+                flat = t.view(-1, *t.shape[2:])
+                flat[tail] = POISON * torch.randn(flat[tail].shape, generator=self.gen, dtype=torch.float64).to(t.dtype)
         return self.inner(input_ids, positions, cache, slot_ids, valid, capture_layers)
 
 
@@ -80,23 +81,22 @@ def test_next_write_starts_at_the_length_and_nothing_past_it_is_seen(target, ref
     accepted = sorted({n for o in outs for n in o.stats.accepted_lengths})
     assert accepted[0] == 1 and accepted[-1] == k + 1, accepted      # full and partial rollbacks happened
 
-    # Replay the log per request: chunks of max_batch_size requests, prefill first, then the
-    # verify forwards of the rows still active, in order.
-    calls = iter(spy.log)
-    final = {}
-    for chunk in (range(0, 2), range(2, 3)):
-        prefill = next(calls)
-        assert [(s, start, n) for s, start, _, n in prefill] == [(slot, 0, 0) for slot, _ in enumerate(chunk)]
-        anchors = {slot: len(PROMPTS[i]) for slot, i in enumerate(chunk)}      # the first sampled token's position
-        steps = {slot: list(outs[i].stats.accepted_lengths) for slot, i in enumerate(chunk)}
-        while any(steps.values()):
-            rows = next(calls)
-            assert sorted(s for s, *_ in rows) == [s for s in sorted(steps) if steps[s]]
-            for s, start, width, length in rows:
-                assert length == anchors[s], f"slot {s}: cache length {length}, anchor at {anchors[s]}"
-                assert (start, width) == (anchors[s], k + 1), f"slot {s}: wrote {width} from {start}"
-                anchors[s] += steps[s].pop(0)                  # accepted drafts + the bonus/correction
-        final.update(anchors)
-    assert next(calls, None) is None
-    # After the last step the length is the last anchor's position (slot 1 kept request 1's).
-    assert engine.cache.lengths.tolist() == [final[0], final[1]]
+    # Replay the log per slot: a slot's first row, or its first row after its request
+    # finished, is the next request's prefill (requests are admitted in order); every other
+    # row is a verify forward of the slot's current request.
+    admitted = iter(range(len(PROMPTS)))
+    anchors, steps = {}, {}
+    for rows in spy.log:
+        for s, start, width, length in rows:
+            if not steps.get(s):
+                i = next(admitted)
+                assert (start, width, length) == (0, len(PROMPTS[i]), 0), f"request {i} prefill in slot {s}"
+                anchors[s] = len(PROMPTS[i])               # the first sampled token's position
+                steps[s] = list(outs[i].stats.accepted_lengths)
+                continue
+            assert length == anchors[s], f"slot {s}: cache length {length}, anchor at {anchors[s]}"
+            assert (start, width) == (anchors[s], k + 1), f"slot {s}: wrote {width} from {start}"
+            anchors[s] += steps[s].pop(0)                  # accepted drafts + the bonus/correction
+    assert next(admitted, None) is None and not any(steps.values())
+    # After the last step the length is the last anchor's position of each slot's last request.
+    assert engine.cache.lengths.tolist() == [anchors[0], anchors[1]]

@@ -158,8 +158,10 @@ class MixingDrafter:
         self.max_draft_tokens = k
         self.gen = None                           # [slots, depth]: generated tokens it was told
 
-    def allocate(self, num_slots, capacity, dtype=None, device=None):
-        self.gen = torch.full((num_slots, capacity), -1, dtype=torch.long)
+    lookahead = 0
+
+    def attach(self, tables, dtype=None):
+        self.gen = torch.full((tables.num_seqs, tables.capacity), -1, dtype=torch.long)
 
     def reset(self, slot_ids):
         self.gen[slot_ids] = -1

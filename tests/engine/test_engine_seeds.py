@@ -21,7 +21,7 @@ from engine_doubles import make_target, one_thread  # noqa: F401  (autouse: sing
 import ops
 from ascend_dspark.drafters.base import DraftProposal
 from ascend_dspark.engine.engine import Engine
-from ascend_dspark.engine.kv_cache import KVCache
+from ascend_dspark.models.kv_cache import PagedKVCache
 from ascend_dspark.spec.sampling import SamplingParams, Stream
 
 BOS = 1
@@ -39,7 +39,7 @@ def target():
 def target_logits(target, seq: list[int]) -> torch.Tensor:
     """float32 logits [len(seq), V] of one plain forward over the whole sequence."""
     cfg = target.config
-    cache = KVCache(cfg.num_layers, 1, len(seq), cfg.num_kv_heads, cfg.head_dim, torch.float64, torch.device("cpu"))
+    cache = PagedKVCache.contiguous(cfg.num_layers, 1, len(seq), cfg.num_kv_heads, cfg.head_dim, torch.float64, torch.device("cpu"))
     ids = torch.tensor([seq])
     with torch.inference_mode():
         out = target(ids, torch.arange(len(seq)).unsqueeze(0), cache, torch.zeros(1, dtype=torch.long),
@@ -74,7 +74,9 @@ class ContextDrafter:
         self.target, self.max_draft_tokens = target, k
         self.told: dict[int, dict[int, int]] = {}
 
-    def allocate(self, *args, **kwargs):
+    lookahead = 0
+
+    def attach(self, tables, dtype=None):
         pass
 
     def reset(self, slot_ids):

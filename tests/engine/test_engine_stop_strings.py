@@ -43,7 +43,6 @@ def test_no_stop_strings_never_decode(target):
         assert out.text is None
 
 
-@pytest.mark.xfail(strict=False, reason="engine rejects stop strings without a tokenizer after the runtime rewrite")
 def test_stop_strings_without_a_tokenizer_are_refused(target):
     engine = Engine(target, None, None, max_model_len=48, max_batch_size=2)
     with pytest.raises(ValueError, match="tokenizer") as err:

@@ -92,8 +92,12 @@ class OracleDrafter(torch.nn.Module):
         self.gen = torch.Generator().manual_seed(3)
         self.sequences = [p + r for p, r in zip(prompts, references)]
 
-    def allocate(self, *args):
-        self.inner.allocate(*args)
+    @property
+    def lookahead(self):
+        return self.inner.lookahead
+
+    def attach(self, *args):
+        self.inner.attach(*args)
 
     def reset(self, slot_ids):
         self.inner.reset(slot_ids)

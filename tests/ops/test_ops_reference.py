@@ -136,29 +136,23 @@ def test_apply_rotary_is_complex_multiplication(case, dtype, which):
 @pytest.mark.parametrize("case", CASE_PARAMS)
 def test_kv_write_touches_only_its_rows(case, dtype):
     gen = torch.Generator().manual_seed(4)
-    slots, capacity, bsz, t = 4, 10, 3, 4
-    shape = (slots, capacity + 1, case.kv_heads, case.head_dim)
+    blocks, block_size, bsz, t = 5, 4, 3, 4
+    shape = (blocks, block_size, case.kv_heads, case.head_dim)
     k_cache = torch.full(shape, float("nan"), dtype=dtype)
     v_cache = torch.full(shape, float("nan"), dtype=dtype)
     k = randn(bsz, t, case.kv_heads, case.head_dim, gen=gen)          # fp32 in, cast to the cache dtype
     v = randn(bsz, t, case.kv_heads, case.head_dim, gen=gen)
-    slot_ids = torch.tensor([2, 0, 3])
-    positions = torch.tensor([[0, 1, 2, 3], [5, 6, 7, 8], [6, 7, 8, 9]])
-    valid = torch.tensor([[True, True, True, False], [True, True, True, True], [False, True, False, True]])
-    ops.kv_write.reference(k_cache, v_cache, k, v, slot_ids, positions, valid)
+    rows = torch.tensor([[0, 1, 2, 19], [9, 10, 11, 4], [18, 7, 17, 13]])   # any distinct flat rows
+    ops.kv_write.reference(k_cache, v_cache, k, v, rows)
 
-    written = {(slot_ids[b].item(), positions[b, i].item()): (b, i)
-               for b in range(bsz) for i in range(t) if valid[b, i]}
-    padded = {slot_ids[b].item() for b in range(bsz) for i in range(t) if not valid[b, i]}
-    for s in range(slots):
-        for p in range(capacity):
-            if (s, p) in written:
-                b, i = written[(s, p)]
-                assert torch.equal(k_cache[s, p], k[b, i].to(dtype)) and torch.equal(v_cache[s, p], v[b, i].to(dtype))
-            else:
-                assert k_cache[s, p].isnan().all() and v_cache[s, p].isnan().all(), (s, p)
-        scratch_written = not k_cache[s, capacity].isnan().any()
-        assert scratch_written == (s in padded), s                  # padding goes to the scratch row only
+    written = {rows[b, i].item(): (b, i) for b in range(bsz) for i in range(t)}
+    for r in range(blocks * block_size):
+        kr, vr = k_cache[r // block_size, r % block_size], v_cache[r // block_size, r % block_size]
+        if r in written:
+            b, i = written[r]
+            assert torch.equal(kr, k[b, i].to(dtype)) and torch.equal(vr, v[b, i].to(dtype))
+        else:
+            assert kr.isnan().all() and vr.isnan().all(), r
 
 
 # -- attention ------------------------------------------------------------------------------
@@ -194,13 +188,14 @@ def test_build_attention_mask_matches_python(kind):
         assert (mask.sum(-1) == 4).all()
 
 
-def _attention_formula(q, k_cache, v_cache, slot_ids, mask, scale):
+def _attention_formula(q, k_cache, v_cache, block_table, mask, scale):
     bsz, t, hq, d = q.shape
-    num_keys, hkv = mask.shape[-1], k_cache.shape[2]
+    num_keys, block_size, hkv = mask.shape[-1], k_cache.shape[1], k_cache.shape[2]
     out = torch.zeros(bsz, t, hq, d, dtype=torch.float64)
     for b in range(bsz):
-        keys = k_cache[slot_ids[b], :num_keys].double()              # [S, Hkv, D]
-        vals = v_cache[slot_ids[b], :num_keys].double()
+        where = [(int(block_table[b, s // block_size]), s % block_size) for s in range(num_keys)]
+        keys = torch.stack([k_cache[blk, off] for blk, off in where]).double()     # [S, Hkv, D]
+        vals = torch.stack([v_cache[blk, off] for blk, off in where]).double()
         for h in range(hq):
             kv = h // (hq // hkv)                                    # GQA: consecutive q heads share a kv head
             scores = q[b, :, h].double() @ keys[:, kv].T * scale     # [T, S]
@@ -217,15 +212,17 @@ def _attention_formula(q, k_cache, v_cache, slot_ids, mask, scale):
 def test_attention_matches_explicit_softmax(case, dtype, kind):
     gen = torch.Generator().manual_seed(5)
     positions, limits, window = _mask_case(kind)
-    num_keys, capacity = 13, 16
+    num_keys, block_size = 13, 4
     q = randn(2, 4, case.heads, case.head_dim, dtype=dtype, gen=gen)
-    k_cache = randn(3, capacity + 1, case.kv_heads, case.head_dim, dtype=dtype, gen=gen)
-    v_cache = randn(3, capacity + 1, case.kv_heads, case.head_dim, dtype=dtype, gen=gen)
-    k_cache[:, num_keys:] = float("nan")                           # keys past the mask's width are never read
-    v_cache[:, num_keys:] = float("nan")
-    slot_ids = torch.tensor([2, 0])
+    k_cache = randn(9, block_size, case.kv_heads, case.head_dim, dtype=dtype, gen=gen)
+    v_cache = randn(9, block_size, case.kv_heads, case.head_dim, dtype=dtype, gen=gen)
+    block_table = torch.tensor([[7, 2, 5, 0], [1, 8, 3, 6]], dtype=torch.int32)    # scattered blocks
+    for b in range(2):                                # keys past the mask's width are never read
+        k_cache[block_table[b, 3], num_keys % block_size:] = float("nan")
+        v_cache[block_table[b, 3], num_keys % block_size:] = float("nan")
+    k_cache[4], v_cache[4] = float("nan"), float("nan")            # nor are blocks outside the table
     mask = _python_mask(positions, limits, num_keys, window)
     scale = case.head_dim ** -0.5
-    out = ops.attention.reference(q, k_cache, v_cache, slot_ids, mask, scale)
+    out = ops.attention.reference(q, k_cache, v_cache, block_table, mask, scale)
     assert out.shape == q.shape and out.dtype == dtype
-    _close(out, _attention_formula(q, k_cache, v_cache, slot_ids, mask, scale), dtype)
+    _close(out, _attention_formula(q, k_cache, v_cache, block_table, mask, scale), dtype)

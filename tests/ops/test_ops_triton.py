@@ -217,25 +217,20 @@ def test_apply_rotary_strided_input_and_broadcast_cos(tk, device):
 @pytest.mark.parametrize("k_dtype", ["same", "fp32"])
 def test_kv_write(tk, device, case, dtype, k_dtype):
     gen = torch.Generator().manual_seed(19)
-    slots, capacity, bsz, t = 5, 12, 3, 4
-    shape = (slots, capacity + 1, case.kv_heads, case.head_dim)
+    blocks, block_size, bsz, t = 6, 4, 3, 4
+    shape = (blocks, block_size, case.kv_heads, case.head_dim)
     src_dtype = dtype if k_dtype == "same" else torch.float32
     k = randn(bsz, t, case.kv_heads, case.head_dim, dtype=src_dtype, device=device, gen=gen)
     v = randn(bsz, t, case.kv_heads, case.head_dim, dtype=src_dtype, device=device, gen=gen)
-    slot_ids = torch.tensor([3, 0, 4], device=device)
-    positions = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10], [8, 9, 10, 11]], device=device)
-    valid = torch.tensor([[True, True, True, False], [True, True, True, True], [False, True, False, True]],
-                         device=device)
+    rows = torch.tensor([[0, 1, 2, 23], [9, 10, 11, 4], [18, 7, 17, 13]], device=device)   # distinct flat rows
     caches = [_poisoned(shape, dtype, device) for _ in range(4)]
-    tk.kv_write(caches[0], caches[1], k, v, slot_ids, positions, valid)
-    ops.kv_write.reference(caches[2], caches[3], k, v, slot_ids, positions, valid)
+    tk.kv_write(caches[0], caches[1], k, v, rows)
+    ops.kv_write.reference(caches[2], caches[3], k, v, rows)
     exact = k_dtype == "same" or device == "cuda"                  # the interpreter truncates fp32 -> bf16
     tol = dict(rtol=0.0, atol=0.0) if exact else KERNEL_TOL[dtype]
     for got, want in ((caches[0], caches[2]), (caches[1], caches[3])):
-        # Real rows: identical, and NaN exactly where the reference left NaN (untouched).
-        torch.testing.assert_close(got[:, :capacity], want[:, :capacity], equal_nan=True, **tol)
-        # Scratch row: written for the same slots (which padding row lands last is unordered).
-        assert torch.equal(got[:, capacity].isnan(), want[:, capacity].isnan())
+        # Written rows identical, and NaN exactly where the reference left NaN (untouched).
+        torch.testing.assert_close(got, want, equal_nan=True, **tol)
 
 
 # -- integration -----------------------------------------------------------------------------
@@ -284,12 +279,11 @@ def test_kernels_replay_in_a_cuda_graph():
     cos, sin = ops.rotary_cos_sin(inv_freq(64).to(dev), positions, dtype=torch.bfloat16)
     k_cache = torch.zeros(4, 9, 9, 64, device=dev, dtype=torch.bfloat16)
     v_cache = torch.zeros_like(k_cache)
-    slot_ids = torch.tensor([1, 2], device=dev)
-    valid = torch.ones(2, 1, dtype=torch.bool, device=dev)
+    rows = torch.tensor([[12], [23]], device=dev)
 
     def step():
         k = tk.apply_rotary(tk.rms_norm(x, w, 1e-6), cos, sin)
-        tk.kv_write(k_cache, v_cache, k, x, slot_ids, positions, valid)
+        tk.kv_write(k_cache, v_cache, k, x, rows)
         return k
 
     graph = platform.graph()
@@ -299,8 +293,9 @@ def test_kernels_replay_in_a_cuda_graph():
     platform.synchronize()
     want = ops.apply_rotary.reference(ops.rms_norm.reference(x, w, 1e-6), cos, sin)
     _check(out, want)
-    assert torch.equal(k_cache[slot_ids, positions[:, 0]], out[:, 0])
-    assert torch.equal(v_cache[slot_ids, positions[:, 0]], x[:, 0])
+    flat_k, flat_v = k_cache.view(-1, 9, 64), v_cache.view(-1, 9, 64)
+    assert torch.equal(flat_k[rows[:, 0]], out[:, 0])
+    assert torch.equal(flat_v[rows[:, 0]], x[:, 0])
 
 
 # -- the interpreter run (CPU) ----------------------------------------------------------------

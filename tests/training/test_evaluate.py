@@ -46,7 +46,9 @@ class GreedyOracle:
         self.table, self.vocab, self.with_confidence = table, vocab, with_confidence
         self.current: dict[int, list[int]] = {}
 
-    def allocate(self, *args):
+    lookahead = 0
+
+    def attach(self, tables, dtype=None):
         pass
 
     def reset(self, slot_ids):
