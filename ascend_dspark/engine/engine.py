@@ -161,21 +161,29 @@ class Engine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        first_tokens = self._prefill(plan.prefill) if plan.prefill else None
-        verified = self._verify(plan.decode) if plan.decode else None
-        firsts, counts, token_lists, confidences = _to_host(first_tokens, verified)
+        parts: dict[str, torch.Tensor] = {}
+        if plan.prefill:
+            parts.update(self._prefill(plan.prefill))
+        if plan.decode:
+            parts.update(self._verify(plan.decode))
+        host = _to_host(parts)
         touched: list[Request] = []
         if plan.decode:
+            counts = host["num_accepted"]
+            token_lists = [row[: n + 1] for row, n in zip(host["tokens"], counts)]
             verify_lens = [self._verify_len(r) for r in plan.decode]
-            self._commit(plan.decode, token_lists, counts, verify_lens, confidences)
+            self._commit(plan.decode, token_lists, counts, verify_lens, host.get("confidence"),
+                         _logprob_rows(host, "", plan.decode))
             touched += plan.decode
-        for chunk, first in zip(plan.prefill, firsts):
+        first_logprobs = _logprob_rows(host, "first_", [c.request for c in plan.prefill]) if plan.prefill else None
+        for b, chunk in enumerate(plan.prefill):
             r = chunk.request
             r.num_cached = chunk.end
             if chunk.is_last:
                 self.scheduler.prefill_done(r)
                 if not r.output:
-                    self._commit([r], [[first]], None, None, None)
+                    logprobs = [first_logprobs[b]] if first_logprobs is not None else None
+                    self._commit([r], [[host["first"][b]]], None, None, None, logprobs)
                     touched.append(r)
         deltas = []
         for r in touched:
@@ -228,9 +236,9 @@ class Engine:
                               r.text if r.params.stop else None) for r in requests]
 
     # -- device work ----------------------------------------------------------------------------
-    def _prefill(self, chunks: list[PrefillChunk]) -> torch.Tensor:
+    def _prefill(self, chunks: list[PrefillChunk]) -> dict[str, torch.Tensor]:
         """One padded forward over the chunks; returns each row's sampled next token (used
-        for rows that finish a fresh prompt)."""
+        for rows that finish a fresh prompt) and, if asked for, its logprobs."""
         dev = self.device
         reqs = [c.request for c in chunks]
         width = max(c.end - c.start for c in chunks)
@@ -257,9 +265,10 @@ class Engine:
         valid = torch.arange(width, device=dev).unsqueeze(0) < lens.unsqueeze(1)
         self.tables.set_view(max(c.end for c in chunks))
         out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers)
-        last = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
+        hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
+        last = self.target.logits(hidden)                                       # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev)
-        first = sampling.sample(sampling.probs(self.target.logits(last)), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
+        first = sampling.sample(sampling.probs(last), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
         self.cache.set_lengths(slots, starts + lens)
         # A fresh prompt's last position is followed by the token just sampled.
         last_col = (lens - 1).unsqueeze(1)
@@ -270,9 +279,11 @@ class Engine:
         # preemption) its last committed token, which the prefill did not put in the cache.
         anchor = torch.where(samples_first, first, resumed_anchor)
         self.anchors[slots] = torch.where(is_last, anchor, self.anchors[slots])
-        return first
+        out = {"first": first}
+        out.update(self._logprobs(reqs, last[:, 0], first, "first_"))
+        return out
 
-    def _verify(self, requests: list[Request]):
+    def _verify(self, requests: list[Request]) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests.
 
         The anchor (the last committed token, not yet in the cache) sits at the slot's cache
@@ -306,7 +317,26 @@ class Engine:
         if self.drafter is not None:
             self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1)
         self.anchors[slots] = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
-        return num_accepted, result.tokens, confidence
+        out = {"num_accepted": num_accepted, "tokens": result.tokens}
+        if confidence is not None:
+            out["confidence"] = confidence
+        out.update(self._logprobs(requests, logits, result.tokens.clamp(min=0), ""))
+        return out
+
+    def _logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: torch.Tensor,
+                  prefix: str) -> dict[str, torch.Tensor]:
+        """The target's log-probabilities (before temperature and filters, as OpenAI reports
+        them) of `tokens`, and the top-n alternatives, only when some request asks."""
+        wanted = [r.params.logprobs for r in requests if r.params.logprobs is not None]
+        if not wanted:
+            return {}
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        out = {prefix + "logprob": logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)}
+        n = max(wanted)
+        if n:
+            top = logp.topk(n, dim=-1)
+            out[prefix + "top_ids"], out[prefix + "top_logprobs"] = top.indices, top.values
+        return out
 
     def _verify_len(self, request: Request) -> int:
         cap = request.params.num_speculative_tokens
@@ -321,10 +351,12 @@ class Engine:
 
     # -- bookkeeping on the host --------------------------------------------------------------
     def _commit(self, requests: list[Request], token_lists: list[list[int]], accepted: list[int] | None,
-                verify_lens: list[int] | None, confidences: list[list[float]] | None) -> None:
+                verify_lens: list[int] | None, confidences: list[list[float]] | None,
+                logprobs: list | None = None) -> None:
         """Append committed tokens; stop at EOS / stop token, max_tokens, stop string, length.
 
-        `accepted` is None for the prefill's first token (not a verify step)."""
+        `accepted` is None for the prefill's first token (not a verify step); `logprobs[i][j]`
+        is (logprob, [(id, logprob), ...]) of row i's token j, or None where not asked."""
         for i, (r, tokens) in enumerate(zip(requests, token_lists)):
             if accepted is not None:
                 stop = next((j for j, tok in enumerate(tokens) if tok in r.stop_ids), None)
@@ -332,8 +364,10 @@ class Engine:
                 conf = confidences[i][:verified] if confidences is not None else None
                 r.stats.record(accepted[i], verified, conf, stop)
                 r.num_cached += len(tokens)
-            for tok in tokens:
+            for j, tok in enumerate(tokens):
                 r.output.append(tok)
+                if r.params.logprobs is not None:
+                    r.logprobs.append(logprobs[i][j])
                 if tok in r.stop_ids:
                     r.finish_reason = "stop"
                     break
@@ -355,6 +389,7 @@ class Engine:
 
     def _delta(self, r: Request) -> RequestDelta:
         new_tokens = r.output[r.emitted_tokens:]
+        new_logprobs = r.logprobs[r.emitted_tokens:] if r.params.logprobs is not None else None
         r.emitted_tokens = len(r.output)
         text_delta = None
         if r.detokenize:
@@ -369,7 +404,7 @@ class Engine:
             end = max(end, r.emitted_text)
             text_delta, r.emitted_text = r.text[r.emitted_text:end], end
         return RequestDelta(r.request_id, new_tokens, text_delta, r.finish_reason, r.stats,
-                            len(r.prompt_ids), len(r.output))
+                            len(r.prompt_ids), len(r.output), new_logprobs)
 
     def _stop_ids(self, params: SamplingParams) -> frozenset[int]:
         ids = set(params.stop_token_ids)
@@ -387,33 +422,38 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
 
-def _to_host(first_tokens: torch.Tensor | None, verified) -> tuple:
-    """The one device -> host copy per step: the prefill's sampled tokens, and the verify
-    step's accepted counts, tokens and confidences, in one int64 tensor.
+def _to_host(parts: dict[str, torch.Tensor]) -> dict[str, list]:
+    """The one device -> host copy per step: every tensor the step produced, in one int64
+    tensor. float32 tensors travel bit-cast to int32 (exact, no float64, which NPUs lack);
+    the host casts the bits back. Returns each tensor as nested lists."""
+    names = list(parts)
+    flat_parts = [(t.float().contiguous().view(torch.int32) if t.is_floating_point() else t).long().reshape(-1)
+                  for t in parts.values()]
+    flat = torch.cat(flat_parts).tolist() if flat_parts else []
+    out, i = {}, 0
+    for name in names:
+        t = parts[name]
+        values = torch.tensor(flat[i: i + t.numel()], dtype=torch.long).view(t.shape)
+        i += t.numel()
+        out[name] = (values.to(torch.int32).view(torch.float32) if t.is_floating_point() else values).tolist()
+    return out
 
-    The float32 confidences travel bit-cast to int32 inside the same tensor (exact, no
-    float64, which NPUs lack); the host casts the bits back. Returns (first tokens, counts,
-    each row's n + 1 committed tokens, each row's confidences or None)."""
-    parts, n_first = [], 0
-    if first_tokens is not None:
-        n_first = first_tokens.numel()
-        parts.append(first_tokens.reshape(-1))
-    if verified is not None:
-        num_accepted, tokens, confidence = verified
-        rows = [num_accepted.unsqueeze(1), tokens]
-        if confidence is not None:
-            rows.append(confidence.float().contiguous().view(torch.int32).long())
-        parts.append(torch.cat(rows, dim=1).reshape(-1))
-    flat = torch.cat(parts).tolist()
-    firsts = flat[:n_first]
-    if verified is None:
-        return firsts, None, None, None
-    num_accepted, tokens, confidence = verified
-    width = 1 + tokens.shape[1] + (confidence.shape[1] if confidence is not None else 0)
-    rows = [flat[n_first + i * width: n_first + (i + 1) * width] for i in range(tokens.shape[0])]
-    counts = [row[0] for row in rows]
-    token_lists = [row[1: n + 2] for row, n in zip(rows, counts)]
-    if confidence is None:
-        return firsts, counts, token_lists, None
-    bits = torch.tensor([row[1 + tokens.shape[1]:] for row in rows], dtype=torch.int32)
-    return firsts, counts, token_lists, bits.view(torch.float32).tolist()
+
+def _logprob_rows(host: dict[str, list], prefix: str, requests: list[Request]) -> list | None:
+    """Per request row, per token position: (logprob, [(id, logprob) x its top-n]) or None."""
+    if prefix + "logprob" not in host:
+        return None
+    chosen = host[prefix + "logprob"]
+    ids, vals = host.get(prefix + "top_ids"), host.get(prefix + "top_logprobs")
+    rows = []
+    for b, r in enumerate(requests):
+        n = r.params.logprobs
+        if n is None:
+            rows.append(None)
+            continue
+        row = chosen[b] if isinstance(chosen[b], list) else [chosen[b]]
+        tops = (ids[b], vals[b]) if n else None
+        if tops is not None and not isinstance(tops[0][0], list):      # prefill: one position
+            tops = ([tops[0]], [tops[1]])
+        rows.append([(lp, list(zip(tops[0][j][:n], tops[1][j][:n])) if n else []) for j, lp in enumerate(row)])
+    return rows

@@ -38,6 +38,7 @@ class Request:
     emitted_text: int = 0             # characters of `text` already reported in deltas
     emitted_tokens: int = 0           # tokens of `output` already reported in deltas
     detokenize: bool = False          # keep `text` up to date every step (streaming, stop strings)
+    logprobs: list = field(default_factory=list)    # per output token, when params.logprobs is set
 
     @property
     def tokens(self) -> list[int]:
@@ -65,6 +66,7 @@ class RequestDelta:
     stats: RequestStats
     num_prompt_tokens: int
     num_output_tokens: int
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # per new token: (its logprob, top-n)
 
     @property
     def finished(self) -> bool:

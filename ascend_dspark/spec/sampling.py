@@ -27,6 +27,9 @@ import ops
 from ops.sampling import _to_unit  # noqa: F401  (the noise maths lives in ops.sampling)
 
 
+MAX_LOGPROBS = 20
+
+
 class Stream(IntEnum):
     """Independent random streams; one draw per (request, position, stream)."""
 
@@ -49,6 +52,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     num_speculative_tokens: int | None = None   # cap on the drafts verified per step; 0 = no speculation
+    logprobs: int | None = None   # report the target's logprob of each token, and this many top alternatives
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -65,6 +69,8 @@ class SamplingParams:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
         if self.num_speculative_tokens is not None and self.num_speculative_tokens < 0:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 
