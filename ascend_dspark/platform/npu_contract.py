@@ -59,8 +59,11 @@ SNAPSHOT_APIS = (
     "ExternalEvent", "NPUGraph", "graph", "graph_pool_handle", "is_current_stream_capturing",
     "graph_task_group_begin", "graph_task_group_end", "graph_task_update_begin",
     "graph_task_update_end", "manual_seed_all", "mem_get_info", "memory_allocated",
-    "memory_reserved", "max_memory_allocated", "empty_cache",
+    "memory_reserved", "max_memory_allocated", "empty_cache", "get_soc_version",
 )
+# Public torch.npu names missing from torch_npu.npu.__all__ but reachable as attributes
+# (`from ._backends import *` in torch_npu/npu/__init__.py): resolved like the listed ones.
+EXTRA_NPU_APIS = ("get_soc_version",)
 
 _SO_PATH = "torch_npu/lib/libtorch_npu.so"
 _YAML_PATH = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
@@ -322,7 +325,7 @@ def _python_api(wheel: zipfile.ZipFile) -> tuple[list[str], dict[str, dict]]:
     package = _NPU_PKG.replace("/", ".")
     names = source.exported_all(package)
     api = {}
-    for name in names:
+    for name in [*names, *(n for n in EXTRA_NPU_APIS if n not in names)]:
         hit = source.resolve(package, name)
         if hit is not None:
             api[name] = _describe(hit[0], hit[1], source)

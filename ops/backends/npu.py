@@ -16,10 +16,15 @@ shared/reference/ascend.md and the op-plugin / ops-transformer docs.
     silu_and_mul      npu_swiglu(input, dim=-1)                  input = cat([gate, up], -1)
     apply_rotary      npu_rotary_mul(input, r1, r2, rotary_mode="half")
     kv_write          npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping,
-                                              cache_mode="Norm")
-    attention         npu_fused_infer_attention_score(query, key, value, atten_mask=, num_heads=,
-                                              num_key_value_heads=, scale=, input_layout="BSND",
-                                              sparse_mode=0, inner_precise=0)
+                                              cache_mode="Norm")      on the paged cache, in place
+    attention         npu_fused_infer_attention_score(query, key, value, atten_mask=,
+                                              actual_seq_lengths=, actual_seq_lengths_kv=,
+                                              block_table=, num_heads=, scale=, input_layout="BSND",
+                                              num_key_value_heads=, sparse_mode=0|3, inner_precise=0,
+                                              block_size=)            paged, or over gathered K/V;
+                      in a graph capture: ...score.out(..., workspace=, out=[out, lse]) with the
+                      workspace of _npu_fused_infer_attention_score_get_max_workspace(...), in an
+                      updatable task group of the capturing NpuGraph
     gelu_tanh_and_mul not registered: torch_npu 2.13 has no pinned fused GeGLU-tanh kernel, so
                       the reference (two plain torch ops) runs on the NPU.
     top_k_top_p       npu_top_k_top_p, in ops/backends/npu_sampling.py (imported below).
@@ -30,8 +35,9 @@ the plain-torch reference instead, and the first such call per (op, reason) is l
 warning. So a float32 model on the NPU keeps float32 numerics (the fused norm / activation
 / rotary kernels take float32; attention and the KV write run the reference); load the model
 in bfloat16 (the NPU platform's default dtype) to use every fused kernel. `fallbacks()`
-reports what ran the reference and how often. All guards look at shapes and dtypes only:
-nothing here reads device data, so every op can be captured in an NPU graph.
+reports what ran the reference and how often. All guards look at shapes, dtypes and the
+caller's host-side `AttentionHints` only: nothing here reads device data, so every op can be
+captured in an NPU graph.
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ import logging
 import torch
 import torch_npu
 
+# Registers the sampling ops' "npu" implementations. A plain `import` (not `from . import`)
+# so that it really re-imports when the module was unloaded (tests) but the package attribute stays.
+import ops.backends.npu_sampling  # noqa: E402,F401
+from ascend_dspark.platform import npu as npu_platform
+from ascend_dspark.platform.interface import AttentionHints, current_attention_hints
 from ops.activation import silu_and_mul as _silu_and_mul_entry
 from ops.attention import attention as _attention_entry
 from ops.kv_cache import kv_write as _kv_write_entry
@@ -48,10 +59,6 @@ from ops.norm import add_rms_norm as _add_rms_norm_entry
 from ops.norm import rms_norm as _rms_norm_entry
 from ops.registry import register
 from ops.rotary import apply_rotary as _apply_rotary_entry
-
-# Registers the sampling ops' "npu" implementations. A plain `import` (not `from . import`)
-# so that it really re-imports when the module was unloaded (tests) but the package attribute stays.
-import ops.backends.npu_sampling  # noqa: E402,F401
 
 logger = logging.getLogger("ops")
 
@@ -212,46 +219,44 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 # -- KV cache --------------------------------------------------------------------------
 @register("kv_write", BACKEND)
 def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-             slot_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> None:
+             slot_mapping: torch.Tensor) -> None:
     """torch_npu.npu_scatter_pa_kv_cache(key, value, k_cache, v_cache, slot_mapping, cache_mode="Norm").
 
-    The slot cache [num_slots, capacity + 1, Hkv, D] IS a paged cache in the kernel's ND
-    layout [num_blocks, block_size, N, D] with one block per slot (block_size = capacity + 1),
-    so it is passed as is. slot_mapping[b * T + t] = slot_ids[b] * (capacity + 1) + position,
-    int32 (int64 if the cache has 2**31 rows or more); padding tokens (valid False) go to their
-    slot's scratch row (the last position), never -1: the kernel requires every entry in
-    [0, num_blocks * block_size). Several padding tokens of one slot therefore share the
-    scratch row; the kernel does not guarantee which duplicate lands, and nothing reads that
-    row. cache_mode="Norm" selects ND caches; the schema default 'PA_NZ' means FRACTAL_NZ
-    caches. key/value are [B * T, Hkv, D], contiguous, in the cache dtype (fp16/bf16 on A2/A3).
-    Valid positions must be < capacity, as the engine guarantees: the reference would raise
-    on an out-of-range index, the kernel would write into the next slot's rows (checking
-    would need a device sync).
+    The paged caches [physical_blocks, block_size, Hkv, D] are the kernel's ND layout
+    [num_blocks, block_size, N, D] and are written in place; cache_mode="Norm" selects ND
+    caches (the schema default 'PA_NZ' means FRACTAL_NZ ones). key/value are k/v flattened
+    to [B * T, Hkv, D], contiguous, in the cache dtype (fp16/bf16 on A2/A3); slot_mapping is
+    the flat row of each token (block * block_size + offset), int32, or int64 when the cache
+    has 2**31 rows or more. Rows must be distinct and in range: the kernel does not say
+    which of two writes to one row lands, and checks nothing (that would need a device
+    sync); `BlockTables.slot_mapping` gives every padding token its own scratch row.
     """
     why = _unsupported_dtype("npu_scatter_pa_kv_cache", k_cache.dtype, KV_CACHE_DTYPES)
     if why is None and (v_cache.dtype != k_cache.dtype or k_cache.dim() != 4 or v_cache.shape[:2] != k_cache.shape[:2]
-                        or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k.dim() != 4):
-        why = "npu_scatter_pa_kv_cache needs contiguous 4-D caches of one dtype and [B, T, N, D] keys"
+                        or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k.dim() != 4
+                        or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]
+                        or slot_mapping.shape != k.shape[:2]):
+        why = "npu_scatter_pa_kv_cache needs contiguous 4-D paged caches of one dtype and [B, T, N, D] keys"
     if why:
-        return _reference("kv_write", why, k_cache, v_cache, k, v, slot_ids, positions, valid)
-    block = k_cache.shape[1]
-    rows = torch.where(valid, positions, block - 1) + slot_ids.unsqueeze(1) * block
-    index_dtype = torch.int32 if k_cache.shape[0] * block < 2 ** 31 else torch.int64
-    slot_mapping = rows.reshape(-1).to(index_dtype)
+        return _reference("kv_write", why, k_cache, v_cache, k, v, slot_mapping)
+    rows = k_cache.shape[0] * k_cache.shape[1]
+    index_dtype = torch.int32 if rows < 2 ** 31 else torch.int64
+    slots = slot_mapping.reshape(-1).to(index_dtype).contiguous()
     key = k.reshape(-1, *k.shape[2:]).to(k_cache.dtype).contiguous()
     value = v.reshape(-1, *v.shape[2:]).to(v_cache.dtype).contiguous()
-    torch_npu.npu_scatter_pa_kv_cache(key, value, k_cache, v_cache, slot_mapping, cache_mode="Norm")
+    torch_npu.npu_scatter_pa_kv_cache(key, value, k_cache, v_cache, slots, cache_mode="Norm")
 
 
 # -- attention -------------------------------------------------------------------------
-def _attention_guard(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor) -> str | None:
+def _attention_guard(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                     mask: torch.Tensor) -> str | None:
     why = _unsupported_dtype("npu_fused_infer_attention_score", q.dtype, ATTENTION_DTYPES)
     if why:
         return why
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         return "npu_fused_infer_attention_score needs key/value of the query's dtype"
-    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape:
-        return "npu_fused_infer_attention_score (BSND) needs 4-D query and caches"
+    if q.dim() != 4 or k_cache.dim() != 4 or v_cache.shape != k_cache.shape or block_table.dim() != 2:
+        return "npu_fused_infer_attention_score (BSND) needs 4-D query and paged caches and a 2-D block table"
     if mask.dtype != torch.bool or mask.dim() != 4 or mask.shape[1] != 1:
         return "attention mask must be boolean [B, 1, T, S] for atten_mask"
     b, t, heads, dim = q.shape
@@ -260,43 +265,187 @@ def _attention_guard(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         return f"npu_fused_infer_attention_score limits (N <= 256, N/KV_N <= 64, B <= 65536): {heads}/{kv_heads}, B={b}"
     if dim > 512 or dim % 16 or k_cache.shape[-1] != dim:
         return f"npu_fused_infer_attention_score needs D <= 512 and a multiple of 16 for fp16/bf16, got {dim}"
-    if kv_len > k_cache.shape[1] or (t == 1 and kv_len > 262144):
-        return f"npu_fused_infer_attention_score: S={kv_len} past the cache or the decode limit 262144"
+    if kv_len > block_table.shape[1] * k_cache.shape[1] or (t == 1 and kv_len > 262144):
+        return f"npu_fused_infer_attention_score: S={kv_len} past the block table or the decode limit 262144"
     return None
 
 
+def _paged_block_size_ok(block_size: int, q_len: int) -> bool:
+    """FIA's page-attention block sizes (A2/A3): Q_S > 1 a multiple of 128 in [128, 512];
+    Q_S == 1 a multiple of 16 (fp16/bf16) up to 512."""
+    if q_len > 1:
+        return block_size % 128 == 0 and 128 <= block_size <= 512
+    return block_size % 16 == 0 and 0 < block_size <= 512
+
+
+def _checked_hints(hints: AttentionHints | None, b: int, t: int, kv_len: int) -> AttentionHints | None:
+    """The caller's hints, validated on the host against this call's shapes (a wrong hint is
+    a caller bug that the kernel would turn into silently wrong attention)."""
+    if hints is None:
+        return None
+    if hints.batch != b or max(hints.kv_lengths) > kv_len:
+        raise ValueError(f"attention hints {hints} do not fit a batch of {b} rows over {kv_len} keys")
+    if hints.query_lengths is not None and max(hints.query_lengths) > t:
+        raise ValueError(f"attention hints {hints}: query_lengths past the {t} query tokens")
+    return hints
+
+
+def _causal_mask(device: torch.device) -> torch.Tensor:
+    """The compressed mask sparse_mode 2/3 require: int8 triu(ones(2048, 2048), 1), 1 = masked.
+
+    Built once per device, outside any graph capture (capture computes nothing: a mask
+    first built inside one would hold garbage until the replay)."""
+    mask = _CAUSAL_MASKS.get(device)
+    if mask is None:
+        if torch.npu.is_current_stream_capturing():
+            raise RuntimeError("the 2048x2048 causal mask must be built before graph capture "
+                               "(run the step eagerly first: NpuGraph.capture's warmup does)")
+        mask = torch.ones(2048, 2048, dtype=torch.int8, device=device).triu(1).contiguous()
+        _CAUSAL_MASKS[device] = mask
+    return mask
+
+
+_CAUSAL_MASKS: dict[torch.device, torch.Tensor] = {}
+_modes: dict[str, int] = {}
+
+
+def attention_modes() -> dict[str, int]:
+    """How the fused attention ran so far: 'paged' (block_table) / 'gathered' (K/V copied
+    out of the blocks first, block size unusable for the paged form) -> number of calls."""
+    return dict(_modes)
+
+
 @register("attention", BACKEND)
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_ids: torch.Tensor,
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
               mask: torch.Tensor, scale: float) -> torch.Tensor:
-    """torch_npu.npu_fused_infer_attention_score(q, K, V, ...) -> (out, lse); returns out.
+    """torch_npu.npu_fused_infer_attention_score over the paged cache -> (out, lse); returns out.
 
-    Layout "BSND": q is [B, T, Hq, D] as is; K/V are each request's first S rows gathered
-    from the slot cache, [B, S, Hkv, D] contiguous (what the reference attends over too).
-    num_heads = Hq, num_key_value_heads = Hkv (GQA inside the kernel), scale passed
-    explicitly (the schema default is 1.0). The mask is passed in full as atten_mask with
-    torch_npu's convention (True = masked OUT), i.e. ~mask, [B, 1, T, S], with sparse_mode=0
-    (user mask, pre/next_tokens left at their no-band defaults): our mask also encodes
-    block-bidirectional drafting and sliding windows, which the compressed causal masks of
-    sparse_mode 2/3/4 cannot. No actual_seq_lengths / _kv host lists are passed: the mask
-    already hides the unwritten tail, so a captured graph has no host values to refresh.
-    inner_precise=0 (high precision, no invalid-row correction): every query row sees at
-    least its own key, so no row is fully masked. Q_S == 1 takes the kernel's incremental
-    (IFA) branch, Q_S > 1 the prompt (PFA) branch; both accept these arguments.
+    Query layout "BSND" ([B, T, Hq, D] as is), num_heads = Hq, num_key_value_heads = Hkv
+    (GQA inside the kernel), scale passed explicitly (the schema default is 1.0),
+    inner_precise=0 (high precision; every query row sees at least one key). Q_S == 1 takes
+    the kernel's incremental (IFA) branch, Q_S > 1 the prompt (PFA) branch.
 
-    Not used: the paged form (block_table + block_size) would avoid the K/V gather but needs
-    block_size a multiple of 128 in [128, 512] for Q_S > 1, and one block per slot is
-    capacity + 1 rows long.
+    Paged form (block_table + block_size): K/V are the caches viewed as [blocks,
+    block_size, Hkv * D] (the only paged layout documented for BSND queries), block_table
+    int32 [B, nb], actual_seq_lengths_kv mandatory. Allowed when the block size suits the
+    branch (Q_S > 1: a multiple of 128 in [128, 512]; Q_S == 1: a multiple of 16 up to 512),
+    Hkv * D <= 65535 and the rows' blocks fit the cache; otherwise each row's blocks are
+    gathered first ([B, S, Hkv, D], as the reference does) and the same kernel runs
+    without paging ("gathered", logged once per reason).
+
+    Lengths and masks. The kernel wants host ints per row; reading the mask back would be
+    a device sync. The caller's `AttentionHints` (ascend_dspark.platform.interface) give
+    them when known; otherwise every row attends over all S = mask.shape[-1] keys and the
+    mask hides the rest (table entries past a request's blocks point at the zeroed null
+    block, so nothing non-finite is read). Per hint kind:
+      none / "explicit": atten_mask = ~mask [B, 1, T, S] (torch_npu masks OUT where True),
+          sparse_mode=0 — this also covers block-bidirectional drafting and sliding windows,
+          which the compressed causal masks cannot express;
+      "causal" (Q_S > 1): sparse_mode=3 (rightDownCausal) with the compressed 2048x2048
+          int8 triu mask, actual_seq_lengths = the rows' query lengths;
+      "causal" with Q_S == 1, "prefix": no mask, actual_seq_lengths_kv alone.
+    actual_seq_lengths_kv = the hints' kv_lengths, else [S] * B.
+
+    Inside an NPU graph capture the call goes through the capturing platform graph's
+    `capture_task` as npu_fused_infer_attention_score.out(..., workspace=, out=[out, lse])
+    with a workspace from _npu_fused_infer_attention_score_get_max_workspace (same
+    arguments); the graph re-issues it with the hints' current lengths before every replay.
     """
-    why = _attention_guard(q, k_cache, v_cache, mask)
+    why = _attention_guard(q, k_cache, v_cache, block_table, mask)
     if why:
-        return _reference("attention", why, q, k_cache, v_cache, slot_ids, mask, scale)
-    b, t, heads, _ = q.shape
+        return _reference("attention", why, q, k_cache, v_cache, block_table, mask, scale)
+    b, t, heads, dim = q.shape
+    num_blocks, block_size, kv_heads, _ = k_cache.shape
     kv_len = mask.shape[-1]
-    key = k_cache[:, :kv_len].index_select(0, slot_ids)
-    value = v_cache[:, :kv_len].index_select(0, slot_ids)
-    atten_mask = (~mask).expand(b, 1, t, kv_len).contiguous()
-    out, _lse = torch_npu.npu_fused_infer_attention_score(
-        q.contiguous(), key, value, atten_mask=atten_mask, num_heads=heads,
-        num_key_value_heads=k_cache.shape[2], scale=float(scale), input_layout="BSND", sparse_mode=0,
-        inner_precise=INNER_PRECISE)
+    hints = _checked_hints(current_attention_hints(), b, t, kv_len)
+    kind = "explicit" if hints is None else hints.kind
+    if kind == "causal" and t == 1:
+        kind = "prefix"                         # one query per row: causal = every key before it
+
+    needed = sum(-(-n // block_size) for n in (hints.kv_lengths if hints else [kv_len] * b))
+    if not _paged_block_size_ok(block_size, t):
+        why = (f"block_size {block_size} is not a multiple of 128 in [128, 512] (Q_S > 1)" if t > 1 else
+               f"block_size {block_size} is not a multiple of 16 up to 512 (Q_S == 1)")
+    elif kv_heads * dim > 65535:
+        why = f"KV_N * D = {kv_heads * dim} > 65535 for the [blocks, block_size, H] cache layout"
+    elif needed > num_blocks:
+        why = f"the rows need {needed} blocks, more than the cache's {num_blocks}"
+    if why:
+        _note_gather(why)
+        rows = block_table.reshape(-1)
+        key = k_cache.index_select(0, rows).view(b, -1, kv_heads, dim)[:, :kv_len].contiguous()
+        value = v_cache.index_select(0, rows).view(b, -1, kv_heads, dim)[:, :kv_len].contiguous()
+        table, paged_block = None, 0
+    else:
+        _modes["paged"] = _modes.get("paged", 0) + 1
+        key = k_cache.view(num_blocks, block_size, kv_heads * dim)
+        value = v_cache.view(num_blocks, block_size, kv_heads * dim)
+        table = block_table if block_table.dtype == torch.int32 else block_table.to(torch.int32)
+        table, paged_block = table.contiguous(), block_size
+
+    if kind == "explicit":
+        atten_mask, sparse_mode = (~mask).contiguous(), 0
+    elif kind == "causal":
+        atten_mask, sparse_mode = _causal_mask(q.device), 3
+    else:
+        atten_mask, sparse_mode = None, 0
+    query = q.contiguous()
+
+    def kv_lengths() -> list[int]:
+        """Read at every launch: a graph's re-issue sees the hints as updated for that replay."""
+        if hints is None:
+            return [kv_len] * b
+        if max(hints.kv_lengths) > kv_len:
+            raise ValueError(f"attention hints {hints}: kv_lengths past the {kv_len} keys this call was built for")
+        return list(hints.kv_lengths)
+
+    def q_lengths() -> list[int] | None:
+        if kind != "causal":
+            return None
+        if hints.query_lengths is None:
+            return [t] * b
+        if max(hints.query_lengths) > t:
+            raise ValueError(f"attention hints {hints}: query_lengths past the {t} query tokens")
+        return list(hints.query_lengths)
+
+    if not torch.npu.is_current_stream_capturing():
+        out, _lse = torch_npu.npu_fused_infer_attention_score(
+            query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
+            actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
+            input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
+            inner_precise=INNER_PRECISE, block_size=paged_block)
+        return out
+
+    graph = npu_platform.capturing_graph()
+    if graph is None:
+        raise RuntimeError("attention captured outside Platform.graph(): the fused kernel's sequence lengths "
+                           "are host values that NpuGraph must refresh before each replay")
+    workspace = torch_npu._npu_fused_infer_attention_score_get_max_workspace(
+        query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
+        actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
+        input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
+        inner_precise=INNER_PRECISE, block_size=paged_block)
+    out = torch.empty_like(query)
+    lse = torch.empty(1, dtype=torch.float32, device=query.device)  # softmax_lse_flag=False: a [1] zero tensor
+
+    def launch():
+        return torch_npu.npu_fused_infer_attention_score.out(
+            query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
+            actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
+            input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
+            inner_precise=INNER_PRECISE, block_size=paged_block, workspace=workspace, out=[out, lse])
+
+    graph.capture_task(launch)
     return out
+
+
+def _note_gather(why: str) -> None:
+    _modes["gathered"] = _modes.get("gathered", 0) + 1
+    if why not in _gather_reasons:
+        _gather_reasons.add(why)
+        logger.warning("ops: attention on the NPU gathers K/V out of the paged cache before "
+                       "npu_fused_infer_attention_score (paged form unusable: %s); an engine kv_block_size "
+                       "of 128 avoids it", why)
+
+
+_gather_reasons: set[str] = set()

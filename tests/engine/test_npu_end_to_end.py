@@ -5,9 +5,12 @@ schemas and emulates `torch.npu` (streams, NPUGraph); `patch_npu_platform` keeps
 NpuPlatform's tensors on the CPU. So `set_platform(NpuPlatform())` routes every op through
 `ops.registry` to ops/backends/npu.py and on into the double, as it would into CANN on an
 Ascend host. What this checks: the platform really selects the "npu" backend, the
-kernels' wiring (slot mapping, masks, layouts, GQA) is right inside a full speculative
-generate loop (prefill, DSpark drafting with block-bidirectional masks, verification,
-rollback), and NPU graph capture / replay re-runs the recorded torch_npu tasks.
+kernels' wiring (slot mapping, paged attention through the block tables, masks, layouts,
+GQA) is right inside a full speculative generate loop (prefill, DSpark drafting with
+block-bidirectional masks, verification, rollback) with both the paged and the gathered
+attention forms; a SoC without the fused kernels (910A) generates on the reference ops in
+float16; and NPU graph capture (which executes nothing in the double, as on the device) /
+length update / replay re-runs the recorded torch_npu tasks.
 What it cannot check: device numerics, speed, CANN itself.
 
 Token-exact comparisons run in float32: in bf16 a fused kernel rounds once where the
@@ -50,8 +53,9 @@ KERNELS = ("npu_rms_norm", "npu_rotary_mul", "npu_scatter_pa_kv_cache", "npu_fus
 COUNTED = (*KERNELS, "npu_add_rms_norm", "npu_top_k_top_p")
 
 
-def _engine(target, drafter) -> Engine:
-    return Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=2)
+def _engine(target, drafter, kv_block_size: int = 16) -> Engine:
+    return Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=2,
+                  kv_block_size=kv_block_size)
 
 
 @functools.cache
@@ -116,6 +120,8 @@ def use_npu(fake, monkeypatch):
             fake.calls[_name] = fake.calls.get(_name, 0) + 1
             return _real(*args, **kwargs)
 
+        if hasattr(real, "out"):                          # the graph-capture overload stays reachable
+            counted.out = real.out
         monkeypatch.setattr(fake.module, name, counted)
     return backend
 
@@ -139,9 +145,13 @@ def test_speculative_generate_on_npu_equals_reference(npu, monkeypatch, arch):
     assert "npu_fused_infer_attention_score" not in npu.calls and "npu_scatter_pa_kv_cache" not in npu.calls
 
 
-def test_every_kernel_inside_the_token_exact_loop(npu, monkeypatch):
+@pytest.mark.parametrize("block_size, modes", [(128, {"paged"}), (16, {"gathered"})])
+def test_every_kernel_inside_the_token_exact_loop(npu, monkeypatch, block_size, modes):
     """Test-only: float32 admitted by FIA / scatter (and the double's A2/A3 limits relaxed),
-    so the attention and KV-write wiring also has to reproduce the reference tokens exactly."""
+    so the attention and KV-write wiring also has to reproduce the reference tokens exactly.
+    kv_block_size 128 (NpuPlatform.kv_block_size) pages every attention through the block
+    table; 16 is too small for FIA's paged form with several queries per row (prefill,
+    verification, block drafting), so those gather K/V out of the blocks first."""
     target, drafter = _models("qwen3", torch.float32)
     expected = reference_tokens(monkeypatch, target, drafter)
     backend = use_npu(npu, monkeypatch)
@@ -149,9 +159,32 @@ def test_every_kernel_inside_the_token_exact_loop(npu, monkeypatch):
     monkeypatch.setattr(backend, "KV_CACHE_DTYPES", (*backend.KV_CACHE_DTYPES, torch.float32))
     fake_torch_npu.set_enforce_hw_constraints(monkeypatch, False)
 
-    assert [o.token_ids for o in _engine(target, drafter).generate(PROMPTS, GREEDY)] == expected
+    outputs = _engine(target, drafter, kv_block_size=block_size).generate(PROMPTS, GREEDY)
+    assert [o.token_ids for o in outputs] == expected
     assert backend.fallbacks() == {}
     assert set(KERNELS) <= set(npu.calls), npu.calls
+    assert set(backend.attention_modes()) == modes, backend.attention_modes()
+
+
+def test_910a_generates_the_reference_tokens_without_torch_npu_kernels(monkeypatch):
+    """An Ascend 910A (no bf16, none of the fused kernels): NpuPlatform picks float16 and the
+    reference ops, so a full speculative generate touches no torch_npu kernel (the double
+    would raise on any, and on any bfloat16 tensor) and gives the reference tokens."""
+    target, drafter = _models("llama", torch.float32)
+    expected = reference_tokens(monkeypatch, target, drafter)
+    monkeypatch.delenv(platform.ENV_VAR, raising=False)
+    monkeypatch.setattr(platform, "_current", platform._current)
+    fake_torch_npu.patch_npu_platform(monkeypatch)
+    with fake_torch_npu.install(soc_version=102):
+        registry._reset_for_tests("npu")
+        from ascend_dspark.platform.npu import NpuPlatform
+
+        npu_platform = platform.set_platform(NpuPlatform())
+        assert npu_platform.default_dtype() == torch.float16 and npu_platform.op_backend == "reference"
+        outputs = _engine(target, drafter).generate(PROMPTS, GREEDY)
+        assert set(registry.chosen().values()) == {"reference"}
+    registry._reset_for_tests("npu")
+    assert [o.token_ids for o in outputs] == expected
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
@@ -193,10 +226,15 @@ def test_ops_resolve_to_npu_only_on_the_platform_device(npu, monkeypatch):
 
 
 def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
-    """One attention block captured through NpuPlatform.graph(): replay re-runs the recorded
-    torch_npu tasks on the captured buffers (new data copied in), in capture -> replay order."""
-    use_npu(npu, monkeypatch)
-    heads, kv_heads, dim, hidden = 4, 2, 64, 96
+    """One attention block on the paged cache captured through NpuPlatform.graph(), with the
+    host lengths as AttentionHints: capture executes nothing (the double returns garbage),
+    capture() replays once, and each later replay first re-issues the fused attention with
+    the hints' current lengths (graph task update), then re-runs the recorded torch_npu tasks
+    on the captured buffers (new data copied in) -- equal to the same step run eagerly."""
+    from ascend_dspark.platform.interface import AttentionHints, attention_hints
+
+    backend = use_npu(npu, monkeypatch)
+    heads, kv_heads, dim, hidden, block = 4, 2, 64, 96, 128
     g = torch.Generator().manual_seed(0)
     dt = torch.bfloat16
 
@@ -206,37 +244,46 @@ def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
     # static buffers: inputs are copied in before each replay, never rebound
     x, q_in = rand(2, 3, hidden), rand(2, 3, heads, dim)
     k_in, v_in = rand(2, 3, kv_heads, dim), rand(2, 3, kv_heads, dim)
-    k_cache, v_cache = torch.zeros(2, 9, kv_heads, dim, dtype=dt), torch.zeros(2, 9, kv_heads, dim, dtype=dt)
+    k_cache = torch.zeros(4, block, kv_heads, dim, dtype=dt)       # blocks 0, 1 owned, 2 null, 3 scratch
+    v_cache = torch.zeros_like(k_cache)
+    table = torch.tensor([[1], [0]], dtype=torch.int32)
     positions = torch.tensor([[4, 5, 6], [0, 1, 2]])
-    valid = torch.tensor([[True, True, True], [True, True, False]])
-    slot_ids = torch.tensor([1, 0])
-    mask = ops.build_attention_mask(positions, positions + 1, 8)
+    slot_mapping = torch.tensor([[block + 4, block + 5, block + 6], [0, 1, 3 * block]])  # last: padding -> scratch
+    mask = ops.build_attention_mask(positions, positions + 1, block)
+    hints = AttentionHints([7, 2], [3, 2], kind="causal")
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, dim, 2).float() / dim))
     cos, sin = ops.rotary_cos_sin(inv_freq, positions, 1.0, dt)
     norm_w = torch.ones(hidden, dtype=dt)
 
     def step():
-        h = ops.rms_norm(x, norm_w, 1e-6)
-        q, k = ops.apply_rotary(q_in, cos, sin), ops.apply_rotary(k_in, cos, sin)
-        ops.kv_write(k_cache, v_cache, k, v_in, slot_ids, positions, valid)
-        attn = ops.attention(q, k_cache, v_cache, slot_ids, mask, dim ** -0.5)
-        return h, ops.silu_and_mul(attn, attn)
+        with attention_hints(hints):
+            h = ops.rms_norm(x, norm_w, 1e-6)
+            q, k = ops.apply_rotary(q_in, cos, sin), ops.apply_rotary(k_in, cos, sin)
+            ops.kv_write(k_cache, v_cache, k, v_in, slot_mapping)
+            attn = ops.attention(q, k_cache, v_cache, table, mask, dim ** -0.5)
+            return h, ops.silu_and_mul(attn, attn)
 
     graph = platform.current_platform().graph()
     captured = graph.capture(step)
-    first = [t.clone() for t in captured]
-    recorded = {r.func._schema.name for r in graph._graph._records}
-    assert {f"npu::{k}" for k in KERNELS} <= recorded
+    assert all(t.isfinite().all() for t in captured), "capture() must replay: captured outputs start as garbage"
+    recorded = {str(r.func) for r in graph._graph._records}
+    assert {f"npu.{k}.default" for k in KERNELS if k != "npu_fused_infer_attention_score"} <= recorded
+    assert "npu.npu_fused_infer_attention_score.out" in recorded
+    assert backend.attention_modes() == {"paged": 3}                 # 2 warmups + the capture
 
     calls_before = dict(npu.calls)
+    first = [t.clone() for t in captured]
     for buf in (x, q_in, k_in, v_in):
         buf.copy_(rand(*buf.shape))
+    hints.update([6, 2], [2, 2])                                     # row 0 keeps only 2 of its 3 queries
     graph.replay()
     assert npu.calls == calls_before, "replay re-issues recorded tasks; it does not call Python again"
     assert not torch.equal(captured[1], first[1])
 
     replayed = [t.clone() for t in captured]
-    eager = step()                                              # same buffers, same kernels, eagerly
-    for a, b in zip(replayed, eager):
-        assert torch.equal(a, b)
-    assert [e[0] for e in graph._graph.events] == ["capture_begin", "capture_end", "replay"]
+    eager = step()                                                   # same buffers, same kernels, eagerly
+    assert torch.equal(replayed[0], eager[0])
+    valid = torch.tensor([[True, True, False], [True, True, False]])
+    assert torch.equal(replayed[1][valid], eager[1][valid])          # padding queries are don't-care
+    assert [e[0] for e in graph._graph.events] == ["capture_begin", "capture_end", "task_update", "replay",
+                                                   "task_update", "replay"]

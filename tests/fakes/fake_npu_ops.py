@@ -15,6 +15,17 @@ scatter, fp16/bf16/fp32 norms / swiglu / rotary_mul with gamma / r1 / r2 of the 
 dtype, FIA's B/N/D limits and inner_precise per branch, contiguous inputs, int32 top-k ...)
 raise ValueError/TypeError while ENFORCE_HW_CONSTRAINTS is True, so CPU tests do not pass
 code that the hardware would reject.
+
+As strict as the chip, and stricter where the chip would silently corrupt:
+- the SoC of the installed runtime decides what exists: every op here is an Atlas A2/A3
+  kernel and raises RuntimeError on other SoCs (910 first generation, 310P, 310B, 950);
+- npu_scatter_pa_kv_cache rejects duplicate rows in slot_mapping (the kernel does not say
+  which write lands) and out-of-range rows; FIA's page attention rejects block ids past
+  the cache in the blocks a row reads (the kernel does not check them);
+- every op also has a Meta kernel running the launch-time checks (binding, dtypes, shapes,
+  layouts, limits) without the data checks above: an NPU graph capture in the double
+  executes nothing (fake_npu_runtime), as on the device, but still rejects what the host
+  side of the real op would.
 """
 
 from __future__ import annotations
@@ -25,6 +36,17 @@ import torch.nn.functional as F
 ENFORCE_HW_CONSTRAINTS = True
 _INT_MAX = 2147483647
 _LIB: torch.library.Library | None = None
+_DATA_CHECKS = True    # off while a Meta kernel runs an op on placeholder data
+
+
+def _soc_check(op: str) -> None:
+    """The pinned ops are Atlas A2/A3 kernels (op-plugin docs); other SoCs do not have them."""
+    from . import fake_npu_runtime
+
+    version, name, _bf16, fused = fake_npu_runtime.soc()
+    if not fused:
+        raise RuntimeError(f"{op} is not available on {name} (SoC {version}): the op-plugin documents it for "
+                           "Atlas A2/A3 only (fake_torch_npu SoC rules)")
 
 
 def _hw(ok: bool, message: str, exc: type[Exception] = ValueError) -> None:
@@ -60,6 +82,7 @@ def _rms(x: torch.Tensor, gamma: torch.Tensor, epsilon: float):
 
 def npu_rms_norm(input, gamma, epsilon=1e-06):
     """Input fp16/bf16/fp32, gamma of the input's dtype (op-plugin docs)."""
+    _soc_check("npu_rms_norm")
     _dtypes("npu_rms_norm", _FLOATS, input=input)
     _hw(gamma.dtype == input.dtype, f"npu_rms_norm: gamma dtype {gamma.dtype} != input dtype {input.dtype}", TypeError)
     y, rstd = _rms(input, gamma, epsilon)
@@ -68,6 +91,7 @@ def npu_rms_norm(input, gamma, epsilon=1e-06):
 
 def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
     """(y, rstd, x1 + x2): the sum is the new residual."""
+    _soc_check("npu_add_rms_norm")
     if x1.shape != x2.shape:
         raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must have the same shape")
     _dtypes("npu_add_rms_norm", _FLOATS, x1=x1)
@@ -80,6 +104,7 @@ def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
 
 def npu_swiglu(input, dim=-1):
     """silu(A) * B where A, B are the first and second halves of `input` along `dim`."""
+    _soc_check("npu_swiglu")
     if input.shape[dim] % 2:
         raise ValueError(f"npu_swiglu: size {input.shape[dim]} of dim {dim} must be even")
     _dtypes("npu_swiglu", _FLOATS, input=input)
@@ -104,6 +129,7 @@ def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
     A2/A3 (jit_compile=False): 4-D input and r1/r2 of one float dtype, D even and < 896,
     r1/r2 broadcastable to the input (11SD/B1SD/BNSD for BNSD, 1S1D/BS1D/BSND for BSND ...).
     """
+    _soc_check("npu_rotary_mul")
     if rotate is not None:
         _unsupported("npu_rotary_mul", "rotate")
     _dtypes("npu_rotary_mul", _FLOATS, input=input)
@@ -120,6 +146,7 @@ def npu_rotary_mul(input, r1, r2, rotary_mode="half", rotate=None):
 
 def npu_apply_rotary_pos_emb(query, key, cos, sin, layout="BSND", rotary_mode="half"):
     """Rotates query and key IN PLACE (BSND: (B,S,N,D), cos/sin (B,S,1,D); TND: (T,N,D))."""
+    _soc_check("npu_apply_rotary_pos_emb")
     dims = {"BSND": 4, "TND": 3}.get(layout)
     if dims is None:
         _unsupported("npu_apply_rotary_pos_emb", "layout", f"{layout!r}; A2/A3 support BSND and TND")
@@ -145,11 +172,11 @@ def npu_apply_rotary_pos_emb(query, key, cos, sin, layout="BSND", rotary_mode="h
 _FIA_UNSUPPORTED_TENSORS = (
     "pse_shift", "dequant_scale1", "quant_scale1", "dequant_scale2", "quant_scale2", "quant_offset2",
     "antiquant_scale", "antiquant_offset", "key_antiquant_scale", "key_antiquant_offset",
-    "value_antiquant_scale", "value_antiquant_offset", "block_table", "query_padding_size",
+    "value_antiquant_scale", "value_antiquant_offset", "query_padding_size",
     "kv_padding_size", "key_shared_prefix", "value_shared_prefix", "actual_shared_prefix_len",
     "query_rope", "key_rope", "key_rope_antiquant_scale",
 )
-_FIA_UNSUPPORTED_INTS = ("block_size", "antiquant_mode", "key_antiquant_mode", "value_antiquant_mode")
+_FIA_UNSUPPORTED_INTS = ("antiquant_mode", "key_antiquant_mode", "value_antiquant_mode")
 
 
 def _per_batch(lengths, batch: int, limit: int, name: str) -> torch.Tensor:
@@ -178,8 +205,11 @@ def _to_bsnd(t: torch.Tensor, layout: str, heads: int, name: str) -> torch.Tenso
     return t
 
 
-def _user_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch.Tensor:
-    """atten_mask (True/1 = masked out) -> bool (B or 1, 1, Q_S, KV_S); S dims may be padded."""
+def _user_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int, min_kv: int | None = None) -> torch.Tensor:
+    """atten_mask (True/1 = masked out) -> bool (B or 1, 1, Q_S, KV_S); S dims may be padded.
+
+    With page attention (`min_kv` = maxBlockNumPerSeq * block_size) the mask's KV_S must be at
+    least min_kv; keys past the mask count as masked."""
     if mask.dtype not in (torch.bool, torch.int8, torch.uint8):
         raise TypeError(f"atten_mask must be bool, int8 or uint8 (1 = masked), got {mask.dtype}")
     m = mask.bool()
@@ -187,9 +217,13 @@ def _user_mask(mask: torch.Tensor, batch: int, q_len: int, kv_len: int) -> torch
         m = m[:, None, None, :] if q_len == 1 else m[None, None]
     elif m.dim() == 3:
         m = m[:, None]
+    need_kv = kv_len if min_kv is None else min_kv
     if m.dim() != 4 or m.shape[0] not in (1, batch) or m.shape[1] != 1 \
-            or m.shape[2] < q_len or m.shape[3] < kv_len:
-        raise ValueError(f"atten_mask shape {tuple(mask.shape)} does not fit batch={batch}, Q_S={q_len}, KV_S={kv_len}")
+            or m.shape[2] < q_len or m.shape[3] < need_kv:
+        raise ValueError(f"atten_mask shape {tuple(mask.shape)} does not fit batch={batch}, Q_S={q_len}, "
+                         f"KV_S={need_kv}")
+    if m.shape[3] < kv_len:
+        m = torch.cat([m, m.new_ones(*m.shape[:3], kv_len - m.shape[3])], dim=-1)
     return m[..., :q_len, :kv_len]
 
 
@@ -197,7 +231,8 @@ def _causal(mask, sparse_mode: int, q_lens, kv_lens, q_len: int, kv_len: int) ->
     if mask is None or tuple(mask.shape)[-2:] != (2048, 2048) or mask.dim() > 4 or \
             any(d != 1 for d in mask.shape[:-2]):
         raise ValueError(f"sparse_mode={sparse_mode} needs the compressed (2048, 2048) atten_mask")
-    if not torch.equal(mask.reshape(2048, 2048).bool(), torch.ones(2048, 2048, dtype=torch.bool).triu(1)):
+    if _DATA_CHECKS and not torch.equal(mask.reshape(2048, 2048).bool(),
+                                        torch.ones(2048, 2048, dtype=torch.bool).triu(1)):
         raise ValueError(f"sparse_mode={sparse_mode} expects atten_mask = triu(ones(2048, 2048), diagonal=1)")
     i = torch.arange(q_len)[None, :, None]
     j = torch.arange(kv_len)[None, None, :]
@@ -205,9 +240,66 @@ def _causal(mask, sparse_mode: int, q_lens, kv_lens, q_len: int, kv_len: int) ->
     return (j > i + shift)[:, None]
 
 
+def _paged_kv(op: str, key, value, kw, batch: int, q_len: int, layout: str, kv_heads: int):
+    """Page attention: each row's K/V gathered through block_table into (B, nb * block_size, N, D).
+
+    Documented rules (A2/A3): block_table int32 2-D with B rows and >= maxBlockNumPerSeq
+    columns; actual_seq_lengths_kv mandatory; block_size a multiple of 128 in [128, 512] for
+    Q_S > 1, a multiple of 16 up to 512 for Q_S == 1 (fp16/bf16); key/value
+    (blocknum, block_size, H) for every query layout, (blocknum, KV_N, block_size, D) only for
+    BNSD/TND queries; KV_N * D <= 65535 in the first form; blocknum >= the blocks all rows
+    need together. Block ids are not checked by the kernel: the double checks the ones read.
+    """
+    table, block_size = kw["block_table"], kw.get("block_size", 0)
+    if table.dtype != torch.int32:
+        raise TypeError(f"{op}: block_table must be int32, got {table.dtype}")
+    if table.dim() != 2 or table.shape[0] != batch:
+        raise ValueError(f"{op}: block_table must be 2-D with B={batch} rows, got {tuple(table.shape)}")
+    if kw.get("actual_seq_lengths_kv") is None:
+        raise ValueError(f"{op}: page attention needs actual_seq_lengths_kv")
+    if q_len > 1:
+        _hw(block_size % 128 == 0 and 128 <= block_size <= 512,
+            f"page attention with Q_S > 1 needs block_size a multiple of 128 in [128, 512], got {block_size}")
+    else:
+        _hw(block_size % 16 == 0 and 0 < block_size <= 512,
+            f"page attention with Q_S == 1 needs block_size a multiple of 16 up to 512, got {block_size}")
+    if key.shape != value.shape:
+        raise ValueError(f"{op}: key {tuple(key.shape)} and value {tuple(value.shape)} must have one shape")
+    if key.dim() == 3:
+        if key.shape[1] != block_size or key.shape[2] % kv_heads:
+            raise ValueError(f"{op}: paged key must be (blocknum, {block_size}, KV_N * D), got {tuple(key.shape)}")
+        _hw(key.shape[2] <= 65535, f"{op}: KV_N * D = {key.shape[2]} > 65535 for the (blocknum, blocksize, H) layout")
+        k_blocks, v_blocks = (t.unflatten(-1, (kv_heads, -1)) for t in (key, value))   # (nb, bs, N, D)
+    elif key.dim() == 4:
+        _hw(layout in ("BNSD", "TND"), f"{op}: (blocknum, KV_N, blocksize, D) caches need a BNSD/TND query, "
+            f"not {layout}")
+        if key.shape[1] != kv_heads or key.shape[2] != block_size:
+            raise ValueError(f"{op}: paged key must be (blocknum, {kv_heads}, {block_size}, D), got {tuple(key.shape)}")
+        k_blocks, v_blocks = (t.transpose(1, 2) for t in (key, value))
+    else:
+        raise ValueError(f"{op}: paged key/value must be 3-D or 4-D, got {tuple(key.shape)}")
+    max_kv = table.shape[1] * block_size
+    kv_lens = _per_batch(kw["actual_seq_lengths_kv"], batch, max_kv, "actual_seq_lengths_kv")
+    blocks = (kv_lens + block_size - 1) // block_size
+    if int(blocks.sum()) > key.shape[0]:
+        raise ValueError(f"{op}: the rows need {int(blocks.sum())} blocks but key has {key.shape[0]}")
+    ids = table.long()
+    if _DATA_CHECKS:
+        used = torch.arange(table.shape[1])[None, :] < blocks[:, None]
+        bad = used & ((ids < 0) | (ids >= key.shape[0]))
+        if bad.any():
+            raise ValueError(f"{op}: block_table reads block ids outside [0, {key.shape[0]}) "
+                             f"(rows {sorted(set(bad.nonzero()[:, 0].tolist()))})")
+    ids = ids.clamp(0, key.shape[0] - 1)     # unread entries (past a row's blocks) may hold anything
+    k = k_blocks[ids].flatten(1, 2)          # (B, nb * bs, N, D)
+    v = v_blocks[ids].flatten(1, 2)
+    return k, v, int(blocks.max()) * block_size
+
+
 def npu_fused_infer_attention_score(query, key, value, **kw):
-    """Reference FIA for BSH/BSND/BNSD/BNSD_BSND, sparse_mode 0-3, GQA; no paging/quant."""
+    """Reference FIA for BSH/BSND/BNSD/BNSD_BSND, sparse_mode 0-3, GQA, page attention; no quant."""
     op = "npu_fused_infer_attention_score"
+    _soc_check(op)
     for name in _FIA_UNSUPPORTED_TENSORS:
         if kw.get(name) is not None:
             _unsupported(op, name)
@@ -232,8 +324,14 @@ def npu_fused_infer_attention_score(query, key, value, **kw):
 
     in_layout = "BNSD" if layout == "BNSD_BSND" else layout
     q = _to_bsnd(query, in_layout, heads, "query")
-    k = _to_bsnd(key, in_layout, kv_heads, "key")
-    v = _to_bsnd(value, in_layout, kv_heads, "value")
+    mask_min_kv = None
+    if kw.get("block_table") is not None:
+        k, v, mask_min_kv = _paged_kv(op, key, value, kw, q.shape[0], q.shape[1], in_layout, kv_heads)
+    else:
+        if kw.get("block_size", 0):
+            raise ValueError(f"{op}: block_size without block_table")
+        k = _to_bsnd(key, in_layout, kv_heads, "key")
+        v = _to_bsnd(value, in_layout, kv_heads, "value")
     batch, q_len, kv_len = q.shape[0], q.shape[1], k.shape[1]
     if layout == "BNSD_BSND":
         _hw(q_len > 1, "input_layout BNSD_BSND needs Q_S > 1")
@@ -253,9 +351,9 @@ def npu_fused_infer_attention_score(query, key, value, **kw):
 
     masked = (torch.arange(kv_len)[None, :] >= kv_lens[:, None])[:, None, None, :]  # (B,1,1,KV_S)
     sparse_mode, mask = kw.get("sparse_mode", 0), kw.get("atten_mask")
-    if sparse_mode in (0, 1):
+    if sparse_mode in (0, 1) or q_len == 1:   # Q_S == 1 (no rope): sparse_mode has no effect
         if mask is not None:
-            masked = masked | _user_mask(mask, batch, q_len, kv_len)
+            masked = masked | _user_mask(mask, batch, q_len, kv_len, mask_min_kv)
         elif sparse_mode == 1:
             raise ValueError("sparse_mode=1 (allMask) needs atten_mask")
     elif sparse_mode in (2, 3):
@@ -300,15 +398,21 @@ def npu_fused_infer_attention_score_out(query, key, value, **kw):
 
 
 def npu_fused_infer_attention_score_get_max_workspace(query, key, value, **kw):
-    """An opaque workspace tensor; its size means nothing in the double."""
+    """An opaque workspace tensor; its size means nothing in the double (the arguments are
+    checked as the attention call would check them)."""
+    npu_fused_infer_attention_score(query, key, value, **kw)
     return torch.empty(1, dtype=torch.uint8)
 
 
 # -- KV cache / sampling ---------------------------------------------------------------
 def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *, compress_lens=None,
                             compress_seq_offsets=None, seq_lens=None, cache_mode="PA_NZ"):
-    """ND caches only (cache_mode='Norm'): cache.view(blocks*block_size, N, D)[slot] = token."""
+    """ND caches only (cache_mode='Norm'): cache.view(blocks*block_size, N, D)[slot] = token.
+
+    Every slot must be distinct and in range: the kernel checks neither (duplicate slots
+    leave an unspecified winner), the double raises."""
     op = "npu_scatter_pa_kv_cache"
+    _soc_check(op)
     for name, val in (("compress_lens", compress_lens), ("compress_seq_offsets", compress_seq_offsets),
                       ("seq_lens", seq_lens)):
         if val is not None:
@@ -333,14 +437,19 @@ def npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, slot_mapping, *,
     if slots.numel() != key.shape[0] or key.shape[:2] != value.shape[:2]:
         raise ValueError(f"{op}: need one slot per token: key {tuple(key.shape)}, value {tuple(value.shape)}, "
                          f"slot_mapping {tuple(slot_mapping.shape)}")
-    if slots.numel() and (slots.min() < 0 or slots.max() >= n_slots):
+    if _DATA_CHECKS and slots.numel() and (slots.min() < 0 or slots.max() >= n_slots):
         raise ValueError(f"{op}: slot_mapping values must lie in [0, {n_slots - 1}] (no -1 padding slots)")
+    if _DATA_CHECKS and slots.unique().numel() != slots.numel():
+        dup = sorted({int(x) for x, n in zip(*slots.unique(return_counts=True)) if n > 1})
+        raise ValueError(f"{op}: duplicate slots {dup[:8]} in slot_mapping: the kernel does not define which "
+                         "write lands (give every padding token its own scratch row)")
     key_cache.view(n_slots, *key_cache.shape[2:]).index_copy_(0, slots, key)
     value_cache.view(n_slots, *value_cache.shape[2:]).index_copy_(0, slots, value)
 
 
 def npu_top_k_top_p(logits, p=None, k=None):
     """The documented recipe: ascending stable sort, top-k threshold, then top-p on the rest."""
+    _soc_check("npu_top_k_top_p")
     if p is None and k is None:
         raise ValueError("npu_top_k_top_p: p and k cannot both be None")
     _hw(logits.dim() == 2, f"logits must be 2-D, got {tuple(logits.shape)}")
@@ -348,7 +457,8 @@ def npu_top_k_top_p(logits, p=None, k=None):
     values, order = torch.sort(logits, dim=-1, descending=False, stable=True)
     if k is not None:
         _hw(k.dtype == torch.int32, f"k must be int32, got {k.dtype}", TypeError)
-        _hw(bool(((k >= 1) & (k <= min(1024, vocab))).all()), "k values must lie in [1, min(1024, vocab)]")
+        if _DATA_CHECKS:
+            _hw(bool(((k >= 1) & (k <= min(1024, vocab))).all()), "k values must lie in [1, min(1024, vocab)]")
         threshold = values.gather(-1, (vocab - k.long().clamp(1, vocab)).unsqueeze(-1))
         values = values.masked_fill(values < threshold, float("-inf"))
     if p is not None:
@@ -391,4 +501,37 @@ def register(schemas: dict[str, str]) -> None:
         lib.define(schemas[name])
     for name in sorted(schemas):
         lib.impl(name, IMPLS[name], "CPU")
+        lib.impl(name, _meta_kernel(IMPLS[name]), "Meta")
     _LIB = lib
+
+
+def _placeholder(value):
+    """A zero CPU tensor with a meta tensor's shape, strides and dtype (lists mapped through)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype).zero_()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_placeholder(v) for v in value)
+    return value
+
+
+def _as_meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_meta(v) for v in value)
+    return value
+
+
+def _meta_kernel(impl):
+    """What the host side of the real op does at launch (and in a graph capture, where the
+    device runs nothing): bind, check dtypes / shapes / layouts / limits, infer the output
+    shapes. Runs the CPU kernel on zero placeholders with the data checks off."""
+    def meta(*args, **kwargs):
+        global _DATA_CHECKS
+        saved, _DATA_CHECKS = _DATA_CHECKS, False
+        try:
+            out = impl(*_placeholder(args), **{k: _placeholder(v) for k, v in kwargs.items()})
+        finally:
+            _DATA_CHECKS = saved
+        return _as_meta(out)
+    return meta

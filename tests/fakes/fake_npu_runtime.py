@@ -5,15 +5,32 @@ without an NPU. Every public name here has the REAL signature recorded in the co
 snapshot (a test compares them with inspect.signature), so code written against this
 double calls the real API the same way.
 
-Work runs eagerly on CPU tensors; streams are tokens. NPUGraph emulates graph semantics
-rather than just calling back: capture records every dispatched op (TorchDispatchMode) on
-the tensors it used, and replay re-runs those ops on the same tensors, writing results
-into the tensors captured outputs live in. So, as on the device, replay sees new data only
-if it was copied into the captured input tensors, host values (Python ints, seq-length
-lists) stay baked in, and `NPUGraph.update()` / `graph_task_update_*` are the only way to
-change them. Hardware rules that are cheap to check are enforced: capture on a
-non-default stream, one capture per graph, no host sync (synchronize, .item()) while
-capturing, TASK_QUEUE_ENABLE != 2. Unlike the device, ops also execute during capture.
+Work runs eagerly on CPU tensors; streams are tokens. NPUGraph follows the device, not a
+callback: capture records every dispatched op (TorchDispatchMode) and EXECUTES NOTHING,
+as the device launches nothing while capturing. Tensors an op would create come back
+filled with garbage (NaN for floats, the dtype's max for integers, True for bools) with
+the shapes of the op's meta kernel; ops that write into existing tensors (in place, out=,
+KV-cache scatters) leave them untouched; only views are real. So a captured step's outputs
+are garbage until the graph is replayed, and replay re-runs the recorded ops on the
+captured tensors. As on the device, replay sees new data only if it was copied into the
+captured input tensors, host values (Python ints, seq-length lists) stay baked in, and
+`NPUGraph.update()` / `graph_task_update_*` are the only way to change them; re-issued
+tasks are recorded, not run.
+
+Rules enforced (RuntimeError unless noted):
+- capture on a non-default stream, one capture per graph, TASK_QUEUE_ENABLE != 2;
+- no host synchronisation while capturing or updating: torch.npu.synchronize(),
+  Stream/Event.synchronize(), .item() / int() / float() / bool() of a tensor,
+  .tolist(), .numpy(), nonzero / masked_select (shape from data) — real torch_npu fails
+  with ACL error 107027 "stream is captured";
+- a graph with task groups replays only after every group was re-issued through
+  graph_task_update_begin/end AND the ExternalEvent the group waits on (waited in the
+  capture just before graph_task_group_begin) was recorded after that update: the order
+  capture -> sequence-length update -> replay, checked at every replay;
+- the SoC (`install(soc_version=...)`, default 223 = Ascend910B3, Atlas A2) decides what
+  exists: SoCs without bfloat16 (910 first generation, 310P, 310B) reject every op that
+  touches a bfloat16 tensor (TypeError), and the fused ops are Atlas A2/A3 only
+  (fake_npu_ops).
 
 Each NPUGraph keeps `events` (capture_begin, capture_end, update, task_update, replay,
 reset, in order); the runtime keeps a global `log` of stream/event/task-group calls.
@@ -27,10 +44,20 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
 
 from ascend_dspark.platform.npu_contract import SNAPSHOT_APIS
 
-DEVICE_NAME = "Ascend910B3 (fake_torch_npu test double)"
+DEFAULT_SOC = 223
+_SOCS = {   # SocVersion -> (name, has bfloat16, has the fused A2/A3 ops); NpuVariables.h / op-plugin docs
+    102: ("Ascend910A", False, False), 103: ("Ascend910ProB", False, False),
+    200: ("Ascend310P1", False, False), 202: ("Ascend310P3", False, False),
+    220: ("Ascend910B1", True, True), 221: ("Ascend910B2", True, True), 223: ("Ascend910B3", True, True),
+    224: ("Ascend910B4", True, True), 240: ("Ascend310B1", False, False),
+    250: ("Ascend910_9391", True, True), 252: ("Ascend910_9381", True, True), 255: ("Ascend910_9362", True, True),
+    260: ("Ascend950", True, False),
+}
+DEVICE_NAME = f"{_SOCS[DEFAULT_SOC][0]} (fake_torch_npu test double)"
 _CAPTURE_MODES = ("global", "thread_local", "relaxed")
 _SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select"}
 _ALLOC_OPS = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty"}  # launch no task
@@ -41,7 +68,12 @@ _UPDATABLE = {"npu::npu_fused_infer_attention_score"}
 class _Runtime:
     """Per-install state; `install()` creates a fresh one."""
 
-    def __init__(self, device_count: int = 1, total_memory: int = 64 << 30, free_memory: int = 60 << 30):
+    def __init__(self, device_count: int = 1, total_memory: int = 64 << 30, free_memory: int = 60 << 30,
+                 soc_version: int = DEFAULT_SOC):
+        if soc_version not in _SOCS:
+            raise ValueError(f"the double knows SoC versions {sorted(_SOCS)}, not {soc_version}")
+        self.soc_version = soc_version
+        self.soc_name, self.has_bf16, self.has_fused_ops = _SOCS[soc_version]
         self.device_count = device_count
         self.total_memory, self.free_memory = total_memory, free_memory
         self.device = 0
@@ -51,6 +83,7 @@ class _Runtime:
         self.capture_stream: Stream | None = None
         self.open_group: _TaskGroup | None = None
         self.updating: tuple[_TaskGroup, _Recorder] | None = None
+        self.pending_event: ExternalEvent | None = None    # waited in the capture, claimed by the next group
         self.seed: int | None = None
         self.n_pools = 0
         self.log: list[tuple] = []
@@ -83,9 +116,17 @@ def _index(device) -> int:
 
 
 def _no_sync(what: str) -> None:
-    if _rt().capturing is not None:
+    if _rt().capturing is not None or _rt().updating is not None:
         raise RuntimeError(f"{what} during NPU graph capture: the host may not wait on a captured stream "
                            "(real torch_npu fails with ACL error 107027 'stream is captured')")
+
+
+def soc() -> tuple[int, str, bool, bool]:
+    """(version, name, has bfloat16, has the fused A2/A3 ops) of the installed double (default SoC
+    when none is installed: torch.ops.npu stays registered after uninstall)."""
+    if _RT is None:
+        return (DEFAULT_SOC, *_SOCS[DEFAULT_SOC])
+    return _RT.soc_version, _RT.soc_name, _RT.has_bf16, _RT.has_fused_ops
 
 
 # -- device ----------------------------------------------------------------------------
@@ -99,7 +140,12 @@ def device_count():
 
 def get_device_name(device_name=None):
     _index(device_name)
-    return DEVICE_NAME
+    return f"{_rt().soc_name} (fake_torch_npu test double)"
+
+
+def get_soc_version():
+    """torch_npu/npu/_backends.py: c10_npu::SocVersion as an int (220-225 A2, 250-255 A3 ...)."""
+    return _rt().soc_version
 
 
 def set_device(device):
@@ -213,16 +259,23 @@ class Event:
 
 
 class ExternalEvent:
-    """Graph-ordering event (may be waited before it is recorded; reset before reuse)."""
+    """Graph-ordering event (may be waited before it is recorded; reset before reuse).
+
+    Waited inside a capture, it becomes the wait node of the task group begun next; its
+    `records` count lets replay check that it was recorded after that group's update."""
 
     def __init__(self):
-        pass
+        self.records = 0
 
     def record(self, stream=None):
+        self.records += 1
         _rt().log.append(("external_record", self, stream or current_stream()))
 
     def wait(self, stream=None):
-        _rt().log.append(("external_wait", self, stream or current_stream()))
+        rt = _rt()
+        if rt.capturing is not None:
+            rt.pending_event = self
+        rt.log.append(("external_wait", self, stream or current_stream()))
 
     def reset(self, stream=None):
         _rt().log.append(("external_reset", self, stream or current_stream()))
@@ -235,7 +288,7 @@ class _Record:
     args: tuple
     kwargs: dict
     out: object
-    kind: str  # "functional" (re-run, copy into out) | "mutating" (re-run) | "view" (skip)
+    kind: str  # "functional" (re-run, copy into out) | "mutating" / "out" (re-run) | "view" (skip)
     updatable: bool = False
 
 
@@ -244,6 +297,9 @@ class _TaskGroup:
     graph: "NPUGraph"
     start: int
     records: list = field(default_factory=list)
+    event: "ExternalEvent | None" = None     # the ExternalEvent the group waits on
+    updated: bool = False                    # re-issued since the last replay (or capture)
+    event_records: int = 0                   # event.records when the group was last updated
 
 
 def _freeze(value):
@@ -255,8 +311,10 @@ def _freeze(value):
     return value
 
 
-def _kind(func) -> str:
+def _kind(func, kwargs=None) -> str:
     schema = func._schema
+    if kwargs and "out" in kwargs and any(a.name == "out" for a in schema.arguments):
+        return "out"   # torch_npu's `.out` overloads: `Tensor[] out` carries no alias annotation
     if any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments):
         return "mutating"
     if any(r.alias_info is not None for r in schema.returns):
@@ -273,21 +331,100 @@ def _copy_into(dst, src) -> None:
             _copy_into(d, s)
 
 
+def _garbage(meta):
+    """A real tensor shaped like a meta result, holding what uninitialised device memory would."""
+    if not isinstance(meta, torch.Tensor):
+        return meta
+    out = torch.empty_strided(meta.shape, meta.stride(), dtype=meta.dtype)
+    if meta.dtype.is_floating_point or meta.dtype.is_complex:
+        out.fill_(float("nan"))
+    elif meta.dtype == torch.bool:
+        out.fill_(True)
+    else:
+        out.fill_(torch.iinfo(meta.dtype).max)
+    return out
+
+
+def _to_meta(value):
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(value.shape, value.stride(), dtype=value.dtype, device="meta")
+    return value
+
+
+def _aliased_returns(func, args, kwargs):
+    """What an op that writes into its arguments returns, without running it: the arguments
+    its schema returns (`Tensor(a!)`), or the `out` list of a torch_npu `.out` overload."""
+    schema = func._schema
+    if "out" in kwargs and not any(r.alias_info is not None for r in schema.returns):
+        return tuple(kwargs["out"])
+    bound = {a.name: (args[i] if i < len(args) else kwargs.get(a.name)) for i, a in enumerate(schema.arguments)}
+    outs = []
+    for ret in schema.returns:
+        match = next((bound[a.name] for a in schema.arguments if a.alias_info is not None and ret.alias_info
+                      is not None and a.alias_info.before_set == ret.alias_info.before_set), None)
+        outs.append(match)
+    if not outs:
+        return None
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _meta_run(func, args, kwargs):
+    """The op's result shapes from its meta kernel (npu:: ops: fake_npu_ops' launch-time checks)."""
+    try:
+        return func(*tree_map(_to_meta, args), **tree_map(_to_meta, kwargs))
+    except (NotImplementedError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and "107027" in str(exc):
+            raise
+        raise RuntimeError(f"{func._schema.name} cannot be captured in an NPU graph: its output shape is not "
+                           f"known without running it ({type(exc).__name__}: {exc})") from exc
+
+
+_HOST_READS = ("tolist", "numpy")
+_INHERITED = object()
+
+
 class _Recorder(TorchDispatchMode):
-    """Runs each op and keeps (op, args, kwargs, outputs) for replay."""
+    """Records each op with (args, kwargs, outputs) for replay and executes nothing but views."""
 
     def __init__(self, graph: "NPUGraph | None"):
         super().__init__()
         self.graph = graph
         self.records: list[_Record] = []
+        self._saved_reads: dict[str, object] = {}
+
+    def __enter__(self):
+        for name in _HOST_READS:       # C++ paths that read tensor memory without dispatching
+            self._saved_reads[name] = vars(torch.Tensor).get(name, _INHERITED)
+
+            def refuse(*_a, _name=name, **_k):
+                raise RuntimeError(f"Tensor.{_name}() reads device data on the host during NPU graph capture "
+                                   "(real torch_npu fails with ACL error 107027 'stream is captured')")
+            setattr(torch.Tensor, name, refuse)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, fn in self._saved_reads.items():
+            if fn is _INHERITED:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, fn)
+        self._saved_reads = {}
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func._schema.name in _SYNC_OPS:
             raise RuntimeError(f"{func._schema.name} reads device data on the host during NPU graph capture "
                                "(real torch_npu fails with ACL error 107027 'stream is captured')")
-        out = func(*args, **kwargs)
-        rec = _Record(func, _freeze(args), _freeze(kwargs), out, _kind(func))
+        kind = _kind(func, kwargs)
+        if kind == "view":
+            out = func(*args, **kwargs)            # a view launches nothing: it only aliases memory
+        elif kind == "functional":
+            out = tree_map(_garbage, _meta_run(func, args, kwargs))
+        else:
+            _meta_run(func, args, kwargs)           # the launch-time checks; no write happens
+            out = _aliased_returns(func, args, kwargs)
+        rec = _Record(func, _freeze(args), _freeze(kwargs), out, kind)
         self.records.append(rec)
         graph = self.graph
         rec.updatable = graph is not None and graph.auto_dispatch_capture and func._schema.name in _UPDATABLE
@@ -309,12 +446,38 @@ def _run(records) -> None:
                 _copy_into(rec.out, result)
 
 
+class _SocDtypeGuard(TorchDispatchMode):
+    """Installed while the double emulates a SoC without bfloat16: any op reading, making or
+    returning a bf16 tensor fails."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+
+        def bf16(value) -> bool:
+            items = value if isinstance(value, (list, tuple)) else (value,)
+            return any((isinstance(t, torch.Tensor) and t.dtype == torch.bfloat16) or t is torch.bfloat16
+                       for t in items)
+
+        if any(bf16(v) for v in (*args, *kwargs.values())):
+            self._refuse(func)
+        out = func(*args, **kwargs)
+        if bf16(out):
+            self._refuse(func)
+        return out
+
+    @staticmethod
+    def _refuse(func):
+        raise TypeError(f"{func._schema.name}: {_rt().soc_name} has no bfloat16 "
+                        "(torch_npu: IsBF16Supported() is false before Ascend910B1)")
+
+
 class NPUGraph:
     def __init__(self):
         self.auto_dispatch_capture = False
         self.events: list[tuple[str, dict]] = []
         self._recorder: _Recorder | None = None
         self._records: list[_Record] | None = None
+        self._groups: list[_TaskGroup] = []
         self._pool = None
 
     def capture_begin(self, pool=None, capture_error_mode="global"):
@@ -335,6 +498,7 @@ class NPUGraph:
         self._pool = pool if pool is not None else graph_pool_handle()
         self._recorder = _Recorder(self)
         rt.capturing = self
+        rt.pending_event = None
         self._recorder.__enter__()
         self.events.append(("capture_begin", {"pool": pool, "capture_error_mode": capture_error_mode,
                                               "stream": current_stream()}))
@@ -345,6 +509,7 @@ class NPUGraph:
             raise RuntimeError("capture_end() without a matching capture_begin() on this graph")
         self._recorder.__exit__(None, None, None)
         rt.capturing = None
+        rt.pending_event = None
         self._records, self._recorder = self._recorder.records, None
         if rt.open_group is not None:
             rt.open_group = None
@@ -356,11 +521,24 @@ class NPUGraph:
             raise RuntimeError("NPUGraph.replay() needs a completed capture")
         if _rt().capturing is not None:
             raise RuntimeError("NPUGraph.replay() while another graph is being captured")
+        for i, group in enumerate(self._groups):
+            if not group.updated:
+                raise RuntimeError(f"task group {i} replayed without a sequence-length update since the last "
+                                   "replay (capture -> graph_task_update_begin/end -> replay, every step)")
+            if group.event is None:
+                raise RuntimeError(f"task group {i} waits on no ExternalEvent: the replay could run before its "
+                                   "update (event.wait(stream); event.reset(stream) before graph_task_group_begin)")
+            if group.event.records <= group.event_records:
+                raise RuntimeError(f"task group {i}: its ExternalEvent was not recorded after the update "
+                                   "(event.record(update_stream) after graph_task_update_end)")
         _run(self._records)
+        for group in self._groups:
+            group.updated = False
         self.events.append(("replay", {}))
 
     def reset(self):
         self._records = None
+        self._groups = []
         self.events.append(("reset", {}))
 
     def pool(self):
@@ -411,6 +589,8 @@ class graph:
 
     def __exit__(self, exc_type, exc_value, traceback):
         try:
+            if exc_type is not None:
+                _rt().open_group = None    # let the error that ended the capture through
             self.npu_graph.capture_end()
         finally:
             self.stream_ctx.__exit__(exc_type, exc_value, traceback)
@@ -429,7 +609,8 @@ def graph_task_group_begin(stream):
     rt = _rt()
     if rt.capturing is None or rt.open_group is not None:
         raise RuntimeError("graph_task_group_begin() needs an active capture and no open task group")
-    rt.open_group = _TaskGroup(rt.capturing, len(rt.capturing._recorder.records))
+    rt.open_group = _TaskGroup(rt.capturing, len(rt.capturing._recorder.records), event=rt.pending_event)
+    rt.pending_event = None
     rt.log.append(("task_group_begin", stream))
 
 
@@ -439,6 +620,7 @@ def graph_task_group_end(stream):
     if group is None or rt.capturing is not group.graph:
         raise RuntimeError("graph_task_group_end() without graph_task_group_begin() in this capture")
     group.records = _tasks(group.graph._recorder.records[group.start:])
+    group.graph._groups.append(group)
     rt.open_group = None
     rt.log.append(("task_group_end", stream))
     return group
@@ -468,12 +650,14 @@ def graph_task_update_end(stream):
                            f"{[str(r.func) for r in group.records]}")
     for old, rec in zip(group.records, new):
         outs_old, outs_new = old.kwargs.get("out"), rec.kwargs.get("out")
-        same_out = outs_old is not None and outs_new is not None and all(
+        same_out = outs_old is not None and outs_new is not None and len(outs_old) == len(outs_new) and all(
             a.data_ptr() == b.data_ptr() for a, b in zip(outs_old, outs_new))
-        if old.kind == "functional" and not same_out:
+        if old.kind == "functional" or (old.kind == "out" and not same_out):
             raise RuntimeError(f"{old.func}: a task update must write into the captured outputs "
                                "(use the .out overload with the same out=[...] tensors)")
         old.args, old.kwargs = rec.args, rec.kwargs
+    group.updated = True
+    group.event_records = group.event.records if group.event is not None else 0
     group.graph.events.append(("task_update", {"ops": len(new)}))
     rt.log.append(("task_update_end", stream))
 

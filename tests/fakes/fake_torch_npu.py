@@ -10,6 +10,11 @@ namespace at `torch.npu`, so the project's NPU code paths run on CPU:
 - `torch.npu.*` / `torch_npu.npu.*` is fake_npu_runtime.py: real signatures, eager CPU
   work, an NPUGraph that records and replays ops with device-graph semantics.
 
+The SoC is chosen per install (`install(soc_version=...)`, default 223 = Ascend910B3, an
+Atlas A2): `torch.npu.get_soc_version()` / `get_device_name()` report it, and a SoC without
+bfloat16 (102 Ascend910A, 202 Ascend310P3, ...) rejects every op touching a bf16 tensor
+while installed; the fused ops exist on A2/A3 only.
+
 Tensors stay on CPU: the double does not create an "npu" device. `NpuPlatform.device`
 returns `torch.device("npu", i)`, which CPU torch rejects, and
 `torch.utils.rename_privateuse1_backend("npu")` cannot be undone in a process, so tests
@@ -73,12 +78,13 @@ def build_modules(snap: dict) -> tuple[types.ModuleType, types.ModuleType]:
 class FakeTorchNpu:
     """An installed double; use as a context manager or call `uninstall()`."""
 
-    def __init__(self, device_count: int = 1) -> None:
+    def __init__(self, device_count: int = 1, soc_version: int = fake_npu_runtime.DEFAULT_SOC) -> None:
         snap = register_ops()
         self.module, self.npu = build_modules(snap)
-        self.runtime = fake_npu_runtime._Runtime(device_count=device_count)
+        self.runtime = fake_npu_runtime._Runtime(device_count=device_count, soc_version=soc_version)
         self._saved: dict | None = None
         self._saved_platform = None
+        self._dtype_guard = None
 
     def _install(self) -> "FakeTorchNpu":
         if fake_npu_runtime._RT is not None:
@@ -93,6 +99,9 @@ class FakeTorchNpu:
         from ascend_dspark import platform
 
         self._saved_platform = platform._current
+        if not self.runtime.has_bf16:
+            self._dtype_guard = fake_npu_runtime._SocDtypeGuard()
+            self._dtype_guard.__enter__()
         return self
 
     def _forget_caches(self) -> None:
@@ -116,10 +125,17 @@ class FakeTorchNpu:
     def uninstall(self) -> None:
         if self._saved is None:
             return
+        if self.runtime.updating is not None:  # a test failed mid-update: drop its dispatch mode
+            _group, recorder = self.runtime.updating
+            self.runtime.updating = None
+            recorder.__exit__(None, None, None)
         if self.runtime.capturing is not None:  # a test failed mid-capture: drop its dispatch mode
             recorder = self.runtime.capturing._recorder
             self.runtime.capturing = None
             recorder.__exit__(None, None, None)
+        if self._dtype_guard is not None:
+            self._dtype_guard.__exit__(None, None, None)
+            self._dtype_guard = None
         for key in ("torch_npu", "torch_npu.npu"):
             if self._saved[key] is _MISSING:
                 sys.modules.pop(key, None)
@@ -141,9 +157,9 @@ class FakeTorchNpu:
         self.uninstall()
 
 
-def install(device_count: int = 1) -> FakeTorchNpu:
+def install(device_count: int = 1, soc_version: int = fake_npu_runtime.DEFAULT_SOC) -> FakeTorchNpu:
     """Install now; the returned object uninstalls on `uninstall()` or at the end of a `with`."""
-    return FakeTorchNpu(device_count)._install()
+    return FakeTorchNpu(device_count, soc_version)._install()
 
 
 def patch_npu_platform(monkeypatch) -> None:

@@ -4,7 +4,12 @@ There is no NPU here: `fake_torch_npu` puts a CPU stand-in behind the REAL torch
 op schemas (tests/fakes/), so these tests check what can be checked without hardware:
 - every call binds to the real schema (names, keyword-only arguments, required arguments);
 - the arguments mean what the op documents: gate first for swiglu, 'half' = rotate_half,
-  atten_mask True = masked out, slot_mapping into a paged ND cache ("Norm"), ...;
+  atten_mask True = masked out, slot_mapping into a paged ND cache ("Norm"), FIA's page
+  attention (block_table, block_size, (blocknum, block_size, H) caches, mandatory
+  actual_seq_lengths_kv), sparse_mode=3 with the compressed causal mask when the caller's
+  AttentionHints promise causal masks, ...;
+- inside an NPU graph, attention is an updatable task: the platform graph re-issues it with
+  the hints' new lengths before every replay (the double refuses a replay without);
 - the documented A2/A3 dtype / shape limits hold (the double raises on violations), and
   inputs past them run the reference instead (logged once, counted by `fallbacks()`);
 - results equal the reference ops on random inputs of real model shapes (SmolLM2-135M,
@@ -31,6 +36,7 @@ import torch
 import ops
 from ascend_dspark import platform
 from ascend_dspark.platform.cpu import CpuPlatform
+from ascend_dspark.platform.interface import AttentionHints, attention_hints
 from ops import registry
 from tests.fakes import fake_torch_npu
 
@@ -225,101 +231,168 @@ def test_rotary_fallbacks(npu):
     assert [op for op, _ in npu.fallbacks()] == ["apply_rotary", "apply_rotary"]
 
 
+# -- paged KV cache ------------------------------------------------------------------------
+@dataclass
+class Paged:
+    """A paged cache as the engine lays it out (ascend_dspark/models/kv_cache.py): allocatable
+    blocks 0..N-1 handed out in scrambled order, the never-written null block N (zeros) that
+    table entries past a request's blocks point at, then scratch rows for padding tokens."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    table: torch.Tensor          # [num_seqs, max_blocks] int32
+    block_size: int
+    null_block: int
+    scratch_base: int
+
+    def rows(self, slots, positions) -> torch.Tensor:
+        block = self.table[slots.unsqueeze(1).expand_as(positions), positions // self.block_size].long()
+        return block * self.block_size + positions % self.block_size
+
+
+def paged_cache(kv_heads: int, dim: int, dtype, num_seqs=4, max_blocks=2, block_size=128, fill=float("nan"),
+                seed=0) -> Paged:
+    num_blocks = num_seqs * max_blocks + 1                       # one block nobody owns
+    scratch_blocks = 1
+    physical = num_blocks + 1 + scratch_blocks
+    order = torch.randperm(num_blocks, generator=gen(seed))[: num_seqs * max_blocks]
+    table = order.view(num_seqs, max_blocks).int()
+    k = torch.full((physical, block_size, kv_heads, dim), fill, dtype=dtype)
+    v = torch.full((physical, block_size, kv_heads, dim), fill, dtype=dtype)
+    k[num_blocks] = 0                                            # the null block
+    v[num_blocks] = 0
+    return Paged(k, v, table, block_size, num_blocks, (num_blocks + 1) * block_size)
+
+
+def spy(npu, monkeypatch, name: str) -> list:
+    seen = []
+    real = getattr(npu.torch_npu, name)
+    monkeypatch.setattr(npu.torch_npu, name, lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    return seen
+
+
 # -- KV write ------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", FUSED)
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
 def test_kv_write_touches_only_its_rows(npu, shape, dtype, monkeypatch):
-    num_slots, capacity = 5, 11
-    nan_cache = torch.full((num_slots, capacity + 1, shape.kv_heads, shape.head_dim), float("nan"), dtype=dtype)
-    k_cache, v_cache = nan_cache.clone(), nan_cache.clone()
+    cache = paged_cache(shape.kv_heads, shape.head_dim, dtype, block_size=16)
     k = randn(3, 4, shape.kv_heads, shape.head_dim, dtype=dtype, seed=1)
     v = randn(3, 4, shape.kv_heads, shape.head_dim, dtype=dtype, seed=2)
-    slot_ids = torch.tensor([3, 0, 4])                      # slots 1 and 2 are not in the batch
-    positions = torch.tensor([[0, 1, 2, 3], [7, 8, 9, 10], [5, 0, 0, 0]])
+    slots = torch.tensor([3, 0, 2])
+    positions = torch.tensor([[0, 1, 2, 3], [14, 15, 16, 17], [5, 0, 0, 0]])   # row 1 crosses a block
     valid = torch.tensor([[True] * 4, [True, True, True, False], [True, False, False, False]])
-    seen = []
-    real = npu.torch_npu.npu_scatter_pa_kv_cache
-    monkeypatch.setattr(npu.torch_npu, "npu_scatter_pa_kv_cache",
-                        lambda *a, **kw: seen.append((a, kw)) or real(*a, **kw))
+    slot_mapping = torch.where(valid, cache.rows(slots, positions),
+                               cache.scratch_base + torch.arange(12).view(3, 4))  # distinct scratch rows
+    seen = spy(npu, monkeypatch, "npu_scatter_pa_kv_cache")
+    k_cache, v_cache = cache.k.clone(), cache.v.clone()
 
-    assert npu.kv_write(k_cache, v_cache, k, v, slot_ids, positions, valid) is None
+    assert npu.kv_write(k_cache, v_cache, k, v, slot_mapping) is None
 
     (args, kwargs), = seen
     assert kwargs == {"cache_mode": "Norm"} and args[2] is k_cache and args[3] is v_cache  # written in place
-    slot_mapping = args[4]
-    assert slot_mapping.dtype == torch.int32 and slot_mapping.shape == (12,)
-    block = capacity + 1
-    scratch = [s * block + capacity for s in (0, 4)]
-    assert slot_mapping.tolist() == [3 * block + p for p in (0, 1, 2, 3)] + [7, 8, 9, scratch[0]] + \
-        [4 * block + 5] + [scratch[1]] * 3, "padding goes to its slot's scratch row, never -1"
-
-    written = torch.zeros(num_slots, capacity + 1, dtype=torch.bool)
-    for b, slot in enumerate(slot_ids.tolist()):
+    assert args[4].dtype == torch.int32 and args[4].shape == (12,)
+    assert torch.equal(args[4], slot_mapping.flatten().int())
+    assert args[0].shape == (12, shape.kv_heads, shape.head_dim) and args[0].is_contiguous()
+    flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+    for b in range(3):
         for t in range(4):
-            if valid[b, t]:
-                p = int(positions[b, t])
-                written[slot, p] = True
-                assert torch.equal(k_cache[slot, p], k[b, t]) and torch.equal(v_cache[slot, p], v[b, t])
-    written[[0, 4], capacity] = True                                       # the scratch rows of padded slots
-    for cache in (k_cache, v_cache):
-        assert cache[~written].isnan().all(), "rows nobody wrote must stay untouched"
-        assert not cache[written].isnan().any()
-    assert k_cache[1:3].isnan().all() and k_cache[3, capacity].isnan().all()
-
-    ref_k, ref_v = nan_cache.clone(), nan_cache.clone()
-    ops.kv_write.reference(ref_k, ref_v, k, v, slot_ids, positions, valid)
-    real_rows = torch.ones(capacity + 1, dtype=torch.bool)
-    real_rows[capacity] = False                                           # duplicate scratch writes may differ
-    torch.testing.assert_close(k_cache[:, real_rows], ref_k[:, real_rows], rtol=0, atol=0, equal_nan=True)
-    torch.testing.assert_close(v_cache[:, real_rows], ref_v[:, real_rows], rtol=0, atol=0, equal_nan=True)
+            row = int(slot_mapping[b, t])
+            assert torch.equal(flat_k[row], k[b, t]) and torch.equal(flat_v[row], v[b, t])
+    written = torch.zeros(flat_k.shape[0], dtype=torch.bool)
+    written[slot_mapping.flatten()] = True
+    written[cache.null_block * 16:(cache.null_block + 1) * 16] = True          # zeros, not NaN
+    for flat in (flat_k, flat_v):
+        assert flat[~written].isnan().all(), "rows nobody wrote must stay untouched"
+    ref_k, ref_v = cache.k.clone(), cache.v.clone()
+    ops.kv_write.reference(ref_k, ref_v, k, v, slot_mapping)
+    torch.testing.assert_close(k_cache, ref_k, rtol=0, atol=0, equal_nan=True)   # a copy: bit-exact
+    torch.testing.assert_close(v_cache, ref_v, rtol=0, atol=0, equal_nan=True)
     no_fallback(npu)
+
+
+def test_kv_write_duplicate_rows_are_refused_by_the_double(npu):
+    """Two tokens on one row: the kernel keeps an unspecified one, so the double raises (the
+    engine gives each padding token its own scratch row)."""
+    cache = paged_cache(2, 64, torch.bfloat16, block_size=16)
+    k = randn(1, 3, 2, 64, dtype=torch.bfloat16)
+    shared_scratch = torch.tensor([[cache.scratch_base] * 3])
+    with pytest.raises(ValueError, match="duplicate slots"):
+        npu.kv_write(cache.k, cache.v, k, k, shared_scratch)
 
 
 def test_kv_write_float32_runs_the_reference(npu):
     """A2/A3's scatter kernel has no float32 (only fp16/bf16/int8): the reference writes instead."""
-    k_cache, v_cache = torch.full((2, 5, 1, 16), float("nan")), torch.full((2, 5, 1, 16), float("nan"))
+    cache = paged_cache(1, 16, torch.float32, block_size=16)
     k, v = randn(1, 2, 1, 16), randn(1, 2, 1, 16, seed=1)
-    npu.kv_write(k_cache, v_cache, k, v, torch.tensor([1]), torch.tensor([[2, 3]]), torch.tensor([[True, True]]))
-    assert torch.equal(k_cache[1, 2:4], k[0]) and k_cache[0].isnan().all()
+    rows = torch.tensor([[5, 40]])
+    npu.kv_write(cache.k, cache.v, k, v, rows)
+    flat = cache.k.view(-1, 1, 16)
+    assert torch.equal(flat[5], k[0, 0]) and torch.equal(flat[40], k[0, 1]) and flat[6].isnan().all()
     assert list(npu.fallbacks()) == [("kv_write", "npu_scatter_pa_kv_cache takes float16/bfloat16, not float32")]
 
 
 # -- attention -----------------------------------------------------------------------------
-def attention_case(shape: Shape, kind: str, dtype: torch.dtype):
-    """q, caches, slot ids, mask and scale for one engine situation; stale data is large and finite."""
-    num_slots, capacity, batch = 4, 24, 3
-    slot_ids = torch.tensor([2, 0, 3])
-    lengths = torch.tensor([5, 13, 9])                       # tokens already cached per request
+BATCH_SLOTS = torch.tensor([2, 0, 3])
+CACHED = torch.tensor([5, 13, 9])                 # tokens already cached per request
+
+
+def attention_case(shape: Shape, kind: str, dtype: torch.dtype, block_size: int = 128, cached=CACHED):
+    """q, paged caches, block table, mask, scale (+ the host facts) for one engine situation.
+
+    Stale rows (never written, or rolled back) hold large finite values, blocks nobody owns
+    5e2: a kernel reading past the mask would show. S = the table columns covering the
+    furthest key * block_size, as `BlockTables.set_view` makes it."""
+    batch = len(cached)
     if kind == "prefill":                                    # ragged prompts, right-padded
         t = 7
+        q_lens = torch.tensor([7, 4, 6])
         positions = torch.arange(t).expand(batch, t)
         kv_limit = positions + 1
+        kv_lengths = q_lens
     elif kind == "decode":
         t = 1
-        positions = lengths.unsqueeze(1)
+        q_lens = torch.ones(batch, dtype=torch.long)
+        positions = cached.unsqueeze(1)
         kv_limit = positions + 1
+        kv_lengths = cached + 1
     elif kind == "verify":                                   # [anchor, d1..dK], causal
         t = 4
-        positions = lengths.unsqueeze(1) + torch.arange(t)
+        q_lens = torch.full((batch,), t)
+        positions = cached.unsqueeze(1) + torch.arange(t)
         kv_limit = positions + 1
+        kv_lengths = cached + t
     elif kind == "block":                                    # DFlash/DSpark block: bidirectional inside
         t = 4
-        positions = lengths.unsqueeze(1) + torch.arange(t)
-        kv_limit = (lengths + t).unsqueeze(1).expand(batch, t)
+        q_lens = torch.full((batch,), t)
+        positions = cached.unsqueeze(1) + torch.arange(t)
+        kv_limit = (cached + t).unsqueeze(1).expand(batch, t)
+        kv_lengths = cached + t
     else:
         raise ValueError(kind)
-    num_keys = int(kv_limit.max()) if kind != "block" else capacity
+    max_blocks = 2 if block_size >= 128 else -(-64 // block_size)
+    cache = paged_cache(shape.kv_heads, shape.head_dim, dtype, max_blocks=max_blocks, block_size=block_size, seed=1)
+    cache.k.copy_(randn(*cache.k.shape, dtype=dtype, seed=1))
+    cache.v.copy_(randn(*cache.v.shape, dtype=dtype, seed=2))
+    owned = torch.zeros(cache.k.shape[0], block_size, dtype=torch.bool)
+    for b, slot in enumerate(BATCH_SLOTS.tolist()):
+        for j, blk in enumerate(cache.table[slot].tolist()):
+            pos = j * block_size + torch.arange(block_size)
+            stale = pos >= int(kv_lengths[b])
+            owned[blk] = True
+            cache.k[blk, stale] = 1e3
+            cache.v[blk, stale] = -1e3
+    cache.k[~owned] = 5e2                                  # blocks no request in the batch owns
+    cache.v[~owned] = 5e2
+    cache.k[cache.null_block] = 0
+    cache.v[cache.null_block] = 0
+    nb = -(-int(kv_limit.max()) // block_size)
+    table = cache.table[BATCH_SLOTS, :nb].contiguous()
     window = shape.window if kind in ("prefill", "verify") else None
-    mask = ops.build_attention_mask(positions, kv_limit, num_keys, window)
-    k_cache = randn(num_slots, capacity + 1, shape.kv_heads, shape.head_dim, dtype=dtype, seed=1)
-    v_cache = randn(num_slots, capacity + 1, shape.kv_heads, shape.head_dim, dtype=dtype, seed=2)
-    stale = torch.arange(capacity + 1)[None, :] >= (lengths + t)[:, None]        # never written / rolled back
-    for b, slot in enumerate(slot_ids.tolist()):
-        k_cache[slot, stale[b]] = 1e3
-        v_cache[slot, stale[b]] = -1e3
-    k_cache[1] = v_cache[1] = 5e2                                                  # a slot nobody reads
+    mask = ops.build_attention_mask(positions, kv_limit, nb * block_size, window)
     q = randn(batch, t, shape.heads, shape.head_dim, dtype=dtype, seed=3)
-    return q, k_cache, v_cache, slot_ids, mask, shape.head_dim ** -0.5
+    valid = torch.arange(t)[None, :] < q_lens[:, None]
+    facts = dict(kv_lengths=kv_lengths.tolist(), query_lengths=q_lens.tolist(), valid=valid, window=window)
+    return (q, cache.k, cache.v, table, mask, shape.head_dim ** -0.5), facts
 
 
 KINDS = ["prefill", "decode", "verify", "block"]
@@ -328,39 +401,102 @@ KINDS = ["prefill", "decode", "verify", "block"]
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", FUSED)
 @pytest.mark.parametrize("shape", SHAPE_PARAMS)
-def test_attention(npu, shape, dtype, kind):
-    args = attention_case(shape, kind, dtype)
+def test_attention_paged(npu, shape, dtype, kind):
+    """No hints: every row attends over all S keys through the block table, the mask hides the rest."""
+    args, facts = attention_case(shape, kind, dtype)
     out = npu.attention(*args)
     ref = ops.attention.reference(*args)
     close(out, ref, dtype)
-    assert out.abs().max() < 50, "stale cache rows (|v| = 1000) must stay masked"
+    assert out[facts["valid"]].abs().max() < 50, "stale cache rows (|v| = 1000) must stay masked"
+    no_fallback(npu)
+    assert npu.attention_modes() == {"paged": 1}
+
+
+HINT_KINDS = {"prefill": "causal", "decode": "causal", "verify": "causal", "block": "prefix"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", SHAPE_PARAMS)
+def test_attention_with_host_hints(npu, shape, kind, monkeypatch):
+    """With the caller's host lengths: causal masks become sparse_mode=3 (rightDownCausal) over
+    actual_seq_lengths / actual_seq_lengths_kv, block drafting a plain kv length, sliding
+    windows stay explicit. Same result on every real query (padding queries are don't-care)."""
+    dtype = torch.bfloat16
+    args, facts = attention_case(shape, kind, dtype)
+    hint_kind = "explicit" if facts["window"] else HINT_KINDS[kind]
+    hints = AttentionHints(facts["kv_lengths"], facts["query_lengths"], kind=hint_kind)
+    seen = spy(npu, monkeypatch, "npu_fused_infer_attention_score")
+    with attention_hints(hints):
+        out = npu.attention(*args)
+    ref = ops.attention.reference(*args)
+    valid = facts["valid"]
+    close(out[valid], ref[valid], dtype)
+    (_, kwargs), = seen
+    assert kwargs["actual_seq_lengths_kv"] == facts["kv_lengths"]
+    t = args[0].shape[1]
+    if hint_kind == "causal" and t > 1:
+        assert kwargs["sparse_mode"] == 3 and kwargs["actual_seq_lengths"] == facts["query_lengths"]
+        assert kwargs["atten_mask"].shape == (2048, 2048) and kwargs["atten_mask"].dtype == torch.int8
+        assert torch.equal(kwargs["atten_mask"], torch.ones(2048, 2048, dtype=torch.int8).triu(1))
+    elif hint_kind == "explicit":
+        assert kwargs["sparse_mode"] == 0 and torch.equal(kwargs["atten_mask"], ~args[4])
+    else:                                         # prefix, or causal with one query per row
+        assert kwargs["sparse_mode"] == 0 and kwargs["atten_mask"] is None and kwargs["actual_seq_lengths"] is None
     no_fallback(npu)
 
 
 def test_attention_passes_the_documented_arguments(npu, monkeypatch):
-    seen = []
-    real = npu.torch_npu.npu_fused_infer_attention_score
-    monkeypatch.setattr(npu.torch_npu, "npu_fused_infer_attention_score",
-                        lambda *a, **k: seen.append((a, k)) or real(*a, **k))
-    q, k_cache, v_cache, slot_ids, mask, scale = attention_case(SHAPES[0], "verify", torch.bfloat16)
-    npu.attention(q, k_cache, v_cache, slot_ids, mask, scale)
+    seen = spy(npu, monkeypatch, "npu_fused_infer_attention_score")
+    (q, k_cache, v_cache, table, mask, scale), _ = attention_case(SHAPES[0], "verify", torch.bfloat16)
+    npu.attention(q, k_cache, v_cache, table, mask, scale)
     (args, kwargs), = seen
     query, key, value = args
-    assert query.shape == (3, 4, 9, 64) and key.shape == value.shape == (3, mask.shape[-1], 3, 64)
-    assert torch.equal(key, k_cache[slot_ids, : mask.shape[-1]]) and key.is_contiguous()
+    blocks = k_cache.shape[0]
+    assert query.shape == (3, 4, 9, 64)
+    assert key.shape == value.shape == (blocks, 128, 3 * 64), "paged BSND takes (blocknum, block_size, H)"
+    assert key.data_ptr() == k_cache.data_ptr() and value.data_ptr() == v_cache.data_ptr(), "a view, no copy"
+    assert kwargs.pop("block_table") is table and table.dtype == torch.int32
     assert torch.equal(kwargs.pop("atten_mask"), ~mask), "torch_npu masks OUT where True"
-    assert kwargs == dict(num_heads=9, num_key_value_heads=3, scale=scale, input_layout="BSND", sparse_mode=0,
-                          inner_precise=0)
+    assert kwargs == dict(actual_seq_lengths=None, actual_seq_lengths_kv=[mask.shape[-1]] * 3, num_heads=9,
+                          scale=scale, input_layout="BSND", num_key_value_heads=3, sparse_mode=0, inner_precise=0,
+                          block_size=128)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_attention_with_small_blocks_gathers_or_pages_by_branch(npu, kind, monkeypatch, caplog):
+    """block_size 16: Q_S == 1 (decode) may page (a multiple of 16), Q_S > 1 may not (needs a
+    multiple of 128): those rows' blocks are gathered first, announced once."""
+    seen = spy(npu, monkeypatch, "npu_fused_infer_attention_score")
+    args, _ = attention_case(SHAPES[1], kind, torch.bfloat16, block_size=16)
+    with caplog.at_level("WARNING", logger="ops"):
+        close(npu.attention(*args), ops.attention.reference(*args), torch.bfloat16)
+        npu.attention(*args)
+    (call_args, kwargs), _ = seen
+    if kind == "decode":
+        assert npu.attention_modes() == {"paged": 2} and kwargs["block_size"] == 16
+    else:
+        assert npu.attention_modes() == {"gathered": 2}
+        assert kwargs["block_table"] is None and kwargs["block_size"] == 0
+        assert call_args[1].shape == (3, args[4].shape[-1], 8, 128) and call_args[1].is_contiguous()
+        assert sum("gathers K/V" in r.message for r in caplog.records) == 1
+    no_fallback(npu)
+
+
+def test_attention_hints_must_fit_the_call(npu):
+    args, facts = attention_case(SHAPES[1], "verify", torch.bfloat16)
+    with attention_hints(AttentionHints(facts["kv_lengths"][:2])), pytest.raises(ValueError, match="do not fit"):
+        npu.attention(*args)
+    with attention_hints(AttentionHints([10_000] * 3)), pytest.raises(ValueError, match="do not fit"):
+        npu.attention(*args)
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
 def test_attention_float32_and_odd_head_dims_run_the_reference(npu, kind):
     """FIA takes fp16/bf16 queries only and D % 16 == 0: float32, or D = 40, run the reference."""
-    q, k_cache, v_cache, slot_ids, mask, scale = attention_case(SHAPES[0], kind, torch.float32)
-    assert torch.equal(npu.attention(q, k_cache, v_cache, slot_ids, mask, scale),
-                       ops.attention.reference(q, k_cache, v_cache, slot_ids, mask, scale))
+    args, _ = attention_case(SHAPES[0], kind, torch.float32)
+    assert torch.equal(npu.attention(*args), ops.attention.reference(*args))
     odd = Shape("d40", hidden=80, heads=2, kv_heads=1, head_dim=40, intermediate=8)
-    args = attention_case(odd, kind, torch.bfloat16)
+    args, _ = attention_case(odd, kind, torch.bfloat16)
     assert torch.equal(npu.attention(*args), ops.attention.reference(*args))
     assert sorted(npu.fallbacks()) == [
         ("attention", "npu_fused_infer_attention_score needs D <= 512 and a multiple of 16 for fp16/bf16, got 40"),
@@ -370,13 +506,76 @@ def test_attention_float32_and_odd_head_dims_run_the_reference(npu, kind):
 
 def test_the_double_would_reject_what_the_backend_avoids(npu):
     """The guards are not decoration: the hardware limits they avoid are enforced by the double."""
-    q, k_cache, v_cache, slot_ids, mask, scale = attention_case(SHAPES[0], "prefill", torch.float32)
-    key = k_cache[:, : mask.shape[-1]].index_select(0, slot_ids)
+    (q, k_cache, v_cache, table, mask, scale), _ = attention_case(SHAPES[0], "prefill", torch.float32)
+    key = k_cache.view(k_cache.shape[0], 128, -1)
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         npu.torch_npu.npu_fused_infer_attention_score(q, key, key, num_heads=9, num_key_value_heads=3,
-                                                      input_layout="BSND")
+                                                      input_layout="BSND", block_table=table, block_size=128,
+                                                      actual_seq_lengths_kv=[7, 7, 7])
     with pytest.raises(TypeError, match="float16/bfloat16/int8"):
-        npu.torch_npu.npu_scatter_pa_kv_cache(key[0], key[0], k_cache, v_cache,
-                                              torch.zeros(key.shape[1], dtype=torch.int32), cache_mode="Norm")
+        npu.torch_npu.npu_scatter_pa_kv_cache(k_cache[0, :4], k_cache[0, :4], k_cache, v_cache,
+                                              torch.arange(4, dtype=torch.int32), cache_mode="Norm")
     with pytest.raises(TypeError, match="gamma dtype"):
         npu.torch_npu.npu_rms_norm(q.bfloat16(), torch.ones(64), epsilon=1e-6)
+    (q, k_cache, v_cache, table, _, _), _ = attention_case(SHAPES[0], "prefill", torch.bfloat16, block_size=16)
+    with pytest.raises(ValueError, match="multiple of 128"):          # what the "gathered" mode avoids
+        npu.torch_npu.npu_fused_infer_attention_score(
+            q, k_cache.flatten(2), v_cache.flatten(2), num_heads=9, num_key_value_heads=3, input_layout="BSND",
+            block_table=table, block_size=16, actual_seq_lengths_kv=[7, 7, 7])
+
+
+# -- attention in an NPU graph -------------------------------------------------------------
+@pytest.fixture
+def npu_graph_platform(npu, monkeypatch):
+    """An NpuPlatform on the double (whose graphs the backend registers its attention with)."""
+    from ascend_dspark.platform import npu as npu_platform
+
+    fake_torch_npu.patch_npu_platform(monkeypatch)
+    monkeypatch.setattr(npu_platform, "_TORCH_NPU", sys.modules["torch_npu"])
+    return npu_platform.NpuPlatform()
+
+
+def test_attention_in_a_graph_refreshes_its_lengths_before_each_replay(npu, npu_graph_platform):
+    """Captured under hints, replayed after `hints.update(...)`: the graph re-issues the fused
+    attention (.out, max workspace) with the new lengths before each replay; results equal an
+    eager call with those lengths. The double refuses a replay without that update."""
+    args, facts = attention_case(SHAPES[1], "verify", torch.bfloat16)
+    q, k_cache, v_cache, table, mask, scale = args
+    hints = AttentionHints(facts["kv_lengths"], facts["query_lengths"], kind="causal")
+    q_static = q.clone()
+
+    def step():
+        with attention_hints(hints):
+            return npu.attention(q_static, k_cache, v_cache, table, mask, scale)
+
+    graph = npu_graph_platform.graph()
+    out = graph.capture(step)
+    with attention_hints(hints):
+        close(out, npu.attention(*args), torch.bfloat16)
+    tasks = graph._tasks
+    assert len(tasks) == 1
+    recorded = [r.func._schema.name for r in graph._graph._records]
+    assert "npu::_npu_fused_infer_attention_score_get_max_workspace" in recorded
+    assert [str(r.func) for r in tasks[0].handle.records] == ["npu.npu_fused_infer_attention_score.out"]
+
+    # the next step: one more accepted token per row, new queries copied into the static buffer
+    new_q = randn(*q.shape, dtype=q.dtype, seed=9)
+    q_static.copy_(new_q)
+    new_kv = [n - 1 for n in facts["kv_lengths"]]                  # e.g. after a rollback
+    hints.update(new_kv, facts["query_lengths"])
+    graph.replay()
+    with attention_hints(AttentionHints(new_kv, facts["query_lengths"], kind="causal")):
+        eager = npu.attention(new_q, k_cache, v_cache, table, mask, scale)
+    assert torch.equal(out, eager)
+    events = [e[0] for e in graph._graph.events]
+    assert events == ["capture_begin", "capture_end", "task_update", "replay", "task_update", "replay"]
+    with pytest.raises(RuntimeError, match="without a sequence-length update"):
+        graph._graph.replay()
+
+
+def test_attention_captured_outside_the_platform_graph_is_refused(npu, npu_graph_platform):
+    args, _ = attention_case(SHAPES[1], "verify", torch.bfloat16)
+    npu.attention(*args)                                          # eager first, as a warmup would
+    with pytest.raises(RuntimeError, match="outside Platform.graph"):
+        with torch.npu.graph(torch.npu.NPUGraph()):
+            npu.attention(*args)

@@ -143,14 +143,88 @@ def test_fia_sparse_mode_3_is_right_down_causal(tnpu):
 def test_fia_refuses_what_it_does_not_model(tnpu):
     q, k, v = _qkv()
     kw = dict(num_heads=4, num_key_value_heads=2, input_layout="BSND")
-    with pytest.raises(NotImplementedError, match="'block_table'"):
-        tnpu.npu_fused_infer_attention_score(q, k, v, block_table=torch.zeros(2, 1, dtype=torch.int32), **kw)
+    with pytest.raises(NotImplementedError, match="'query_padding_size'"):
+        tnpu.npu_fused_infer_attention_score(q, k, v, query_padding_size=torch.zeros(2, dtype=torch.long), **kw)
     with pytest.raises(NotImplementedError, match="'input_layout'"):
         tnpu.npu_fused_infer_attention_score(q, k, v, num_heads=4, input_layout="TND")
     with pytest.raises(TypeError, match="float16 or bfloat16"):
         tnpu.npu_fused_infer_attention_score(q.float(), k.float(), v.float(), **kw)
     with pytest.raises(ValueError, match="N axis"):
         tnpu.npu_fused_infer_attention_score(q, k, v, num_heads=8, num_key_value_heads=2, input_layout="BSND")
+
+
+# -- page attention ------------------------------------------------------------------------
+def _paged(batch=2, q_len=3, heads=4, kv_heads=2, dim=64, block=128, table_width=2, num_blocks=6, seed=0):
+    """q, paged caches (blocknum, block, N, D), a block table using distinct blocks, and the
+    same K/V gathered per row (B, table_width * block, N, D)."""
+    g = torch.Generator().manual_seed(seed)
+    q = _half(torch.randn(batch, q_len, heads, dim, generator=g))
+    k_cache = _half(torch.randn(num_blocks, block, kv_heads, dim, generator=g))
+    v_cache = _half(torch.randn(num_blocks, block, kv_heads, dim, generator=g))
+    table = torch.randperm(num_blocks, generator=g)[: batch * table_width].view(batch, table_width).int()
+    k_rows = k_cache[table.long()].flatten(1, 2)
+    v_rows = v_cache[table.long()].flatten(1, 2)
+    return q, k_cache, v_cache, table, k_rows, v_rows
+
+
+def test_fia_page_attention_reads_through_the_block_table(tnpu):
+    q, k_cache, v_cache, table, k_rows, v_rows = _paged()
+    kv_lens = [150, 256]
+    kw = dict(num_heads=4, num_key_value_heads=2, scale=0.125, input_layout="BSND")
+    out, _ = tnpu.npu_fused_infer_attention_score(
+        q, k_cache.flatten(2), v_cache.flatten(2), block_table=table, block_size=128,
+        actual_seq_lengths_kv=kv_lens, **kw)
+    for b, n in enumerate(kv_lens):
+        torch.testing.assert_close(out[b:b + 1].float(), _sdpa_bsnd(q[b:b + 1], k_rows[b:b + 1, :n],
+                                                                    v_rows[b:b + 1, :n], 0.125),
+                                   atol=2e-3, rtol=2e-3)
+    # an explicit (B, 1, Q_S, KV_S) mask on top, KV_S = table width * block_size
+    masked = torch.rand(2, 1, 3, 256) < 0.3
+    masked[..., 0] = False
+    out_m, _ = tnpu.npu_fused_infer_attention_score(
+        q, k_cache.flatten(2), v_cache.flatten(2), block_table=table, block_size=128, atten_mask=masked,
+        actual_seq_lengths_kv=[256, 256], **kw)
+    torch.testing.assert_close(out_m.float(), _sdpa_bsnd(q, k_rows, v_rows, 0.125, mask=~masked), atol=2e-3, rtol=2e-3)
+    # decode (Q_S == 1) accepts 16-aligned blocks; BNSD queries also take (blocknum, N, block, D) caches
+    q1, k16, v16, t16, k16_rows, v16_rows = _paged(q_len=1, block=16, table_width=3, num_blocks=8)
+    out1, _ = tnpu.npu_fused_infer_attention_score(
+        q1.transpose(1, 2).contiguous(), k16.transpose(1, 2).contiguous(), v16.transpose(1, 2).contiguous(),
+        block_table=t16, block_size=16, actual_seq_lengths_kv=[40, 48], num_heads=4, num_key_value_heads=2,
+        scale=0.125, input_layout="BNSD")
+    torch.testing.assert_close(out1[:1].transpose(1, 2).float(),
+                               _sdpa_bsnd(q1[:1], k16_rows[:1, :40], v16_rows[:1, :40], 0.125), atol=2e-3, rtol=2e-3)
+
+
+def test_fia_page_attention_rules(tnpu, monkeypatch):
+    q, k_cache, v_cache, table, _, _ = _paged()
+    key, value = k_cache.flatten(2), v_cache.flatten(2)
+    kw = dict(num_heads=4, num_key_value_heads=2, input_layout="BSND")
+
+    def call(**over):
+        args = dict(block_table=table, block_size=128, actual_seq_lengths_kv=[200, 200], **kw)
+        args.update(over)
+        return tnpu.npu_fused_infer_attention_score(q, args.pop("key", key), args.pop("value", value), **args)
+
+    call()
+    with pytest.raises(ValueError, match="needs actual_seq_lengths_kv"):
+        call(actual_seq_lengths_kv=None)
+    with pytest.raises(TypeError, match="int32"):
+        call(block_table=table.long())
+    with pytest.raises(ValueError, match="multiple of 128"):        # Q_S > 1
+        call(key=k_cache[:, :64].flatten(2).contiguous(), value=v_cache[:, :64].flatten(2).contiguous(),
+             block_size=64, actual_seq_lengths_kv=[100, 100])
+    with pytest.raises(ValueError, match="BNSD/TND"):                # (blocknum, N, block, D) with a BSND query
+        call(key=k_cache.transpose(1, 2).contiguous(), value=v_cache.transpose(1, 2).contiguous())
+    with pytest.raises(ValueError, match="outside"):                 # block ids are not checked by the kernel
+        call(block_table=torch.tensor([[0, 9], [1, 2]], dtype=torch.int32))
+    call(block_table=torch.tensor([[0, 9], [1, 2]], dtype=torch.int32), actual_seq_lengths_kv=[100, 200])
+    with pytest.raises(ValueError, match=r"\[0, 256\]"):
+        call(actual_seq_lengths_kv=[300, 10])
+    with pytest.raises(ValueError, match="need 4 blocks"):
+        tnpu.npu_fused_infer_attention_score(q, key[:3].contiguous(), value[:3].contiguous(), block_table=table,
+                                             block_size=128, actual_seq_lengths_kv=[256, 129], **kw)
+    with pytest.raises(ValueError, match="KV_S=256"):                # mask narrower than the blocks read
+        call(atten_mask=torch.zeros(2, 1, 3, 128, dtype=torch.bool), actual_seq_lengths_kv=[256, 256])
 
 
 # -- KV cache and sampling -----------------------------------------------------------------
@@ -168,6 +242,16 @@ def test_scatter_pa_kv_cache_writes_slots_in_place(tnpu):
     assert key_cache.count_nonzero() == key.count_nonzero()
     with pytest.raises(ValueError, match="no -1 padding"):
         tnpu.npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, torch.tensor([0, 1, -1]), cache_mode="Norm")
+
+
+def test_scatter_pa_kv_cache_rejects_duplicate_slots(tnpu):
+    """The kernel leaves the winner of two writes to one row unspecified: the double refuses."""
+    key, value = _half(torch.randn(3, 2, 8)), _half(torch.randn(3, 2, 8))
+    key_cache, value_cache = _half(torch.zeros(4, 16, 2, 8)), _half(torch.zeros(4, 16, 2, 8))
+    with pytest.raises(ValueError, match=r"duplicate slots \[17\]"):
+        tnpu.npu_scatter_pa_kv_cache(key, value, key_cache, value_cache, torch.tensor([17, 3, 17], dtype=torch.int32),
+                                     cache_mode="Norm")
+    assert key_cache.count_nonzero() == 0, "nothing is written"
 
 
 def _top_k_top_p_reference(logits, p, k):
@@ -241,30 +325,125 @@ def test_update_needs_auto_dispatch_capture(tnpu):
         g.update([{"actual_seq_lengths_kv": [3]}])
 
 
-def test_task_group_update_rewrites_the_captured_task(tnpu):
-    q, k, v, kw = _fia_args()
-    out = [torch.empty_like(q), torch.empty(1)]
-    ws = tnpu._npu_fused_infer_attention_score_get_max_workspace(q, k, v, **kw)
+def _capture_fia_task_group(tnpu, q, k, v, kw, lens, out, ws, event=True):
+    """The documented capture side of a graph task update (torch_npu test_aclgraph_update.py)."""
     g = torch.npu.NPUGraph()
+    ext = torch.npu.ExternalEvent()
     with torch.npu.graph(g):
         s = torch.npu.current_stream()
+        if event:
+            ext.wait(s)
+            ext.reset(s)
         torch.npu.graph_task_group_begin(s)
-        tnpu.npu_fused_infer_attention_score.out(q, k, v, actual_seq_lengths_kv=[2], workspace=ws, out=out, **kw)
+        tnpu.npu_fused_infer_attention_score.out(q, k, v, actual_seq_lengths_kv=lens, workspace=ws, out=out, **kw)
         handle = torch.npu.graph_task_group_end(s)
+    return g, handle, ext
+
+
+def _update(tnpu, q, k, v, kw, lens, out, ws, handle, ext=None):
     update_stream = torch.npu.Stream()
     with torch.npu.stream(update_stream):
         torch.npu.graph_task_update_begin(update_stream, handle)
-        tnpu.npu_fused_infer_attention_score.out(q, k, v, actual_seq_lengths_kv=[4], workspace=ws, out=out, **kw)
+        tnpu.npu_fused_infer_attention_score.out(q, k, v, actual_seq_lengths_kv=lens, workspace=ws, out=out, **kw)
         torch.npu.graph_task_update_end(update_stream)
-    out[0].zero_()
+        if ext is not None:
+            ext.record(update_stream)
+
+
+def test_task_group_update_rewrites_the_captured_task(tnpu):
+    q, k, v, kw = _fia_args()
+    out = [torch.zeros_like(q), torch.zeros(1)]
+    ws = tnpu._npu_fused_infer_attention_score_get_max_workspace(q, k, v, **kw)
+    g, handle, ext = _capture_fia_task_group(tnpu, q, k, v, kw, [2], out, ws)
+    assert out[0].count_nonzero() == 0, "capture computes nothing"
+    _update(tnpu, q, k, v, kw, [4], out, ws, handle, ext)
+    assert out[0].count_nonzero() == 0, "an update re-issues the task; it runs at the next replay"
     g.replay()
     expect, _ = tnpu.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=[4], **kw)
     assert torch.equal(out[0], expect)
     assert [e[0] for e in g.events] == ["capture_begin", "capture_end", "task_update", "replay"]
-    torch.npu.graph_task_update_begin(update_stream, handle)
+    torch.npu.graph_task_update_begin(torch.npu.Stream(), handle)
     tnpu.npu_fused_infer_attention_score.out(q, k, v, workspace=ws, out=[torch.empty_like(q), torch.empty(1)], **kw)
     with pytest.raises(RuntimeError, match="captured outputs"):
-        torch.npu.graph_task_update_end(update_stream)
+        torch.npu.graph_task_update_end(torch.npu.Stream())
+
+
+def test_replay_checks_capture_update_replay_order(tnpu):
+    """Every replay of a graph with task groups needs a fresh update, signalled through the
+    ExternalEvent the group waits on: capture -> update -> replay, each step."""
+    q, k, v, kw = _fia_args()
+    out = [torch.empty_like(q), torch.empty(1)]
+    ws = tnpu._npu_fused_infer_attention_score_get_max_workspace(q, k, v, **kw)
+    g, handle, ext = _capture_fia_task_group(tnpu, q, k, v, kw, [2], out, ws)
+    with pytest.raises(RuntimeError, match="without a sequence-length update"):
+        g.replay()                                             # straight after capture
+    _update(tnpu, q, k, v, kw, [3], out, ws, handle)           # updated, but the event not recorded
+    with pytest.raises(RuntimeError, match="not recorded after the update"):
+        g.replay()
+    ext.record(torch.npu.current_stream())
+    g.replay()
+    with pytest.raises(RuntimeError, match="without a sequence-length update"):
+        g.replay()                                             # the next step needs its own update
+    for lens in ([5], [6]):
+        _update(tnpu, q, k, v, kw, lens, out, ws, handle, ext)
+        g.replay()
+        assert torch.equal(out[0], tnpu.npu_fused_infer_attention_score(q, k, v, actual_seq_lengths_kv=lens, **kw)[0])
+    g2, handle2, _ = _capture_fia_task_group(tnpu, q, k, v, kw, [2], out, ws, event=False)
+    _update(tnpu, q, k, v, kw, [3], out, ws, handle2)
+    with pytest.raises(RuntimeError, match="waits on no ExternalEvent"):
+        g2.replay()
+
+
+def test_capture_executes_nothing(tnpu):
+    """As on the device: fresh outputs are garbage (NaN / max int / True) until a replay, tensors
+    that existed before the capture are not written, views are real, replay computes."""
+    x, cache, idx = torch.arange(4.0), torch.zeros(3, 4), torch.tensor([2])
+    g = torch.npu.NPUGraph()
+    with torch.npu.graph(g):
+        y = x * 2 + 1
+        n = (x > 1).sum()
+        flags = x > 1
+        cache.index_copy_(0, idx, y.unsqueeze(0))
+        view = cache[2]
+        out = [torch.empty(4), torch.empty(1)]
+    assert y.isnan().all() and n == torch.iinfo(torch.long).max and flags.all()
+    assert cache.count_nonzero() == 0, "capture launches no kernel: the cache keeps its bytes"
+    assert view.data_ptr() == cache[2].data_ptr()
+    assert out[0].isnan().all()
+    g.replay()
+    assert torch.equal(y, x * 2 + 1) and n == 2 and torch.equal(flags, x > 1)
+    assert torch.equal(cache[2], x * 2 + 1) and torch.equal(view, x * 2 + 1)
+    with pytest.raises(RuntimeError, match="cannot be captured"):     # output shape from data
+        with torch.npu.graph(torch.npu.NPUGraph()):
+            x[x > 1]
+
+
+def test_npu_ops_check_their_arguments_during_capture(tnpu):
+    """Binding, dtypes and layouts are the host side of a launch: checked in the capture too."""
+    q, k, v, kw = _fia_args()
+    with pytest.raises(TypeError, match="float16 or bfloat16"):
+        with torch.npu.graph(torch.npu.NPUGraph()):
+            tnpu.npu_fused_infer_attention_score(q.float(), k.float(), v.float(), **kw)
+    key, value = _half(torch.randn(2, 2, 8)), _half(torch.randn(2, 2, 8))
+    caches = _half(torch.zeros(2, 16, 2, 8)), _half(torch.zeros(2, 16, 2, 8))
+    same = torch.tensor([3, 3], dtype=torch.int32)
+    g = torch.npu.NPUGraph()
+    with torch.npu.graph(g):               # slot values are device data: not checked at capture ...
+        tnpu.npu_scatter_pa_kv_cache(key, value, *caches, same, cache_mode="Norm")
+    with pytest.raises(ValueError, match="duplicate slots"):
+        g.replay()                         # ... but when the kernel runs
+
+
+@pytest.mark.parametrize("read", ["item", "int", "float", "bool", "tolist", "numpy", "synchronize"])
+def test_host_sync_during_capture_raises(tnpu, read):
+    x = torch.arange(3.0)
+    reads = {"item": lambda: x.sum().item(), "int": lambda: int(x[0]), "float": lambda: float(x[0]),
+             "bool": lambda: bool(x[0]), "tolist": lambda: x.tolist(), "numpy": lambda: x.numpy(),
+             "synchronize": lambda: torch.npu.synchronize()}
+    with pytest.raises(RuntimeError, match="107027"):
+        with torch.npu.graph(torch.npu.NPUGraph()):
+            reads[read]()
+    assert x.tolist() == [0.0, 1.0, 2.0] and x.numpy().shape == (3,), "restored after the capture"
 
 
 def test_capture_rules(tnpu, monkeypatch):

@@ -148,12 +148,27 @@ def test_checker_covers_the_npu_ops_backend(tmp_path, contract):
     source = backend.read_text()
     ops_called = {op for op in {o.split(".")[0] for o in contract["ops"]} if f"torch_npu.{op}(" in source}
     assert ops_called == {"npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
-                          "npu_scatter_pa_kv_cache", "npu_fused_infer_attention_score"}
+                          "npu_scatter_pa_kv_cache", "npu_fused_infer_attention_score",
+                          "_npu_fused_infer_attention_score_get_max_workspace"}
+    assert "torch_npu.npu_fused_infer_attention_score.out(" in source      # the graph-capture form
     assert stats["calls"] >= len(ops_called)
     drifted = tmp_path / "npu.py"  # the same file with one keyword misspelt must be caught
     drifted.write_text(source.replace("epsilon=float(eps))\n    return y\n", "eps=float(eps))\n    return y\n", 1))
     violations = npu_contract.check_calls([drifted], contract)
     assert len(violations) == 1 and "unknown keyword 'eps'" in violations[0].message, violations
+
+
+def test_checker_covers_the_graph_task_update_and_soc_query(contract):
+    """The calls the NPU platform needs for SoC choice and graph task updates are pinned and bind."""
+    platform_src = ROOT / "ascend_dspark" / "platform" / "npu.py"
+    assert npu_contract.check_calls([platform_src], contract) == []
+    source = platform_src.read_text()
+    for call in ("torch.npu.get_soc_version()", "torch.npu.graph_task_group_begin(", "torch.npu.graph_task_group_end(",
+                 "torch.npu.graph_task_update_begin(", "torch.npu.graph_task_update_end(", "torch.npu.ExternalEvent()"):
+        assert call in source, call
+    assert contract["python_api"]["get_soc_version"] == {"defined_in": "torch_npu/npu/_backends.py",
+                                                         "kind": "function", "call": "()"}
+    assert "get_soc_version" not in contract["npu_all"], "reachable, but not in torch_npu.npu.__all__"
 
 
 def test_checker_catches_drift(tmp_path, contract):
