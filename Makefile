@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON_BOOT))
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install run test test-cuda mutants bench clean
+.PHONY: install run serve test test-cuda mutants bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON_BOOT) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/ascend-dspark generate --prompt "$(PROMPT)" --drafter dspark --max-tokens 64
+
+# The OpenAI-compatible server (default model + its shipped DSpark draft) on 127.0.0.1:8000;
+# every setting is a flag or an ASCEND_DSPARK_SERVE_* variable (serving/README.md).
+SERVE_ARGS ?=
+serve: install
+	$(BIN)/ascend-dspark serve $(SERVE_ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,4 +1,4 @@
-"""`ascend-dspark` command line: generate, doctor, regen, train, eval."""
+"""`ascend-dspark` command line: generate, doctor, serve, regen, train, eval."""
 
 from __future__ import annotations
 
@@ -45,6 +45,19 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from serving.config import from_args
+
+    config = from_args(args).validate()          # a ConfigError (ValueError) is one clean error line
+    import uvicorn
+
+    from serving.factory import create_app
+
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
+                timeout_graceful_shutdown=config.shutdown_grace_s)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ascend-dspark", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -65,6 +78,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     doc = sub.add_parser("doctor", help="which devices are usable here, and why not")
     doc.set_defaults(func=_doctor)
+    from serving.config import add_arguments
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (settings: flags or ASCEND_DSPARK_SERVE_* env)")
+    add_arguments(serve)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=_serve)
     from ascend_dspark.training.cli import add_train_parser
     from ascend_dspark.training.evaluate import add_eval_parser
     from ascend_dspark.training.regen import add_regen_parser

@@ -1,0 +1,184 @@
+"""Server settings: one dataclass, filled from `ASCEND_DSPARK_SERVE_*` environment variables
+(`uvicorn serving.app:app`) or from `ascend-dspark serve` flags, and checked before any model
+is loaded, so a typo fails in a second with a message naming the variable instead of after
+a model load or, worse, on the first request.
+
+Every field has one environment variable: `ASCEND_DSPARK_SERVE_` + the field name in upper
+case (`max_num_seqs` -> `ASCEND_DSPARK_SERVE_MAX_NUM_SEQS`). serving/README.md lists them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Mapping
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "ASCEND_DSPARK_SERVE_"
+LOOPBACK = "127.0.0.1"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names the variable / flag and what is allowed."""
+
+
+@dataclass
+class ServerConfig:
+    # what to serve (the defaults: the embedded SmolLM2 and its shipped DSpark draft)
+    model: str = "default"
+    drafter: str = "dspark"
+    num_speculative_tokens: int = 7
+    device: str | None = None              # None: detect (NPU > CUDA > CPU) or ASCEND_DSPARK_DEVICE
+    dtype: str | None = None               # None: the device's default
+    served_model_name: str | None = None   # the `model` clients send; None: the value of `model`
+    seed: int = 0                          # initialises a drafter that has no checkpoint
+    # capacity
+    max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
+    max_model_len: int = 2048              # prompt + output tokens of one sequence
+    queue_size: int = 64                   # sequences waiting for a slot before 429s start
+    max_n: int = 16                        # largest `n` (choices per request) accepted
+    request_timeout_s: float = 600.0       # a request still running after this is aborted
+    shutdown_grace_s: float = 30.0         # on shutdown, in-flight requests get this long to finish
+    # exposure
+    host: str = LOOPBACK
+    port: int = 8000
+    api_key: str | None = field(default=None, repr=False)
+    max_body_bytes: int = 1 << 20
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    @property
+    def capacity(self) -> int:
+        """Sequences admitted at once: running plus waiting."""
+        return self.max_num_seqs + self.queue_size
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "ServerConfig":
+        """Defaults, then `ASCEND_DSPARK_SERVE_*` variables, then `overrides` (flags; None
+        means "not given"). Raises ConfigError for a value of the wrong type."""
+        environ = os.environ if environ is None else environ
+        values = {}
+        for f in fields(cls):
+            name = env_name(f.name)
+            raw = environ.get(name)
+            if raw is not None and raw.strip() != "":
+                values[f.name] = _convert(f, raw.strip(), name)
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def validate(self) -> "ServerConfig":
+        """Check everything that can be checked without loading a model; raise ConfigError
+        listing every problem at once."""
+        problems = []
+
+        def need(ok: bool, name: str, message: str) -> None:
+            if not ok:
+                problems.append(f"{env_name(name)} (--{name.replace('_', '-')}): {message}")
+
+        for name in ("max_num_seqs", "max_n", "port", "max_body_bytes", "num_speculative_tokens"):
+            need(getattr(self, name) >= 1 if name != "port" else 0 <= self.port <= 65535, name,
+                 f"must be {'in 0..65535' if name == 'port' else '>= 1'}, got {getattr(self, name)}")
+        need(self.max_model_len >= 2, "max_model_len", f"must be >= 2, got {self.max_model_len}")
+        need(self.queue_size >= 0, "queue_size", f"must be >= 0, got {self.queue_size}")
+        need(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
+        need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
+        need(0 <= self.seed < 2**63, "seed", f"must be in [0, 2**63), got {self.seed}")
+        need(self.api_key is None or len(self.api_key) >= 8, "api_key", "must be at least 8 characters")
+        need(bool(self.host.strip()), "host", "must not be empty")
+
+        from ascend_dspark.engine.llm import DRAFTER_KINDS, DTYPES
+        from ascend_dspark.models.loader import DEFAULT_NAMES
+
+        need(self.model.lower() in DEFAULT_NAMES or Path(self.model).expanduser().exists(), "model",
+             f"{self.model!r} is neither {' / '.join(DEFAULT_NAMES)} nor an existing model directory or .gguf file")
+        need(self.drafter in DRAFTER_KINDS or Path(self.drafter).expanduser().exists(), "drafter",
+             f"{self.drafter!r} is neither one of {', '.join(DRAFTER_KINDS)} nor an existing checkpoint directory")
+        need(self.dtype is None or self.dtype in DTYPES, "dtype",
+             f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
+        device_problem = _device_problem(self.device)
+        need(device_problem is None, "device", device_problem or "")
+        if problems:
+            raise ConfigError("invalid server configuration:\n  " + "\n  ".join(problems))
+        if not _is_loopback(self.host) and self.api_key is None:
+            logger.warning("serving on %s without an API key: anyone who can reach this address can use "
+                           "the model (set %s)", self.host, env_name("api_key"))
+        return self
+
+    def replace(self, **changes) -> "ServerConfig":
+        return dataclasses.replace(self, **changes)
+
+
+_HELP = {
+    "model": "'default' (SmolLM2-135M-Instruct), an HF model directory or a .gguf file",
+    "drafter": "none | eagle3 | dflash | dspark | a checkpoint directory",
+    "device": "cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)",
+    "dtype": "float32 | bfloat16 | float16 (default: the device's)",
+    "served_model_name": "the model name clients send (default: the value of --model)",
+    "max_num_seqs": "sequences decoded at once",
+    "queue_size": "sequences waiting for a slot before requests get 429",
+    "max_n": "largest n (choices per request)",
+    "host": "address to bind; anything but loopback exposes the server",
+    "api_key": "require 'Authorization: Bearer KEY' on /v1 (prefer the environment variable)",
+}
+
+
+def add_arguments(parser) -> None:
+    """One flag per setting (`--max-num-seqs` for `max_num_seqs`); unset flags fall back to
+    the environment, then to the defaults."""
+    for f in fields(ServerConfig):
+        kind = f.type if isinstance(f.type, str) else str(f.type)
+        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
+        default = f.default if f.default is not dataclasses.MISSING else None
+        help_ = _HELP.get(f.name, f.name.replace("_", " "))
+        shown = "" if f.name == "api_key" or default is None else f"; default {default}"
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
+                            help=f"{help_} (env {env_name(f.name)}{shown})")
+
+
+def from_args(args, environ: Mapping[str, str] | None = None) -> ServerConfig:
+    return ServerConfig.from_env(environ, **{f.name: getattr(args, f.name, None) for f in fields(ServerConfig)})
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def _convert(f: dataclasses.Field, raw: str, name: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    try:
+        if kind.startswith("int"):
+            return int(raw)
+        if kind.startswith("float"):
+            return float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be {'an integer' if kind.startswith('int') else 'a number'}, "
+                          f"got {raw!r}") from None
+    return raw
+
+
+def _device_problem(device: str | None) -> str | None:
+    if device is None:
+        return None
+    from ascend_dspark.platform import make_platform
+
+    try:
+        make_platform(device)
+    except (ValueError, RuntimeError) as exc:
+        return str(exc)
+    return None
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

@@ -1,0 +1,91 @@
+"""`create_app(config)`: the FastAPI application of one server.
+
+The model is loaded in the lifespan (so `uvicorn` binds its port only once the engine is
+ready, and a load failure stops the server before it accepts anything), on the engine
+loop's own thread (see engine_loop.py). Shutdown is graceful: uvicorn first lets open
+requests finish (or cancels them after `--timeout-graceful-shutdown`, which aborts their
+engine requests); then new requests are refused, whatever is still admitted gets up to
+`shutdown_grace_s` to finish, the rest is aborted and the loop thread ends.
+
+Routes live in one router per concern (openai_api, system_api); a new page or static
+directory is one more router included here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from .config import ServerConfig
+from .engine_loop import EngineLoop
+from .errors import install_handlers
+from .metrics import Metrics
+from .middleware import ApiKey, BodyLimit
+from .state import ServerState
+from .system_api import package_version
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    from . import openai_api, system_api
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        state = await asyncio.to_thread(start_engine, config)
+        app.state.server = state
+        try:
+            yield
+        finally:
+            await shutdown(state, config.shutdown_grace_s)
+            app.state.server = None
+
+    app = FastAPI(title="ascend-dspark", version=package_version(), lifespan=lifespan,
+                  description="OpenAI-compatible server over the DSpark speculative decoding engine")
+    app.state.config = config
+    app.state.server = None
+    install_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(ApiKey, api_key=config.api_key)           # outermost: before the body is read
+    app.include_router(openai_api.router)
+    app.include_router(system_api.router)
+    return app
+
+
+def start_engine(config: ServerConfig) -> ServerState:
+    """Build the LLM on the engine loop's thread and start serving; blocks until ready."""
+    from ascend_dspark.engine.llm import LLM
+
+    metrics = Metrics(config.model_name)
+    loop = EngineLoop(metrics, config.capacity)
+    built = {}
+
+    def build():
+        llm = LLM(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
+                  device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
+                  max_batch_size=config.max_num_seqs, seed=config.seed)
+        built["llm"] = llm
+        return llm.engine
+
+    t0 = time.perf_counter()
+    loop.start(build)
+    loop.wait_ready()
+    llm = built["llm"]
+    logger.info("engine ready in %.1f s: model %s, drafter %s (K=%d), %s", time.perf_counter() - t0,
+                config.model, config.drafter, llm.engine.num_speculative_tokens, llm.platform.describe())
+    return ServerState(config, loop, llm.tokenizer, metrics, llm.engine.num_speculative_tokens, llm.platform.name)
+
+
+async def shutdown(state: ServerState, grace_s: float) -> None:
+    loop = state.loop
+    loop.refuse_new()
+    deadline = time.monotonic() + grace_s
+    while loop.in_flight and loop.alive and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    if loop.in_flight:
+        logger.warning("shutting down: aborting %d unfinished sequences", loop.in_flight)
+    await asyncio.to_thread(loop.stop)

@@ -1,0 +1,260 @@
+"""From a validated OpenAI request to engine sequences and back, shared by /v1/completions
+and /v1/chat/completions: sampling parameters (with per-choice seeds), admission to the
+engine loop, waiting with a deadline while watching for the client leaving, and the
+accounting every response carries (usage, speculation statistics, logprobs).
+
+Seeds: choice 0 of a seeded request uses the seed itself, so `n=1, seed=s` reproduces the
+offline `LLM.generate(..., SamplingParams(seed=s))`; choice i > 0 uses a hash of (s, i),
+so the choices differ from each other yet the whole request reproduces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+
+from ascend_dspark.engine.outputs import RequestStats
+from ascend_dspark.engine.request import RequestDelta
+from ascend_dspark.spec.sampling import SamplingParams
+
+from .engine_loop import EngineUnavailable, QueueFull, Rejected, Sequence, Submission, TimedOut
+from .errors import APIError, error_body
+from .protocol import Speculation, Usage, _GenerationFields
+from .state import ServerState
+
+# The engine reports logprobs once SamplingParams has the field (RequestDelta.logprobs then
+# carries them); until then requests asking for them get `logprobs: null`.
+LOGPROBS_SUPPORTED = "logprobs" in {f.name for f in dataclasses.fields(SamplingParams)}
+RETRY_AFTER_S = 1
+
+
+def check_model(state: ServerState, model: str) -> None:
+    if model != state.config.model_name:
+        raise APIError(404, f"model '{model}' is not served here; this server serves '{state.config.model_name}'",
+                       param="model", code="model_not_found")
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    if seed is None or index == 0:
+        return seed
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def make_sequences(state: ServerState, req: _GenerationFields, prompts: list[list[int]], max_tokens: int | None,
+                   logprobs: int | None, prompt_param: str, request_id: str) -> list[Sequence]:
+    """n sequences per prompt, with everything the engine would refuse checked here first
+    so the client gets a 400 naming the parameter."""
+    cfg = state.config
+    if req.n > cfg.max_n:
+        raise APIError(400, f"n is {req.n}; this server allows at most {cfg.max_n}", param="n")
+    total = req.n * len(prompts)
+    if total > cfg.capacity:
+        raise APIError(400, f"the request asks for {total} sequences; this server holds at most {cfg.capacity}",
+                       param="n")
+    sequences = []
+    for p, ids in enumerate(prompts):
+        if len(ids) >= cfg.max_model_len:
+            raise APIError(400, f"the prompt has {len(ids)} tokens, but this model's maximum length is "
+                                f"{cfg.max_model_len} tokens (prompt and output together)",
+                           param=prompt_param, code="context_length_exceeded")
+        for i in range(req.n):
+            params = _sampling_params(req, max_tokens or max(1, cfg.max_model_len - len(ids)),
+                                      choice_seed(req.seed, i), logprobs)
+            sequences.append(Sequence(f"{request_id}-{p}-{i}", ids, params))
+    return sequences
+
+
+def _sampling_params(req: _GenerationFields, max_tokens: int, seed: int | None, logprobs: int | None) -> SamplingParams:
+    extra = {"logprobs": logprobs} if LOGPROBS_SUPPORTED else {}
+    try:
+        return SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
+                              min_p=req.min_p, seed=seed, max_tokens=max_tokens, stop=list(req.stop or []),
+                              stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
+                              num_speculative_tokens=req.num_speculative_tokens, **extra)
+    except ValueError as exc:
+        raise APIError(400, str(exc)) from None
+
+
+async def admit(state: ServerState, sequences: list[Sequence], arrival: float) -> Submission:
+    """Hand the sequences to the engine loop and wait until they are in (or refused)."""
+    try:
+        submission = state.loop.submit(sequences, arrival)
+    except QueueFull as exc:
+        state.metrics.rejected("queue_full")
+        raise APIError(429, f"{exc}; retry in a moment", code="queue_full",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except EngineUnavailable as exc:
+        state.metrics.rejected("unavailable")
+        raise APIError(503, str(exc)) from None
+    try:
+        await submission.accepted()
+    except Rejected as exc:
+        state.metrics.rejected("invalid")
+        raise APIError(400, str(exc)) from None
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc)) from None
+    except asyncio.CancelledError:
+        submission.abort()
+        raise
+    return submission
+
+
+@dataclass
+class Choice:
+    """One sequence's output so far."""
+
+    text: str = ""
+    num_tokens: int = 0
+    finish_reason: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+
+    def add(self, delta: RequestDelta) -> tuple[str, list]:
+        """Fold in a delta; returns (new text, new logprob entries)."""
+        text = delta.text_delta or ""
+        self.text += text
+        self.num_tokens = delta.num_output_tokens
+        self.finish_reason = delta.finish_reason
+        self.stats = delta.stats
+        new = []
+        lps = getattr(delta, "logprobs", None)
+        if lps:
+            new = [(tok, lp, top) for tok, (lp, top) in zip(delta.new_token_ids, lps)]
+            self.logprobs += new
+        return text, new
+
+
+async def collect(submission: Submission, deadline: float, request: Request, choices: list[Choice]) -> None:
+    """Run a non-streaming request to the end. A client that hangs up aborts it at once
+    (its slot and KV blocks are freed), not when it would have finished."""
+    watcher = asyncio.create_task(_abort_on_disconnect(request, submission))
+    try:
+        async for index, delta in submission.deltas(deadline):
+            choices[index].add(delta)
+    except TimedOut:
+        raise APIError(408, "the request ran past the server's time limit and was stopped",
+                       code="timeout") from None
+    except EngineUnavailable as exc:
+        raise APIError(503, str(exc)) from None
+    finally:
+        watcher.cancel()
+        submission.abort()
+
+
+async def _abort_on_disconnect(request: Request, submission: Submission) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            submission.abort()
+            return
+
+
+class EngineStream(StreamingResponse):
+    """An SSE response that aborts its request however it ends: even when the client leaves
+    before the body starts (then the event generator never runs, and its own cleanup with it)."""
+
+    def __init__(self, submission: Submission, deadline: float, on_delta, on_end, first: list[dict]) -> None:
+        super().__init__(sse(submission, deadline, on_delta, on_end, first), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.submission = submission
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.submission.abort()
+
+
+async def sse(submission: Submission, deadline: float, on_delta: Callable[[int, RequestDelta], list[dict]],
+              on_end: Callable[[], list[dict]], first: list[dict]) -> AsyncIterator[str]:
+    """Server-sent events: `first`, the chunks `on_delta` makes of each delta, `on_end`'s, then
+    `data: [DONE]`. A timeout or engine failure becomes an error event (the status line is
+    already sent). When the client disconnects, Starlette cancels this generator and the
+    `finally` aborts the request."""
+    try:
+        try:
+            for chunk in first:
+                yield _event(chunk)
+            async for index, delta in submission.deltas(deadline):
+                for chunk in on_delta(index, delta):
+                    yield _event(chunk)
+            for chunk in on_end():
+                yield _event(chunk)
+        except TimedOut:
+            yield _event(error_body("the request ran past the server's time limit and was stopped",
+                                    "timeout_error", code="timeout"))
+        except EngineUnavailable as exc:
+            yield _event(error_body(str(exc), "service_unavailable"))
+        yield "data: [DONE]\n\n"
+    finally:
+        submission.abort()
+
+
+def _event(obj: dict) -> str:
+    return f"data: {json.dumps(obj, separators=(',', ':'), ensure_ascii=False)}\n\n"
+
+
+def usage(prompts: list[list[int]], choices: list[Choice]) -> Usage:
+    prompt_tokens = sum(len(p) for p in prompts)
+    completion = sum(c.num_tokens for c in choices)
+    return Usage(prompt_tokens=prompt_tokens, completion_tokens=completion, total_tokens=prompt_tokens + completion)
+
+
+def speculation(choices: list[Choice]) -> Speculation:
+    """Speculation statistics of all choices together, from the engine's RequestStats."""
+    accepted = [a for c in choices for a in c.stats.accepted_lengths]
+    proposed = [p for c in choices for p in c.stats.proposal_lengths]
+    width = max((len(c.stats.position_reached) for c in choices), default=0)
+    reached, hits = [0] * width, [0] * width
+    for c in choices:
+        for k, (r, a) in enumerate(zip(c.stats.position_reached, c.stats.position_accepted)):
+            reached[k] += r
+            hits[k] += a
+    return Speculation(
+        num_verify_steps=len(accepted), num_drafts=sum(1 for p in proposed if p > 0),
+        num_draft_tokens=sum(proposed), num_accepted_tokens=sum(min(a - 1, p) for a, p in zip(accepted, proposed)),
+        mean_accepted_length=sum(accepted) / len(accepted) if accepted else 0.0,
+        acceptance_per_position=[h / r if r else 0.0 for h, r in zip(hits, reached)])
+
+
+def request_deadline(state: ServerState, arrival: float) -> float:
+    return arrival + state.config.request_timeout_s
+
+
+def now() -> float:
+    return time.monotonic()
+
+
+# -- logprobs in OpenAI's two layouts -------------------------------------------------------------
+def token_text(state: ServerState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(state: ServerState, entries: list, offset: int) -> dict:
+    """Legacy completions layout: parallel lists; `offset` is where the chunk's text starts."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for tok, lp, top in entries:
+        text = token_text(state, tok)
+        tokens.append(text)
+        token_lps.append(lp)
+        tops.append({token_text(state, t): v for t, v in top})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(state: ServerState, entries: list) -> dict:
+    def item(tok: int, lp: float) -> dict:
+        text = token_text(state, tok)
+        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+    return {"content": [{**item(tok, lp), "top_logprobs": [item(t, v) for t, v in top]} for tok, lp, top in entries]}
