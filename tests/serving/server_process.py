@@ -99,9 +99,14 @@ class Server:
             time.sleep(0.05)
 
 
-def server_env(model: str, **settings) -> dict[str, str]:
+def server_env(model: str, threads: int | None = 1, **settings) -> dict[str, str]:
+    """Settings for a CPU server. One torch thread by default: the tiny models gain nothing
+    from more, and on a shared 2-core machine a second spinning OpenMP thread per process
+    makes every step wait on the other processes (10x slower steps)."""
     env = {"ASCEND_DSPARK_SERVE_MODEL": str(model), "ASCEND_DSPARK_SERVE_DEVICE": "cpu",
            "ASCEND_DSPARK_SERVE_DTYPE": "float32"}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     env.update({"ASCEND_DSPARK_SERVE_" + k.upper(): str(v) for k, v in settings.items()})
     return env
 
