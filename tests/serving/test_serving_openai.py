@@ -8,7 +8,10 @@ One server for the module (started and stopped here); every test leaves it idle.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
+import socket
+import time
 
 import openai
 import pytest
@@ -205,7 +208,6 @@ def test_bad_input_is_a_4xx_in_openai_shape(server, name, path, body, headers, s
     method = "GET" if body is None else "POST"
     got, _, raw = server.request(method, path, body, headers=headers)
     assert got == status, raw
-    import json
 
     err = json.loads(raw)["error"]
     assert set(err) == {"message", "type", "param", "code"} and needle in err["message"], err
@@ -220,6 +222,38 @@ def test_bad_input_through_the_client_raises_typed_errors(server, client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="nope", messages=CHAT)
     assert client.completions.create(model="tiny", prompt="hi", max_tokens=4).choices[0].finish_reason
+    server.wait_idle()
+
+
+def _aborted(server) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    raw = server.request("GET", "/metrics")[2].decode()
+    return sum(s.value for fam in text_string_to_metric_families(raw) for s in fam.samples
+               if s.name == "vllm:request_success_total" and s.labels.get("finished_reason") == "abort")
+
+
+def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def test_a_client_that_hangs_up_is_aborted_at_once(server, client):
+    """Streaming and not: the request is aborted (not run to max_tokens) and its blocks freed."""
+    before = _aborted(server)
+    stream = client.completions.create(model="tiny", prompt="long", max_tokens=240, temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    next(iter(stream))
+    stream.close()
+    _wait_for(lambda: _aborted(server) == before + 1)
+    body = json.dumps({"model": "tiny", "prompt": "long", "max_tokens": 240, "temperature": 0, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}".encode())
+        _wait_for(lambda: server.health()[1]["engine"]["in_flight"] == 1)
+    _wait_for(lambda: _aborted(server) == before + 2)
     server.wait_idle()
 
 
@@ -264,6 +298,7 @@ def test_64_streaming_clients_a_third_disconnecting(server, client):
     assert all(o == "length" for o in finished), outcome
     assert all(o in ("disconnected", "length") for i, o in outcome.items() if i % 3 == 0), outcome
     engine = server.wait_idle()
+    assert _aborted(server) >= 1
     assert engine["kv_blocks_used"] == 0 and engine["free_slots"] == engine["slots_total"] == 16
     assert " 500 " not in server.log() and " 503 " not in server.log()
     assert client.completions.create(model="tiny", prompt="still there?", max_tokens=4).choices[0].text is not None
