@@ -13,9 +13,9 @@ import dataclasses
 import ipaddress
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Mapping
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ class ServerConfig:
         return self.max_num_seqs + self.queue_size
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> "ServerConfig":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides) -> ServerConfig:
         """Defaults, then `ASCEND_DSPARK_SERVE_*` variables, then `overrides` (flags; None
         means "not given"). Raises ConfigError for a value of the wrong type."""
         environ = os.environ if environ is None else environ
@@ -73,7 +73,7 @@ class ServerConfig:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def validate(self) -> "ServerConfig":
+    def validate(self) -> ServerConfig:
         """Check everything that can be checked without loading a model; raise ConfigError
         listing every problem at once."""
         problems = []
@@ -111,7 +111,7 @@ class ServerConfig:
                            "the model (set %s)", self.host, env_name("api_key"))
         return self
 
-    def replace(self, **changes) -> "ServerConfig":
+    def replace(self, **changes) -> ServerConfig:
         return dataclasses.replace(self, **changes)
 
 

@@ -22,8 +22,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 from ascend_dspark.engine.request import RequestDelta
 from ascend_dspark.spec.sampling import SamplingParams
@@ -74,7 +74,7 @@ class EngineSnapshot:
 class Submission:
     """The asyncio end of one HTTP request: its sequences, and the events the loop sends."""
 
-    def __init__(self, loop: "EngineLoop", sequences: list[Sequence], arrival: float) -> None:
+    def __init__(self, loop: EngineLoop, sequences: list[Sequence], arrival: float) -> None:
         self.loop = loop
         self.sequences = sequences
         self.arrival = arrival

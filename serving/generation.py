@@ -15,8 +15,8 @@ import dataclasses
 import hashlib
 import json
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
@@ -25,7 +25,14 @@ from ascend_dspark.engine.outputs import RequestStats
 from ascend_dspark.engine.request import RequestDelta
 from ascend_dspark.spec.sampling import SamplingParams
 
-from .engine_loop import EngineUnavailable, QueueFull, Rejected, Sequence, Submission, TimedOut
+from .engine_loop import (
+    EngineUnavailable,
+    QueueFull,
+    Rejected,
+    Sequence,
+    Submission,
+    TimedOut,
+)
 from .errors import APIError, error_body
 from .protocol import Speculation, Usage, _GenerationFields
 from .state import ServerState

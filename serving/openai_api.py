@@ -16,8 +16,17 @@ from fastapi import APIRouter, Request
 
 from . import generation as gen
 from .errors import APIError
-from .protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest, ChatCompletionResponse,
-                       CompletionChoice, CompletionRequest, CompletionResponse, ModelCard, ModelList)
+from .protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChoice,
+    CompletionRequest,
+    CompletionResponse,
+    ModelCard,
+    ModelList,
+)
 from .state import ServerState, get_state
 
 router = APIRouter(prefix="/v1")

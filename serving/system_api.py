@@ -12,8 +12,8 @@ from importlib.metadata import PackageNotFoundError, version
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from .metrics import CONTENT_TYPE_LATEST
 from .state import get_state
 
 router = APIRouter()

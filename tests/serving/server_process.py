@@ -18,9 +18,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "serving-test-key"
@@ -116,11 +116,10 @@ def launch(env: dict[str, str], log_path: Path, port: int | None = None) -> tupl
     full = {k: v for k, v in os.environ.items() if not k.startswith("ASCEND_DSPARK_SERVE_")}
     full.update(env)
     full["PYTHONUNBUFFERED"] = "1"
-    log = open(log_path, "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
-                             "--port", str(port), "--timeout-graceful-shutdown", "10"],
-                            cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    log.close()
+    with open(log_path, "wb") as log:          # the child keeps its own descriptor
+        proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "serving.app:app", "--host", "127.0.0.1",
+                                 "--port", str(port), "--timeout-graceful-shutdown", "10"],
+                                cwd=REPO, env=full, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     return proc, port
 
 

@@ -13,7 +13,13 @@ import pytest
 from ascend_dspark.engine.outputs import RequestStats
 from ascend_dspark.engine.request import RequestDelta
 from ascend_dspark.spec.sampling import SamplingParams
-from serving.engine_loop import EngineLoop, EngineUnavailable, QueueFull, Rejected, Sequence
+from serving.engine_loop import (
+    EngineLoop,
+    EngineUnavailable,
+    QueueFull,
+    Rejected,
+    Sequence,
+)
 from serving.metrics import Metrics
 from serving.system_api import health
 

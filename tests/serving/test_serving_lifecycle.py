@@ -16,7 +16,14 @@ import pytest
 
 from ascend_dspark.cli import main
 from tests.serving.conftest import MAX_MODEL_LEN
-from tests.serving.server_process import REPO, Server, free_port, running_server, server_env, stop
+from tests.serving.server_process import (
+    REPO,
+    Server,
+    free_port,
+    running_server,
+    server_env,
+    stop,
+)
 
 LONG = {"model": "tiny", "prompt": "a long one", "max_tokens": 100, "temperature": 0, "ignore_eos": True}
 

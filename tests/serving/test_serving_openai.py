@@ -96,14 +96,15 @@ def test_seeded_sampling_reproduces_the_offline_engine(client, offline):
 
 
 @pytest.mark.parametrize("kind", ["chat", "completion"])
-@pytest.mark.parametrize("sampling", [dict(temperature=0), dict(temperature=1.0, seed=5, top_k=20)])
+@pytest.mark.parametrize("sampling", [{"temperature": 0}, {"temperature": 1.0, "seed": 5, "top_k": 20}])
 def test_streamed_text_equals_non_streamed(client, kind, sampling):
+    sampling = dict(sampling)
     extra = {"top_k": sampling.pop("top_k")} if "top_k" in sampling else {}
-    common = dict(model="tiny", max_tokens=30, n=2, extra_body=extra, **sampling)
+    common = {"model": "tiny", "max_tokens": 30, "n": 2, "extra_body": extra, **sampling}
     if kind == "chat":
-        create, arg = client.chat.completions.create, dict(messages=CHAT)
+        create, arg = client.chat.completions.create, {"messages": CHAT}
     else:
-        create, arg = client.completions.create, dict(prompt=PROMPTS[1])
+        create, arg = client.completions.create, {"prompt": PROMPTS[1]}
     whole = create(**arg, **common)
     texts, reasons, usage_chunk = _stream_text(create(**arg, **common, stream=True,
                                                       stream_options={"include_usage": True}))
@@ -143,7 +144,7 @@ def test_stop_strings_cut_the_text_streamed_or_not(client):
 
 
 def test_speculation_can_be_turned_off_per_request(client):
-    base = dict(model="tiny", messages=CHAT, max_tokens=24, temperature=0)
+    base = {"model": "tiny", "messages": CHAT, "max_tokens": 24, "temperature": 0}
     spec = client.chat.completions.create(**base)
     plain = client.chat.completions.create(**base, extra_body={"num_speculative_tokens": 0})
     capped = client.chat.completions.create(**base, extra_body={"num_speculative_tokens": 2})
