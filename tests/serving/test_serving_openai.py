@@ -84,8 +84,20 @@ def test_chat_matches_the_offline_engine_at_t0(client, offline):
     assert got.choices[0].message.role == "assistant"
     assert got.usage.completion_tokens == len(want.token_ids)
     spec = got.speculation
-    assert spec["num_verify_steps"] >= 1 and spec["num_draft_tokens"] == 7 * spec["num_drafts"]
+    assert spec["num_verify_steps"] >= 1 and 0 < spec["num_draft_tokens"] <= 7 * spec["num_drafts"]
     assert spec["mean_accepted_length"] >= 1.0
+
+
+def test_prompt_lists_and_token_ids(client, offline):
+    """A list of prompts times n gives choices prompt-major (index = prompt * n + choice);
+    token ids are taken as they are."""
+    single = [client.completions.create(model="tiny", prompt=p, max_tokens=12, temperature=0).choices[0].text
+              for p in PROMPTS[:2]]
+    both = client.completions.create(model="tiny", prompt=PROMPTS[:2], max_tokens=12, temperature=0, n=2)
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    assert [c.text for c in both.choices] == [single[0], single[0], single[1], single[1]]
+    ids = offline.tokenizer.encode(PROMPTS[0])
+    assert client.completions.create(model="tiny", prompt=ids, max_tokens=12, temperature=0).choices[0].text == single[0]
 
 
 def test_seeded_sampling_reproduces_the_offline_engine(client, offline):
@@ -151,7 +163,7 @@ def test_speculation_can_be_turned_off_per_request(client):
     assert plain.choices[0].message.content == spec.choices[0].message.content == capped.choices[0].message.content
     assert spec.speculation["num_draft_tokens"] > 0
     assert plain.speculation["num_draft_tokens"] == 0 and plain.speculation["mean_accepted_length"] == 1.0
-    assert capped.speculation["num_draft_tokens"] == 2 * capped.speculation["num_drafts"]
+    assert 0 < capped.speculation["num_draft_tokens"] <= 2 * capped.speculation["num_drafts"]
 
 
 @pytest.mark.xfail(strict=False, reason="the engine does not report logprobs yet (SamplingParams.logprobs)")
