@@ -166,16 +166,21 @@ def test_speculation_can_be_turned_off_per_request(client):
     assert 0 < capped.speculation["num_draft_tokens"] <= 2 * capped.speculation["num_drafts"]
 
 
-@pytest.mark.xfail(strict=False, reason="the engine does not report logprobs yet (SamplingParams.logprobs)")
-def test_logprobs(client):
+def test_logprobs_in_both_layouts(client):
     got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=2)
     lp = got.choices[0].logprobs
-    assert lp is not None and len(lp.token_logprobs) == got.usage.completion_tokens
-    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert len(lp.token_logprobs) == len(lp.tokens) == len(lp.text_offset) == got.usage.completion_tokens
+    assert all(1 <= len(top) <= 2 for top in lp.top_logprobs)     # keyed by text: tokens may share one
     chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
                                           top_logprobs=3)
     content = chat.choices[0].logprobs.content
-    assert len(content) == chat.usage.completion_tokens and all(len(c.top_logprobs) == 3 for c in content)
+    assert len(content) == chat.usage.completion_tokens
+    for item in content:                          # greedy: the chosen token is the most likely one
+        assert len(item.top_logprobs) == 3 and item.logprob <= 0
+        assert item.logprob == pytest.approx(item.top_logprobs[0].logprob)
+    texts, _, _ = _stream_text(client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=8,
+                                                         temperature=0, logprobs=2, stream=True))
+    assert texts[0] == got.choices[0].text
 
 
 def test_metrics_use_vllm_names(server, client):
