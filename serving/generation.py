@@ -11,7 +11,6 @@ so the choices differ from each other yet the whole request reproduces.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import hashlib
 import json
 import time
@@ -37,9 +36,6 @@ from .errors import APIError, error_body
 from .protocol import Speculation, Usage, _GenerationFields
 from .state import ServerState
 
-# The engine reports logprobs once SamplingParams has the field (RequestDelta.logprobs then
-# carries them); until then requests asking for them get `logprobs: null`.
-LOGPROBS_SUPPORTED = "logprobs" in {f.name for f in dataclasses.fields(SamplingParams)}
 RETRY_AFTER_S = 1
 
 
@@ -81,12 +77,11 @@ def make_sequences(state: ServerState, req: _GenerationFields, prompts: list[lis
 
 
 def _sampling_params(req: _GenerationFields, max_tokens: int, seed: int | None, logprobs: int | None) -> SamplingParams:
-    extra = {"logprobs": logprobs} if LOGPROBS_SUPPORTED else {}
     try:
         return SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
                               min_p=req.min_p, seed=seed, max_tokens=max_tokens, stop=list(req.stop or []),
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                              num_speculative_tokens=req.num_speculative_tokens, **extra)
+                              num_speculative_tokens=req.num_speculative_tokens, logprobs=logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 
@@ -133,7 +128,7 @@ class Choice:
         self.finish_reason = delta.finish_reason
         self.stats = delta.stats
         new = []
-        lps = getattr(delta, "logprobs", None)
+        lps = delta.logprobs
         if lps:
             new = [(tok, lp, top) for tok, (lp, top) in zip(delta.new_token_ids, lps)]
             self.logprobs += new

@@ -15,8 +15,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ascend_dspark.spec.sampling import MAX_LOGPROBS
+
 MAX_STOP = 16
-MAX_LOGPROBS = 20
 
 
 class _Strict(BaseModel):
