@@ -111,9 +111,6 @@ class ServerConfig:
                            "the model (set %s)", self.host, env_name("api_key"))
         return self
 
-    def replace(self, **changes) -> ServerConfig:
-        return dataclasses.replace(self, **changes)
-
 
 _HELP = {
     "model": "'default' (SmolLM2-135M-Instruct), an HF model directory or a .gguf file",
