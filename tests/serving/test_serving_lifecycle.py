@@ -133,8 +133,20 @@ def test_sigterm_lets_running_streams_finish_then_exits_cleanly(tiny_model_dir, 
         stop(proc)
 
 
-@pytest.mark.parametrize("host", ["127.0.0.1"])
-def test_default_bind_is_loopback(host):
-    from serving.config import ServerConfig
+def test_settings_flags_win_over_environment_over_defaults(caplog):
+    import argparse
 
-    assert ServerConfig.from_env({}).host == host
+    from serving.config import ServerConfig, add_arguments, from_args
+
+    assert ServerConfig.from_env({}).host == "127.0.0.1"          # loopback unless told otherwise
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {"ASCEND_DSPARK_SERVE_MAX_NUM_SEQS": "3", "ASCEND_DSPARK_SERVE_QUEUE_SIZE": "5",
+           "ASCEND_DSPARK_SERVE_API_KEY": "from-the-env-123"}
+    config = from_args(parser.parse_args(["--queue-size", "9", "--host", "0.0.0.0"]), env)
+    assert (config.max_num_seqs, config.queue_size, config.capacity, config.api_key) == (3, 9, 12, "from-the-env-123")
+    with caplog.at_level("WARNING", logger="serving.config"):
+        config.validate()
+        assert not caplog.records
+        ServerConfig(host="0.0.0.0").validate()
+    assert "without an API key" in caplog.text
