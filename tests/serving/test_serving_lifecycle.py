@@ -12,8 +12,6 @@ import sys
 import threading
 import time
 
-import pytest
-
 from ascend_dspark.cli import main
 from tests.serving.conftest import MAX_MODEL_LEN
 from tests.serving.server_process import (
