@@ -39,6 +39,7 @@ from ascend_dspark.platform import Platform, current_platform
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 
+from .graph_runner import StepGraphRunner, default_buckets
 from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
 from .scheduler import PrefillChunk, Scheduler
@@ -79,7 +80,8 @@ class Engine:
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
                  max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
                  num_kv_blocks: int | None = None, kv_block_size: int = DEFAULT_BLOCK_SIZE,
-                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS) -> None:
+                 max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, graphs: bool | None = None,
+                 graph_buckets: list[int] | None = None, progress: bool = False) -> None:
         self.platform = platform or current_platform()
         self.target = target
         self.drafter = drafter
@@ -105,17 +107,41 @@ class Engine:
         per_seq = -(-(max_model_len - 2 + self.reserve) // kv_block_size)
         num_kv_blocks = num_kv_blocks if num_kv_blocks is not None else per_seq * max_batch_size
         scratch = max(max_prefill_tokens, max_batch_size * self.reserve)
-        self.tables = BlockTables(max_batch_size, per_seq, num_kv_blocks, kv_block_size, self.device, scratch)
+        graphs = self._use_graphs(graphs)
+        # With graphs, one more sequence slot (with its own blocks) takes the padding rows of a bucket.
+        self.pad_slot = max_batch_size if graphs else None
+        num_seqs = max_batch_size + (1 if graphs else 0)
+        self.tables = BlockTables(num_seqs, per_seq, num_kv_blocks + (per_seq if graphs else 0), kv_block_size,
+                                  self.device, scratch)
         self.cache = PagedKVCache(cfg.num_layers, self.tables, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if drafter is not None:
             drafter.attach(self.tables, self.dtype)
-        self.scheduler = Scheduler(self.tables, max_model_len, self.reserve, max_prefill_tokens)
-        self.anchors = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.scheduler = Scheduler(self.tables, max_model_len, self.reserve, max_prefill_tokens, max_batch_size)
+        self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
+        self.graph_runner = None
+        if graphs:
+            self.tables.extend(self.pad_slot, self.scheduler.allocator.allocate(per_seq))
+            self.tables.flush()
+            self.graph_runner = StepGraphRunner(self, graph_buckets or default_buckets(max_batch_size), self.pad_slot)
+            with torch.inference_mode():
+                self.graph_runner.capture_startup(progress)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
         self.timings = GenerateTimings()
+
+    def _use_graphs(self, wanted: bool | None) -> bool:
+        """Graphs where the platform has them (default); asking for them elsewhere warns once."""
+        if wanted is None:
+            if self.platform.supports_graphs and not self.platform.graph_steps:
+                logger.info("%s: whole-step graph replay is not enabled on this platform yet; steps run eagerly",
+                            self.platform.name)
+            return self.platform.graph_steps
+        if wanted and not self.platform.supports_graphs:
+            logger.warning("graph replay is not available on %s: steps run eagerly", self.platform.name)
+            return False
+        return wanted
 
     # -- public: the serving API ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -280,11 +306,29 @@ class Engine:
         anchor = torch.where(samples_first, first, resumed_anchor)
         self.anchors[slots] = torch.where(is_last, anchor, self.anchors[slots])
         out = {"first": first}
-        out.update(self._logprobs(reqs, last[:, 0], first, "first_"))
+        want_logprobs = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+        if want_logprobs is not None:
+            out.update(self._logprobs(want_logprobs, last[:, 0], first, "first_"))
         return out
 
     def _verify(self, requests: list[Request]) -> dict[str, torch.Tensor]:
-        """One draft + verify + rollback step for the decoding requests.
+        """One draft + verify + rollback step for the decoding requests: replayed from a
+        captured graph where one fits, else run eagerly over the columns the rows reach."""
+        slots = [r.slot for r in requests]
+        verify_lens = [self._verify_len(r) for r in requests]
+        want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
+        if self.graph_runner is not None and want_logprobs is None:
+            out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests])
+            if out is not None:
+                return out
+        self.tables.set_view(max(r.num_cached for r in requests) + self.reserve)
+        dev = self.device
+        return self._verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev),
+                                 self._sampling_for(requests), want_logprobs)
+
+    def _verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, sampling: SamplingBatch,
+                     want_logprobs: int | None) -> dict[str, torch.Tensor]:
+        """The device work of a verify step, graph-capturable (no host reads, fixed shapes).
 
         The anchor (the last committed token, not yet in the cache) sits at the slot's cache
         length: the length is where this step's writes start, and the causal masks built from
@@ -292,12 +336,9 @@ class Engine:
         tokens. Rolling back the rejected tail is therefore only lowering the length."""
         dev = self.device
         k = self.num_speculative_tokens
-        slots = torch.tensor([r.slot for r in requests], device=dev)
-        sampling = self._sampling_for(requests)
         anchors = self.anchors[slots]
         anchor_pos = self.cache.lengths[slots]
-        batch = len(requests)
-        self.tables.set_view(max(r.num_cached for r in requests) + self.reserve)
+        batch = slots.shape[0]
         if self.drafter is not None:
             proposal = self.drafter.propose(slots, anchors, anchor_pos, k, sampling)
             draft_tokens, draft_probs, confidence = proposal.tokens, proposal.probs, proposal.confidence
@@ -310,29 +351,26 @@ class Engine:
         valid = torch.ones_like(inputs, dtype=torch.bool)
         out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers)
         logits = self.target.logits(out.hidden)
-        verify_lens = torch.tensor([self._verify_len(r) for r in requests], dtype=torch.long, device=dev)
         result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
         num_accepted = result.num_accepted
         self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)
         if self.drafter is not None:
             self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1)
         self.anchors[slots] = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
+        if self.pad_slot is not None:
+            self.cache.lengths[self.pad_slot:self.pad_slot + 1].zero_()     # padding rows always verify at 0..K
         out = {"num_accepted": num_accepted, "tokens": result.tokens}
         if confidence is not None:
             out["confidence"] = confidence
-        out.update(self._logprobs(requests, logits, result.tokens.clamp(min=0), ""))
+        if want_logprobs is not None:
+            out.update(self._logprobs(want_logprobs, logits, result.tokens.clamp(min=0), ""))
         return out
 
-    def _logprobs(self, requests: list[Request], logits: torch.Tensor, tokens: torch.Tensor,
-                  prefix: str) -> dict[str, torch.Tensor]:
+    def _logprobs(self, n: int, logits: torch.Tensor, tokens: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
         """The target's log-probabilities (before temperature and filters, as OpenAI reports
-        them) of `tokens`, and the top-n alternatives, only when some request asks."""
-        wanted = [r.params.logprobs for r in requests if r.params.logprobs is not None]
-        if not wanted:
-            return {}
+        them) of `tokens`, and the top-n alternatives."""
         logp = torch.log_softmax(logits.float(), dim=-1)
         out = {prefix + "logprob": logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)}
-        n = max(wanted)
         if n:
             top = logp.topk(n, dim=-1)
             out[prefix + "top_ids"], out[prefix + "top_logprobs"] = top.indices, top.values

@@ -48,14 +48,18 @@ class StepPlan:
 
 
 class Scheduler:
-    def __init__(self, tables: BlockTables, max_model_len: int, reserve: int, max_prefill_tokens: int) -> None:
-        """`reserve`: positions one verify step writes from the anchor on (max(K + 1, lookahead))."""
+    def __init__(self, tables: BlockTables, max_model_len: int, reserve: int, max_prefill_tokens: int,
+                 num_slots: int | None = None) -> None:
+        """`reserve`: positions one verify step writes from the anchor on (max(K + 1, lookahead)).
+        `num_slots`: the sequence slots requests may use (the default: every table row); rows
+        past it belong to the engine (a graph runner's padding slot) and keep their blocks."""
         self.tables = tables
         self.allocator = BlockAllocator(tables.num_blocks)
         self.max_model_len = max_model_len
         self.reserve = reserve
         self.max_prefill_tokens = max_prefill_tokens
-        self.free_slots = list(range(tables.num_seqs - 1, -1, -1))
+        self.num_slots = tables.num_seqs if num_slots is None else num_slots
+        self.free_slots = list(range(self.num_slots - 1, -1, -1))
         self.waiting: deque[Request] = deque()
         self.prefilling: dict[str, Request] = {}     # by id, in admission order
         self.running: dict[str, Request] = {}
@@ -173,16 +177,17 @@ class Scheduler:
     # -- accounting -----------------------------------------------------------------------------
     @property
     def num_used_blocks(self) -> int:
-        return self.allocator.num_used
+        """Blocks held by requests (not by the engine's own rows)."""
+        return sum(len(self.tables.owned[s]) for s in range(self.num_slots))
 
     def check(self) -> None:
         """Exact accounting (tests): blocks are free xor owned, slots free xor held."""
         self.allocator.check(self.tables.owned)
         held = [r.slot for r in [*self.prefilling.values(), *self.running.values()]]
         if None in held or len(set(held)) != len(held) or set(held) & set(self.free_slots) \
-                or len(held) + len(self.free_slots) != self.tables.num_seqs:
+                or len(held) + len(self.free_slots) != self.num_slots:
             raise AssertionError(f"slots: held {held}, free {self.free_slots}")
-        for slot in range(self.tables.num_seqs):
+        for slot in range(self.num_slots):
             if slot not in held and self.tables.owned[slot]:
                 raise AssertionError(f"slot {slot} is free but owns blocks")
         if any(r.slot is not None for r in self.waiting):

@@ -46,6 +46,9 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     op_backend = "triton"
     supports_graphs = True
+    # Whole-step replay is opt-in (Engine(graphs=True)) until it matches eager steps with a
+    # drafter: plain decoding replays token-exact on the H200, speculative steps do not yet.
+    graph_steps = False
     supports_bf16_autocast = True
 
     def __init__(self, index: int = 0) -> None:

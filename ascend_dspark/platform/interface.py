@@ -45,6 +45,8 @@ class Platform:
     name: str = "base"
     dist_backend: str = "gloo"
     supports_graphs: bool = False
+    # The engine replays whole decode steps as graphs by default (engine/graph_runner.py).
+    graph_steps: bool = False
     supports_bf16_autocast: bool = False   # torch.autocast(device.type, bfloat16) is worth it for training
     op_backend: str = "reference"      # which ops/ backend serves this device
     kv_block_size: int = 16            # paged-KV block size this device's attention kernels want

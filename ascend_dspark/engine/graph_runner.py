@@ -1,0 +1,111 @@
+"""Whole verify steps captured as device graphs (CUDA graphs, NPU graphs) and replayed.
+
+Eager decoding is launch-bound: a step of a small model is hundreds of tiny kernels, and
+the host cannot issue them as fast as the device runs them. Here the whole step (draft
+proposal with its sampling, the target's verify forward, verification, rollback, the
+drafter's observe) is captured once per batch-size bucket and replayed with one launch.
+
+- Static inputs: the rows' sequence slots, their verify lengths and sampling tensors are
+  copied into fixed buffers before a replay; rows past the real batch point at the
+  engine's padding slot, which owns its own blocks and whose length the step resets, so a
+  padded row never touches a request's cache.
+- Shapes are fixed per bucket: attention reads every block-table column (`set_view(None)`),
+  so nothing in the step depends on a value read back from the device.
+- Sampling's host flags (all greedy, which filters run) choose code paths, so each graph
+  is keyed by (bucket, flags); the common keys (all greedy, plain temperature) are captured
+  at start-up with a progress bar, others on first use.
+- All graphs share the platform's memory pool; the bytes it takes are measured.
+A batch above the largest bucket runs eagerly, announced once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from tqdm.auto import tqdm
+
+from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
+
+logger = logging.getLogger(__name__)
+
+STARTUP_FLAGS = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0))
+
+
+def default_buckets(max_batch_size: int) -> list[int]:
+    buckets, b = [], 1
+    while b < max_batch_size:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_batch_size]
+
+
+def _flags(sampling: SamplingBatch) -> tuple:
+    return (sampling.all_greedy, sampling.any_greedy, sampling.use_top_k, sampling.use_top_p,
+            sampling.use_min_p, sampling.top_k_bounds)
+
+
+class _Captured:
+    def __init__(self, graph, slots, verify_lens, sampling, outputs) -> None:
+        self.graph, self.slots, self.verify_lens, self.sampling, self.outputs = graph, slots, verify_lens, sampling, outputs
+
+
+class StepGraphRunner:
+    def __init__(self, engine, buckets: list[int], pad_slot: int) -> None:
+        self.engine = engine
+        self.platform = engine.platform
+        self.buckets = sorted(buckets)
+        self.pad_slot = pad_slot
+        self.graphs: dict[tuple, _Captured] = {}
+        self.graph_bytes = 0
+        self._warned_eager = False
+
+    def capture_startup(self, progress: bool = True) -> None:
+        keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
+        for bucket, params in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
+            self._capture(bucket, SamplingBatch([params] * bucket, self.engine.device))
+        logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
+                    len(self.graphs), self.buckets, self.graph_bytes / 2**20)
+
+    def bucket_for(self, batch: int) -> int | None:
+        bucket = next((b for b in self.buckets if b >= batch), None)
+        if bucket is None and not self._warned_eager:
+            self._warned_eager = True
+            logger.warning("a decode batch of %d is above the largest graph bucket %d: it runs eagerly",
+                           batch, self.buckets[-1])
+        return bucket
+
+    def run(self, slots: list[int], verify_lens: list[int], params: list[SamplingParams]) -> dict | None:
+        """Replay the step for these rows; None when the batch needs the eager path."""
+        bucket = self.bucket_for(len(slots))
+        if bucket is None:
+            return None
+        pad = bucket - len(slots)
+        dev = self.engine.device
+        sampling = SamplingBatch(params + [params[0]] * pad, dev)      # padding rows copy row 0's flags
+        key = (bucket, _flags(sampling))
+        captured = self.graphs.get(key) or self._capture(bucket, sampling)
+        captured.slots.copy_(torch.tensor(slots + [self.pad_slot] * pad).to(dev))
+        captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
+        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
+            getattr(captured.sampling, name).copy_(getattr(sampling, name))
+        captured.graph.replay()
+        n = len(slots)
+        return {name: t[:n] for name, t in captured.outputs.items()}
+
+    def _capture(self, bucket: int, sampling: SamplingBatch) -> _Captured:
+        dev = self.engine.device
+        slots = torch.full((bucket,), self.pad_slot, dtype=torch.long, device=dev)
+        verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
+        static = SamplingBatch.__new__(SamplingBatch)
+        static.__dict__.update(sampling.__dict__)
+        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
+            setattr(static, name, getattr(sampling, name).clone())
+        graph = self.platform.graph()
+        before = self.platform.memory_stats()["allocated_bytes"]
+        self.engine.tables.set_view(None)
+        outputs = graph.capture(lambda: self.engine._verify_core(slots, verify_lens, static, want_logprobs=None))
+        self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
+        captured = _Captured(graph, slots, verify_lens, static, outputs)
+        self.graphs[(bucket, _flags(sampling))] = captured
+        return captured

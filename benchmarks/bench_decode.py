@@ -1,0 +1,118 @@
+"""Batch-1 greedy plain decoding, side by side in one process: our engine with whole-step
+graph replay, our engine eager, and transformers' `generate` (dynamic cache, and a static
+cache with the forward compiled in "reduce-overhead" mode, i.e. CUDA graphs).
+
+    python benchmarks/bench_decode.py --model smollm2-random --max-tokens 128 --out decode.json
+
+`--model default` loads the embedded SmolLM2 GGUF; `smollm2-random` builds the same
+architecture (SmolLM2-135M's config) with random weights, which decodes at the same speed
+(ignore_eos: every configuration generates exactly max_tokens). Each configuration gets a
+warm-up run first; tokens/s counts generated tokens over the generate call's wall time
+(prefill included, as a user sees it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+SMOLLM2_135M = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152, hidden_size=576,
+                    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True,
+                    bos_token_id=1, eos_token_id=2, hidden_act="silu")
+PROMPT = list(range(100, 132))
+
+
+def load(model: str, dtype, device):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ascend_dspark.models import load_target
+    from ascend_dspark.models.config import ModelConfig
+    from ascend_dspark.models.decoder import DecoderModel
+
+    if model == "default":
+        ours, _ = load_target("default", dtype, device)
+        hf = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
+        hf.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("inv_freq")}, strict=False)
+        return ours, hf
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, dtype).eval()
+    ours = DecoderModel(ModelConfig.from_dict(hf.config.to_dict()))
+    ours.load_state_dict(hf.state_dict(), strict=False)
+    return ours.to(device, dtype).eval().requires_grad_(False), hf
+
+
+def timed(fn, sync) -> float:
+    fn()                                       # warm-up (and graph capture / compilation)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
+
+
+def run(args) -> dict:
+    import torch
+
+    from ascend_dspark.engine.engine import Engine
+    from ascend_dspark.platform import make_platform
+    from ascend_dspark.spec.sampling import SamplingParams
+
+    platform = make_platform(args.device)
+    dtype = getattr(torch, args.dtype)
+    ours, hf = load(args.model, dtype, platform.device)
+    n = args.max_tokens
+    params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+    results = {}
+    outputs = {}
+    for name, graphs in (("ours, graphs", True), ("ours, eager", False)):
+        if graphs and not platform.supports_graphs:
+            continue
+        engine = Engine(ours, None, max_model_len=512, max_batch_size=1, platform=platform, graphs=graphs)
+        secs = timed(lambda: outputs.__setitem__(name, engine.generate([PROMPT], params)[0].token_ids),
+                     platform.synchronize)
+        results[name] = n / secs
+        print(f"{name:34s} {n / secs:8.1f} tok/s", flush=True)
+    ids = torch.tensor([PROMPT], device=platform.device)
+    gen = dict(max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        secs = timed(lambda: hf.generate(ids, **gen), platform.synchronize)
+        results["transformers generate, dynamic cache"] = n / secs
+        print(f"{'transformers, dynamic cache':34s} {n / secs:8.1f} tok/s", flush=True)
+        if platform.supports_graphs and not args.no_compile:
+            hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+            out = {}
+            secs = timed(lambda: out.__setitem__("t", hf.generate(ids, cache_implementation="static", **gen)),
+                         platform.synchronize)
+            results["transformers generate, static cache + compile"] = n / secs
+            print(f"{'transformers, static + compile':34s} {n / secs:8.1f} tok/s", flush=True)
+    same = len({tuple(v) for v in outputs.values()}) <= 1
+    return {"date": dt.date.today().isoformat(), "device": platform.describe() if hasattr(platform, "describe") else args.device,
+            "model": args.model, "dtype": args.dtype, "max_tokens": n, "prompt_tokens": len(PROMPT),
+            "tokens_per_s": results, "ours_graphs_equal_eager": same}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="smollm2-random", choices=["default", "smollm2-random"])
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    res = run(args)
+    print(json.dumps(res, indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
