@@ -7,8 +7,6 @@ import pytest
 
 from tests.helpers import tiny_hf_checkpoint
 
-MAX_MODEL_LEN = 256          # the tiny model's max_position_embeddings
-
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

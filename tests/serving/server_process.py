@@ -24,6 +24,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 API_KEY = "serving-test-key"
+MAX_MODEL_LEN = 256          # the tiny test model's max_position_embeddings
 
 
 def free_port() -> int:

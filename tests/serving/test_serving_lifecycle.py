@@ -13,8 +13,8 @@ import threading
 import time
 
 from ascend_dspark.cli import main
-from tests.serving.conftest import MAX_MODEL_LEN
 from tests.serving.server_process import (
+    MAX_MODEL_LEN,
     REPO,
     Server,
     free_port,

@@ -17,8 +17,12 @@ import openai
 import pytest
 
 from ascend_dspark import LLM, SamplingParams
-from tests.serving.conftest import MAX_MODEL_LEN
-from tests.serving.server_process import API_KEY, running_server, server_env
+from tests.serving.server_process import (
+    API_KEY,
+    MAX_MODEL_LEN,
+    running_server,
+    server_env,
+)
 
 PROMPTS = ["hello there", "The sky is", "1 2 3"]
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi!"}]
