@@ -377,7 +377,6 @@ def test_kernels_compile_for_hopper():
         assert rot != 128 or "ld.global.v4" in ptx
     for src in (bf16, "*fp32"):
         args = {name: ("i32", 7) for name in kv._kv_write_kernel.arg_names}
-        args.update(k_ptr=(src, 0), v_ptr=(src, 0), kc_ptr=(bf16, 0), vc_ptr=(bf16, 0), slot_ptr=("*i64", 0),
-                    pos_ptr=("*i64", 0), valid_ptr=("*u8", 0), H=("i32", 8), D=("i32", 128), scratch=("i32", 512),
-                    sk_d=("i32", 1), sv_d=("i32", 1), skc_d=("i32", 1), svc_d=("i32", 1))
+        args.update(k_ptr=(src, 0), v_ptr=(src, 0), kc_ptr=(bf16, 0), vc_ptr=(bf16, 0), rows_ptr=("*i64", 0),
+                    H=("i32", 8), D=("i32", 128), sk_d=("i32", 1), sv_d=("i32", 1), skc_d=("i32", 1), svc_d=("i32", 1))
         _compile_for_hopper(kv._kv_write_kernel, args, dict(BLOCK_H=8, BLOCK_D=128))
