@@ -303,7 +303,7 @@ class EngineLoop:
             return
         m = self.metrics
         if delta.new_token_ids:
-            m.generation_tokens.inc(len(delta.new_token_ids))
+            m.generated(len(delta.new_token_ids), now)
             if t.first_token_at is None:
                 t.first_token_at = now
                 m.ttft.observe(now - t.submission.arrival)

@@ -7,8 +7,8 @@ requests finish (or cancels them after `--timeout-graceful-shutdown`, which abor
 engine requests); then new requests are refused, whatever is still admitted gets up to
 `shutdown_grace_s` to finish, the rest is aborted and the loop thread ends.
 
-Routes live in one router per concern (openai_api, system_api); a new page or static
-directory is one more router included here.
+Routes live in one router per concern (openai_api, system_api, page: the built-in chat
+and speculation page at /); a new one is one more router included here.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 
 def create_app(config: ServerConfig) -> FastAPI:
-    from . import openai_api, system_api
+    from . import openai_api, page, system_api
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,6 +53,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.add_middleware(ApiKey, api_key=config.api_key)           # outermost: before the body is read
     app.include_router(openai_api.router)
     app.include_router(system_api.router)
+    app.include_router(page.router)
     return app
 
 

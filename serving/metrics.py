@@ -4,9 +4,18 @@ alerts written for vLLM read this server unchanged; `ascend_dspark:` names for t
 The registry belongs to one app (not prometheus-client's global one), so two servers in
 one process (tests, embedding) never share or collide on counters. Everything is recorded
 by the engine-loop thread as steps complete; prometheus-client is thread-safe.
+
+`SpeculationTotals` keeps what the Prometheus counters cannot say: how often each draft
+position was *reached* (verified with every earlier draft accepted), so the conditional
+acceptance per position, and the generation rate over the last few seconds. It backs
+GET /speculation and the live chart of the built-in page.
 """
 
 from __future__ import annotations
+
+import threading
+import time
+from collections import deque
 
 from prometheus_client import (
     CollectorRegistry,
@@ -67,10 +76,18 @@ class Metrics:
         self.free_slots = gauge("ascend_dspark:free_slots", "Engine sequence slots free.")
         self.in_flight = gauge("ascend_dspark:sequences_in_flight", "Sequences admitted by the server and not finished.")
         self.engine_alive = gauge("ascend_dspark:engine_alive", "1 while the engine loop runs, 0 once it died.")
+        self.totals = SpeculationTotals()
+
+    def generated(self, n: int, now: float) -> None:
+        """`n` new tokens at time.monotonic() `now`."""
+        self.generation_tokens.inc(n)
+        self.totals.generated(n, now)
 
     def record_spec_steps(self, stats: RequestStats, first_step: int) -> None:
         """Count the verify steps `stats` gained since `first_step` (stats are cumulative)."""
-        for accepted, proposed in zip(stats.accepted_lengths[first_step:], stats.proposal_lengths[first_step:]):
+        new = list(zip(stats.accepted_lengths[first_step:], stats.proposal_lengths[first_step:]))
+        self.totals.record(new)
+        for accepted, proposed in new:
             if proposed == 0:
                 continue
             n = min(accepted - 1, proposed)
@@ -88,3 +105,84 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class SpeculationTotals:
+    """Speculation since the server started, summed over every request, plus the generation
+    rate over the last `window_s` seconds. Written by the engine-loop thread, read by
+    handlers: one lock around plain integers.
+
+    Per verify step with `proposed` drafts of which `accepted - 1` were accepted: positions
+    0..min(accepted - 1, proposed - 1) were reached, the first `accepted - 1` accepted (the
+    engine's RequestStats.position_reached / position_accepted, summed over requests).
+    """
+
+    def __init__(self, window_s: float = 5.0) -> None:
+        self.window_s = window_s
+        self._lock = threading.Lock()
+        self.verify_steps = 0               # every decode step, speculating or not
+        self.committed = 0                  # tokens those steps committed (bonus included)
+        self.num_drafts = 0                 # steps that verified at least one draft
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
+        self.reached: list[int] = []
+        self.accepted: list[int] = []
+        self.generation_tokens = 0
+        self._recent: deque[tuple[float, int]] = deque()
+
+    def record(self, steps: list[tuple[int, int]]) -> None:
+        """(accepted length incl. the bonus token, drafts verified) of new verify steps."""
+        if not steps:
+            return
+        with self._lock:
+            for accepted, proposed in steps:
+                self.verify_steps += 1
+                self.committed += accepted
+                if proposed <= 0:
+                    continue
+                n = min(accepted - 1, proposed)
+                self.num_drafts += 1
+                self.num_draft_tokens += proposed
+                self.num_accepted_tokens += n
+                reached = min(n + 1, proposed)
+                if len(self.reached) < reached:
+                    grow = reached - len(self.reached)
+                    self.reached += [0] * grow
+                    self.accepted += [0] * grow
+                for k in range(reached):
+                    self.reached[k] += 1
+                for k in range(n):
+                    self.accepted[k] += 1
+
+    def generated(self, n: int, now: float) -> None:
+        with self._lock:
+            self.generation_tokens += n
+            self._recent.append((now, n))
+            self._trim(now)
+
+    def _trim(self, now: float) -> None:
+        while self._recent and self._recent[0][0] <= now - self.window_s:
+            self._recent.popleft()
+
+    def snapshot(self, width: int = 0, now: float | None = None) -> dict:
+        """Totals as plain values; per-position lists padded with zeros to `width` (K)."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            self._trim(now)
+            recent = sum(n for _, n in self._recent)
+            size = max(width, len(self.reached))
+            reached = self.reached + [0] * (size - len(self.reached))
+            accepted = self.accepted + [0] * (size - len(self.accepted))
+            return {
+                "num_verify_steps": self.verify_steps,
+                "num_drafts": self.num_drafts,
+                "num_draft_tokens": self.num_draft_tokens,
+                "num_accepted_tokens": self.num_accepted_tokens,
+                "mean_accepted_length": self.committed / self.verify_steps if self.verify_steps else 0.0,
+                "acceptance_per_position": [a / r if r else 0.0 for a, r in zip(accepted, reached)],
+                "position_reached": reached,
+                "position_accepted": accepted,
+                "generation_tokens": self.generation_tokens,
+                "tokens_per_second": recent / self.window_s,
+                "window_s": self.window_s,
+            }

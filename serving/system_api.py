@@ -1,5 +1,7 @@
 """Operational endpoints: /health (for probes and load balancers; 503 once the engine loop
-is dead), /metrics (Prometheus text) and /version. They carry no API key, like vLLM's.
+is dead), /metrics (Prometheus text), /speculation (the same counters as JSON, plus the
+conditional acceptance per draft position and the recent generation rate: what the built-in
+page charts) and /version. They carry no API key, like vLLM's.
 
 /health also reports the engine's accounting (sequences running and waiting, KV blocks
 and slots in use, and whether an idle engine held anything it should have freed), so a
@@ -10,9 +12,12 @@ from __future__ import annotations
 
 from importlib.metadata import PackageNotFoundError, version
 
+import time
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel, Field
 
 from .state import get_state
 
@@ -34,6 +39,39 @@ async def health(request: Request) -> JSONResponse:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+class SpeculationTotalsResponse(BaseModel):
+    """Speculation of every request since the server started (all choices, all requests)."""
+
+    model: str
+    drafter: str
+    num_speculative_tokens: int = Field(description="K: draft tokens the engine verifies per step (0: no drafter)")
+    num_verify_steps: int = Field(description="decode steps (target forwards), speculating or not")
+    num_drafts: int = Field(description="verify steps that checked at least one draft token")
+    num_draft_tokens: int
+    num_accepted_tokens: int
+    mean_accepted_length: float = Field(description="tokens committed per verify step, the bonus token included")
+    acceptance_per_position: list[float] = Field(
+        description="conditional acceptance of draft position k: accepted / reached (reached: every earlier draft accepted)")
+    position_reached: list[int]
+    position_accepted: list[int]
+    generation_tokens: int = Field(description="tokens generated since start")
+    tokens_per_second: float = Field(description="tokens generated over the last window_s seconds, per second")
+    window_s: float
+    running: int = Field(description="sequences decoding now")
+    waiting: int = Field(description="sequences queued for a slot")
+    uptime_s: float
+
+
+@router.get("/speculation", response_model=SpeculationTotalsResponse)
+async def speculation(request: Request) -> SpeculationTotalsResponse:
+    state = get_state(request)
+    snap = state.loop.snapshot
+    return SpeculationTotalsResponse(
+        model=state.config.model_name, drafter=state.config.drafter, num_speculative_tokens=state.num_speculative_tokens,
+        running=snap.running, waiting=snap.waiting, uptime_s=round(time.time() - state.started, 3),
+        **state.metrics.totals.snapshot(state.num_speculative_tokens))
 
 
 @router.get("/version")
