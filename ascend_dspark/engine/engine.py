@@ -132,7 +132,13 @@ class Engine:
         self.timings = GenerateTimings()
 
     def _use_graphs(self, wanted: bool | None) -> bool:
-        """Graphs where the platform has them (default); asking for them elsewhere warns once."""
+        """Graphs where the platform has them (default); asking for them elsewhere warns once.
+        A model on another device than the platform's (a CPU model on a GPU machine) runs eagerly."""
+        if self.device.type != self.platform.device.type:
+            if wanted:
+                logger.warning("graph replay needs the model on %s, it is on %s: steps run eagerly",
+                               self.platform.device, self.device)
+            return False
         if wanted is None:
             if self.platform.supports_graphs and not self.platform.graph_steps:
                 logger.info("%s: whole-step graph replay is not enabled on this platform yet; steps run eagerly",
@@ -318,7 +324,8 @@ class Engine:
         verify_lens = [self._verify_len(r) for r in requests]
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if self.graph_runner is not None and want_logprobs is None:
-            out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests])
+            out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests],
+                                        tuple(r.arrival for r in requests))
             if out is not None:
                 return out
         self.tables.set_view(max(r.num_cached for r in requests) + self.reserve)

@@ -14,7 +14,8 @@ drafter's observe) is captured once per batch-size bucket and replayed with one 
 - Sampling's host flags (all greedy, which filters run) choose code paths, so each graph
   is keyed by (bucket, flags); the common keys (all greedy, plain temperature) are captured
   at start-up with a progress bar, others on first use.
-- All graphs share the platform's memory pool; the bytes it takes are measured.
+- The runner's graphs share one memory pool of their own (an engine's graphs die with it);
+  the bytes it takes are measured.
 A batch above the largest bucket runs eagerly, announced once.
 """
 
@@ -32,12 +33,17 @@ logger = logging.getLogger(__name__)
 STARTUP_FLAGS = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0))
 
 
+MAX_DEFAULT_BUCKET = 256        # larger decode batches are compute-bound: eager launches cost little there
+
+
 def default_buckets(max_batch_size: int) -> list[int]:
+    """Powers of two up to the batch limit (itself included), at most MAX_DEFAULT_BUCKET."""
+    top = min(max_batch_size, MAX_DEFAULT_BUCKET)
     buckets, b = [], 1
-    while b < max_batch_size:
+    while b < top:
         buckets.append(b)
         b *= 2
-    return buckets + [max_batch_size]
+    return buckets + [top]
 
 
 def _flags(sampling: SamplingBatch) -> tuple:
@@ -57,8 +63,11 @@ class StepGraphRunner:
         self.buckets = sorted(buckets)
         self.pad_slot = pad_slot
         self.graphs: dict[tuple, _Captured] = {}
+        self.pool = self.platform.graph_pool()        # this runner's graphs only: engines come and go
         self.graph_bytes = 0
         self._warned_eager = False
+        self._last: _Captured | None = None           # the graph replayed last, and for which inputs
+        self._last_inputs: tuple | None = None
 
     def capture_startup(self, progress: bool = True) -> None:
         keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
@@ -75,20 +84,26 @@ class StepGraphRunner:
                            batch, self.buckets[-1])
         return bucket
 
-    def run(self, slots: list[int], verify_lens: list[int], params: list[SamplingParams]) -> dict | None:
-        """Replay the step for these rows; None when the batch needs the eager path."""
+    def run(self, slots: list[int], verify_lens: list[int], params: list[SamplingParams],
+            identity: tuple) -> dict | None:
+        """Replay the step for these rows; None when the batch needs the eager path.
+        `identity` names the rows' requests uniquely (never reused): while it and the verify
+        lengths stay the same, the static inputs already hold this batch."""
         bucket = self.bucket_for(len(slots))
         if bucket is None:
             return None
         pad = bucket - len(slots)
-        dev = self.engine.device
-        sampling = SamplingBatch(params + [params[0]] * pad, dev)      # padding rows copy row 0's flags
-        key = (bucket, _flags(sampling))
-        captured = self.graphs.get(key) or self._capture(bucket, sampling)
-        captured.slots.copy_(torch.tensor(slots + [self.pad_slot] * pad).to(dev))
-        captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
-        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
-            getattr(captured.sampling, name).copy_(getattr(sampling, name))
+        inputs = (identity, tuple(slots), tuple(verify_lens))
+        captured = self._last if self._last is not None and self._last_inputs == inputs else None
+        if captured is None:        # the batch changed: refresh the static inputs (else they hold)
+            dev = self.engine.device
+            sampling = SamplingBatch(params + [params[0]] * pad, dev)      # padding rows copy row 0's flags
+            captured = self.graphs.get((bucket, _flags(sampling))) or self._capture(bucket, sampling)
+            captured.slots.copy_(torch.tensor(slots + [self.pad_slot] * pad).to(dev))
+            captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
+            for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
+                getattr(captured.sampling, name).copy_(getattr(sampling, name))
+            self._last, self._last_inputs = captured, inputs
         captured.graph.replay()
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
@@ -101,7 +116,7 @@ class StepGraphRunner:
         static.__dict__.update(sampling.__dict__)
         for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
             setattr(static, name, getattr(sampling, name).clone())
-        graph = self.platform.graph()
+        graph = self.platform.graph(self.pool)
         before = self.platform.memory_stats()["allocated_bytes"]
         self.engine.tables.set_view(None)
         outputs = graph.capture(lambda: self.engine._verify_core(slots, verify_lens, static, want_logprobs=None))

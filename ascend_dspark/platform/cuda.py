@@ -46,9 +46,7 @@ class CudaPlatform(Platform):
     dist_backend = "nccl"
     op_backend = "triton"
     supports_graphs = True
-    # Whole-step replay is opt-in (Engine(graphs=True)) until it matches eager steps with a
-    # drafter: plain decoding replays token-exact on the H200, speculative steps do not yet.
-    graph_steps = False
+    graph_steps = True
     supports_bf16_autocast = True
 
     def __init__(self, index: int = 0) -> None:
@@ -77,10 +75,15 @@ class CudaPlatform(Platform):
     def event(self, enable_timing: bool = False):
         return torch.cuda.Event(enable_timing=enable_timing)
 
-    def graph(self) -> Graph:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        return CudaGraph(self._pool)
+    def graph(self, pool=None) -> Graph:
+        if pool is None:
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            pool = self._pool
+        return CudaGraph(pool)
+
+    def graph_pool(self):
+        return torch.cuda.graph_pool_handle()
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)

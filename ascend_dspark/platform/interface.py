@@ -85,8 +85,14 @@ class Platform:
     def event(self, enable_timing: bool = False) -> "HostEvent":
         return HostEvent()
 
-    def graph(self) -> Graph:
+    def graph(self, pool=None) -> Graph:
+        """A graph recorder; graphs given the same `pool` (from `graph_pool()`) share memory,
+        None shares the platform's own pool."""
         return Graph()
+
+    def graph_pool(self):
+        """A fresh memory pool for a set of graphs replayed one at a time (a graph runner's)."""
+        return None
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)

@@ -268,10 +268,15 @@ class NpuPlatform(Platform):
     def event(self, enable_timing: bool = False):
         return torch.npu.Event(enable_timing=enable_timing)
 
-    def graph(self) -> Graph:
-        if self._pool is None:
-            self._pool = torch.npu.graph_pool_handle()
-        return NpuGraph(self._pool)
+    def graph(self, pool=None) -> Graph:
+        if pool is None:
+            if self._pool is None:
+                self._pool = torch.npu.graph_pool_handle()
+            pool = self._pool
+        return NpuGraph(pool)
+
+    def graph_pool(self):
+        return torch.npu.graph_pool_handle()
 
     def manual_seed(self, seed: int) -> None:
         torch.manual_seed(seed)
