@@ -15,6 +15,7 @@ import logging
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 logger = logging.getLogger(__name__)
@@ -22,6 +23,31 @@ logger = logging.getLogger(__name__)
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
           404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
           413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+
+
+_MEANINGS = {400: "invalid request: the message names the parameter", 401: "missing or invalid API key",
+             404: "unknown model", 408: "the request ran past the server's time limit",
+             413: "request body over the server's limit", 429: "the server is full; retry after Retry-After seconds",
+             500: "unexpected server error (details only in the server log)",
+             503: "the server is starting, stopping, or its engine has failed"}
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body."""
+
+    error: ErrorDetail
+
+
+def documented(*statuses: int) -> dict[int, dict]:
+    """`responses=` for a route: these statuses answer with the error body (OpenAPI schema)."""
+    return {s: {"model": ErrorResponse, "description": _MEANINGS[s]} for s in statuses}
 
 
 class APIError(Exception):

@@ -54,7 +54,38 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.include_router(openai_api.router)
     app.include_router(system_api.router)
     app.include_router(page.router)
+    _document_our_errors(app)
     return app
+
+
+def _document_our_errors(app: FastAPI) -> None:
+    """Two corrections to FastAPI's schema. It documents a 422 with its own error body on
+    every route with parameters; this server answers invalid input with a 400 in OpenAI's
+    shape instead (errors.py, declared per route), so the 422 and the models only it used
+    go. And the streamed chunks, which the routes build as plain dicts, are added as
+    components, for the event-stream responses that refer to them (protocol.sse_schema)."""
+    from pydantic.json_schema import models_json_schema
+
+    from .protocol import STREAM_CHUNKS
+
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = build()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    operation.get("responses", {}).pop("422", None)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                components.pop(name, None)
+            _, chunks = models_json_schema([(m, "serialization") for m in STREAM_CHUNKS],
+                                           ref_template="#/components/schemas/{model}")
+            for name, definition in chunks.get("$defs", {}).items():
+                components.setdefault(name, definition)
+        return app.openapi_schema
+
+    app.openapi = openapi
 
 
 def start_engine(config: ServerConfig) -> ServerState:

@@ -15,21 +15,30 @@ import uuid
 from fastapi import APIRouter, Request
 
 from . import generation as gen
-from .errors import APIError
+from .errors import APIError, documented
 from .protocol import (
     AssistantMessage,
     ChatChoice,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
+    CompletionChunk,
     CompletionRequest,
     CompletionResponse,
     ModelCard,
     ModelList,
+    sse_schema,
 )
 from .state import ServerState, get_state
 
-router = APIRouter(prefix="/v1")
+router = APIRouter(prefix="/v1", responses=documented(401, 503))
+# What a generation route may answer besides its JSON body: the stream, and the errors.
+def _generation_responses(chunk) -> dict:
+    return {200: {"description": "the response, or with `stream: true` server-sent events "
+                                 "(`data: {chunk}` ... `data: [DONE]`)",
+                  "content": {"text/event-stream": {"schema": sse_schema(chunk)}}},
+            **documented(400, 404, 408, 413, 429, 500)}
 
 
 @router.get("/models", response_model=ModelList)
@@ -39,7 +48,7 @@ async def models(request: Request) -> ModelList:
                                      max_model_len=state.config.max_model_len)])
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse, responses=_generation_responses(CompletionChunk))
 async def completions(req: CompletionRequest, request: Request):
     state = get_state(request)
     gen.check_model(state, req.model)
@@ -79,7 +88,8 @@ async def completions(req: CompletionRequest, request: Request):
                  for i, c in enumerate(choices)])
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/chat/completions", response_model=ChatCompletionResponse,
+             responses=_generation_responses(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request):
     state = get_state(request)
     gen.check_model(state, req.model)

@@ -183,6 +183,70 @@ class ChatCompletionResponse(BaseModel):
     speculation: Speculation
 
 
+# -- streaming chunks (documented in the schema; built as plain dicts in openai_api.py) ------------
+class CompletionChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict | None = None
+    finish_reason: str | None
+
+
+class CompletionChunk(BaseModel):
+    """One event of a streamed completion; the last (with `stream_options.include_usage`) has
+    no choices and carries `usage` and `speculation`."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    usage: Usage | None = None
+    speculation: Speculation | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: dict | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One event of a streamed chat completion: first a `role` delta per choice, then text
+    deltas; the last (with `stream_options.include_usage`) has no choices and carries
+    `usage` and `speculation`."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    speculation: Speculation | None = None
+
+
+STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)
+
+
+def sse_schema(chunk: type[BaseModel]) -> dict:
+    """OpenAPI 3.1 schema of one server-sent event of a stream of `chunk`s: its data is a
+    chunk as JSON, an error (a timeout or engine failure after the stream started), or the
+    closing `[DONE]`."""
+    ref = "#/components/schemas/{}"
+    return {"type": "object", "required": ["data"], "properties": {
+        "event": {"type": "string"},
+        "data": {"anyOf": [
+            {"const": "[DONE]"},
+            {"type": "string", "contentMediaType": "application/json",
+             "contentSchema": {"anyOf": [{"$ref": ref.format(chunk.__name__)}, {"$ref": ref.format("ErrorResponse")}]}},
+        ]}}}
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

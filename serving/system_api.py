@@ -14,17 +14,50 @@ from importlib.metadata import PackageNotFoundError, version
 
 import time
 
+from typing import Literal
+
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, Field
 
+from .errors import ErrorResponse, documented
 from .state import get_state
 
-router = APIRouter()
+router = APIRouter(responses=documented(503))
 
 
-@router.get("/health")
+class EngineAccounting(BaseModel):
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    free_slots: int
+    slots_total: int
+    accounting_error: str | None = Field(description="set when an idle engine still held blocks or slots")
+    in_flight: int = Field(description="sequences admitted by the server and not finished")
+    accounting_ok: bool
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok", "unavailable"]
+    message: str | None = None
+    engine: EngineAccounting
+
+
+class VersionResponse(BaseModel):
+    version: str
+    model: str
+    drafter: str
+    num_speculative_tokens: int
+    device: str
+    max_model_len: int
+    max_num_seqs: int
+
+
+@router.get("/health", response_model=HealthResponse, responses={503: {
+    "model": HealthResponse | ErrorResponse,
+    "description": "the engine loop has stopped (the body says so), or the server is starting or stopping"}})
 async def health(request: Request) -> JSONResponse:
     state = get_state(request)
     loop = state.loop
@@ -36,7 +69,10 @@ async def health(request: Request) -> JSONResponse:
     return JSONResponse({"status": "ok", "engine": engine})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse, responses={
+    200: {"description": "Prometheus text format"},
+    503: {"description": "the server is starting or stopping",       # an error body, not metrics text
+          "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}})
 async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -74,7 +110,7 @@ async def speculation(request: Request) -> SpeculationTotalsResponse:
         **state.metrics.totals.snapshot(state.num_speculative_tokens))
 
 
-@router.get("/version")
+@router.get("/version", response_model=VersionResponse)
 async def server_version(request: Request) -> dict:
     state = get_state(request)
     cfg = state.config
