@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from ascend_dspark.models.kv_cache import BlockTables, PagedKVCache
 from ascend_dspark.platform import Platform, current_platform
+from ascend_dspark.platform.interface import AttentionHints, attention_hints
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 
@@ -46,8 +47,8 @@ from .scheduler import PrefillChunk, Scheduler
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BLOCK_SIZE = 16
 DEFAULT_PREFILL_TOKENS = 2048
+DEFAULT_KV_FRACTION = 0.9      # of the device's memory, for weights + KV + graphs together
 
 
 @dataclass
@@ -73,13 +74,16 @@ class Engine:
     """Generation over a target model and an optional drafter, both already on the device.
 
     `max_batch_size`: sequences held at once (slots). `num_kv_blocks`: blocks of
-    `kv_block_size` positions shared by all requests (default: enough for every slot to
-    reach `max_model_len`). `max_prefill_tokens`: the per-step budget of (padded) prompt
-    tokens."""
+    `kv_block_size` positions (default: the platform's) shared by all requests. By default
+    there are enough for every slot to reach `max_model_len`, or, on a device that reports
+    its memory, as many as fit in `kv_cache_fraction` of it next to what is already
+    allocated, if that is fewer. `max_prefill_tokens`: the per-step budget of (padded)
+    prompt tokens."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
                  max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
-                 num_kv_blocks: int | None = None, kv_block_size: int = DEFAULT_BLOCK_SIZE,
+                 num_kv_blocks: int | None = None, kv_block_size: int | None = None,
+                 kv_cache_fraction: float = DEFAULT_KV_FRACTION,
                  max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, graphs: bool | None = None,
                  graph_buckets: list[int] | None = None, progress: bool = False) -> None:
         self.platform = platform or current_platform()
@@ -96,6 +100,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.capture_layers = tuple(drafter.target_layer_ids) if drafter is not None else ()
         cfg = target.config
+        self._sliding = any(cfg.window(i) is not None for i in range(cfg.num_layers))
         param = next(target.parameters())
         self.dtype, self.device = param.dtype, param.device
         # From an anchor, verification writes K + 1 target positions (the drafter observes the
@@ -104,8 +109,10 @@ class Engine:
         # sits at max_model_len - 2 (a request whose next token would reach max_model_len has
         # finished).
         self.reserve = max(self.num_speculative_tokens + 1, drafter.lookahead if drafter is not None else 0)
+        kv_block_size = kv_block_size or self.platform.kv_block_size
         per_seq = -(-(max_model_len - 2 + self.reserve) // kv_block_size)
-        num_kv_blocks = num_kv_blocks if num_kv_blocks is not None else per_seq * max_batch_size
+        if num_kv_blocks is None:
+            num_kv_blocks = self._fitting_blocks(per_seq * max_batch_size, kv_block_size, kv_cache_fraction)
         scratch = max(max_prefill_tokens, max_batch_size * self.reserve)
         graphs = self._use_graphs(graphs)
         # With graphs, one more sequence slot (with its own blocks) takes the padding rows of a bucket.
@@ -130,6 +137,26 @@ class Engine:
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
         self.timings = GenerateTimings()
+
+    def _fitting_blocks(self, wanted: int, block_size: int, fraction: float) -> int:
+        """`wanted` blocks, or as many as fit in `fraction` of the device's memory."""
+        if not self.platform.kv_cache_from_memory:
+            return wanted
+        stats = self.platform.memory_stats()
+        cfg = self.target.config
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.drafter is not None:
+            per_block += self.drafter.kv_bytes_per_block(block_size, self.dtype)
+        room = int(fraction * stats["total_bytes"]) - stats["reserved_bytes"]
+        fits = max(room // per_block, 0)
+        if fits < wanted:
+            logger.info("KV cache: %d blocks of %d positions fit in %.0f%% of %s memory (%d would let every slot "
+                        "reach max_model_len): requests wait for blocks when they run out",
+                        fits, block_size, 100 * fraction, self.platform.name, wanted)
+        if fits < 1:
+            raise MemoryError(f"no room for a KV cache in {fraction:.0%} of the device's memory "
+                              f"({stats['reserved_bytes'] / 2**30:.1f} GiB already reserved)")
+        return min(wanted, fits)
 
     def _use_graphs(self, wanted: bool | None) -> bool:
         """Graphs where the platform has them (default); asking for them elsewhere warns once.
@@ -182,6 +209,10 @@ class Engine:
     @property
     def num_running(self) -> int:
         return len(self.scheduler.running) + len(self.scheduler.prefilling)
+
+    @property
+    def num_free_slots(self) -> int:
+        return len(self.scheduler.free_slots)
 
     @property
     def num_waiting(self) -> int:
@@ -296,7 +327,12 @@ class Engine:
         positions = starts.unsqueeze(1) + torch.arange(width, device=dev)
         valid = torch.arange(width, device=dev).unsqueeze(0) < lens.unsqueeze(1)
         self.tables.set_view(max(c.end for c in chunks))
-        out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers)
+        # Every attention of a prefill (the target's, Eagle3's observe) is causal over the
+        # chunk: kernels that take host lengths (Ascend's) may skip the mask.
+        hints = AttentionHints([c.end for c in chunks], [c.end - c.start for c in chunks],
+                               "explicit" if self._sliding else "causal")
+        with attention_hints(hints):
+            out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers)
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden)                                       # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev)
@@ -306,7 +342,8 @@ class Engine:
         last_col = (lens - 1).unsqueeze(1)
         nxt.scatter_(1, last_col, torch.where(samples_first.unsqueeze(1), first.unsqueeze(1), nxt.gather(1, last_col)))
         if self.drafter is not None:
-            self.drafter.observe(slots, out.features, positions, nxt, lens)
+            with attention_hints(hints):
+                self.drafter.observe(slots, out.features, positions, nxt, lens)
         # The anchor of a request that finished its prefill: the sampled token, or (after a
         # preemption) its last committed token, which the prefill did not put in the cache.
         anchor = torch.where(samples_first, first, resumed_anchor)
@@ -325,13 +362,17 @@ class Engine:
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if self.graph_runner is not None and want_logprobs is None:
             out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests],
-                                        tuple(r.arrival for r in requests))
+                                        tuple(r.arrival for r in requests), [r.num_cached + self.reserve for r in requests])
             if out is not None:
                 return out
-        self.tables.set_view(max(r.num_cached for r in requests) + self.reserve)
+        reach = [r.num_cached + self.reserve for r in requests]
+        self.tables.set_view(max(reach))
         dev = self.device
-        return self._verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev),
-                                 self._sampling_for(requests), want_logprobs)
+        # The step mixes causal (target, Eagle3) and block-bidirectional (DFlash/DSpark) masks:
+        # explicit masks, with each row's reach as its key-length bound.
+        with attention_hints(AttentionHints(reach, kind="explicit")):
+            return self._verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev),
+                                     self._sampling_for(requests), want_logprobs)
 
     def _verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, sampling: SamplingBatch,
                      want_logprobs: int | None) -> dict[str, torch.Tensor]:
@@ -424,13 +465,18 @@ class Engine:
                 self._update_text(r)
 
     def _update_text(self, r: Request) -> None:
-        """Decode the output and cut it at the first stop string (which finishes the request)."""
-        text = self.tokenizer.decode(r.output)
-        hits = [i for i in (text.find(s) for s in r.params.stop) if i >= 0]
+        """Extend the text by this step's tokens; cut it at the first stop string (which
+        finishes the request). Only the new text (plus a stop string's length of overlap) is
+        searched."""
+        grown = r.detokenizer.update(self.tokenizer, r.output, final=r.finish_reason is not None)
+        if not grown:
+            return
+        start = max(len(r.text) - max((len(s) for s in r.params.stop), default=0), 0)
+        r.text += grown
+        hits = [i for i in (r.text.find(s, start) for s in r.params.stop) if i >= 0]
         if hits:
-            text = text[: min(hits)]
+            r.text = r.text[: min(hits)]
             r.finish_reason = "stop"
-        r.text = text
 
     def _delta(self, r: Request) -> RequestDelta:
         new_tokens = r.output[r.emitted_tokens:]
@@ -439,13 +485,9 @@ class Engine:
         text_delta = None
         if r.detokenize:
             end = len(r.text)
-            if r.finish_reason is None:
-                # Hold back what may still change: an incomplete UTF-8 character, and a tail
-                # that could be the start of a stop string.
-                if r.text.endswith("\ufffd"):
-                    end = len(r.text.rstrip("\ufffd"))
-                if r.params.stop:
-                    end = min(end, len(r.text) - max(len(s) for s in r.params.stop) + 1)
+            if r.finish_reason is None and r.params.stop:
+                # Hold back a tail that could be the start of a stop string.
+                end = min(end, len(r.text) - max(len(s) for s in r.params.stop) + 1)
             end = max(end, r.emitted_text)
             text_delta, r.emitted_text = r.text[r.emitted_text:end], end
         return RequestDelta(r.request_id, new_tokens, text_delta, r.finish_reason, r.stats,

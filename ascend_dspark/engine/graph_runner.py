@@ -26,6 +26,7 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
+from ascend_dspark.platform.interface import AttentionHints, attention_hints
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -52,8 +53,9 @@ def _flags(sampling: SamplingBatch) -> tuple:
 
 
 class _Captured:
-    def __init__(self, graph, slots, verify_lens, sampling, outputs) -> None:
-        self.graph, self.slots, self.verify_lens, self.sampling, self.outputs = graph, slots, verify_lens, sampling, outputs
+    def __init__(self, graph, slots, verify_lens, sampling, hints, outputs) -> None:
+        self.graph, self.slots, self.verify_lens, self.sampling = graph, slots, verify_lens, sampling
+        self.hints, self.outputs = hints, outputs
 
 
 class StepGraphRunner:
@@ -85,10 +87,11 @@ class StepGraphRunner:
         return bucket
 
     def run(self, slots: list[int], verify_lens: list[int], params: list[SamplingParams],
-            identity: tuple) -> dict | None:
+            identity: tuple, reach: list[int]) -> dict | None:
         """Replay the step for these rows; None when the batch needs the eager path.
         `identity` names the rows' requests uniquely (never reused): while it and the verify
-        lengths stay the same, the static inputs already hold this batch."""
+        lengths stay the same, the static inputs already hold this batch. `reach[b]`: the
+        keys row b can see this step (the attention hints of kernels taking host lengths)."""
         bucket = self.bucket_for(len(slots))
         if bucket is None:
             return None
@@ -104,6 +107,7 @@ class StepGraphRunner:
             for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
                 getattr(captured.sampling, name).copy_(getattr(sampling, name))
             self._last, self._last_inputs = captured, inputs
+        captured.hints.update(reach + [self.engine.reserve] * pad)
         captured.graph.replay()
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
@@ -119,8 +123,11 @@ class StepGraphRunner:
         graph = self.platform.graph(self.pool)
         before = self.platform.memory_stats()["allocated_bytes"]
         self.engine.tables.set_view(None)
-        outputs = graph.capture(lambda: self.engine._verify_core(slots, verify_lens, static, want_logprobs=None))
+        # Hints with the padding slot's reach; updated to the real rows' before every replay.
+        hints = AttentionHints([self.engine.reserve] * bucket, kind="explicit")
+        with attention_hints(hints):
+            outputs = graph.capture(lambda: self.engine._verify_core(slots, verify_lens, static, want_logprobs=None))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
-        captured = _Captured(graph, slots, verify_lens, static, outputs)
+        captured = _Captured(graph, slots, verify_lens, static, hints, outputs)
         self.graphs[(bucket, _flags(sampling))] = captured
         return captured

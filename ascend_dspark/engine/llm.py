@@ -49,7 +49,9 @@ def build_drafter(spec: str | None, target, seed: int = 0, model: str | None = N
 class LLM:
     def __init__(self, model: str = "default", drafter: str | None = "dspark", num_speculative_tokens: int = 7,
                  device: str | None = None, dtype: str | None = None, max_model_len: int = 2048,
-                 max_batch_size: int = 8, seed: int = 0) -> None:
+                 max_batch_size: int = 8, seed: int = 0, **engine_options) -> None:
+        """`engine_options` go to `Engine`: num_kv_blocks, kv_block_size, kv_cache_fraction,
+        max_prefill_tokens, graphs, graph_buckets, progress."""
         self.platform = set_platform(make_platform(device))
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -59,7 +61,7 @@ class LLM:
         if self.drafter is not None:
             self.drafter.to(device=self.platform.device, dtype=torch_dtype).eval()
         self.engine = Engine(self.target, self.drafter, self.tokenizer, num_speculative_tokens,
-                             max_model_len, max_batch_size, self.platform)
+                             max_model_len, max_batch_size, self.platform, **engine_options)
 
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:

@@ -7,6 +7,7 @@ from enum import Enum
 
 from ascend_dspark.spec.sampling import SamplingParams
 
+from .detokenizer import IncrementalText
 from .outputs import RequestStats
 
 
@@ -38,6 +39,7 @@ class Request:
     emitted_text: int = 0             # characters of `text` already reported in deltas
     emitted_tokens: int = 0           # tokens of `output` already reported in deltas
     detokenize: bool = False          # keep `text` up to date every step (streaming, stop strings)
+    detokenizer: IncrementalText = field(default_factory=IncrementalText)
     logprobs: list = field(default_factory=list)    # per output token, when params.logprobs is set
 
     @property

@@ -99,6 +99,9 @@ class OracleDrafter(torch.nn.Module):
     def attach(self, *args):
         self.inner.attach(*args)
 
+    def kv_bytes_per_block(self, *args):
+        return self.inner.kv_bytes_per_block(*args)
+
     def reset(self, slot_ids):
         self.inner.reset(slot_ids)
 
