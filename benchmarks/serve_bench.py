@@ -2,18 +2,26 @@
 at several concurrency levels, speculation on and off, against a running server (`--url`)
 or one this script starts (`--launch`).
 
-    python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --concurrency 1 4 16 64
-    python benchmarks/serve_bench.py --launch --concurrency 1 4 16 --max-tokens 64 \\
-        --out benchmarks/results/serving/cpu.json -- --device cpu --max-num-seqs 16
+    python benchmarks/serve_bench.py --launch --concurrency 1 4 16 64 --max-tokens 128 \\
+        --out benchmarks/results/serving/h200.json -- --device cuda --max-num-seqs 64
+    python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --plain-url http://127.0.0.1:8001
 
 Everything after `--` goes to `ascend-dspark serve` (started as `python -m ascend_dspark.cli
 serve` from this checkout, on a free loopback port, with this environment: fastapi and
-uvicorn may come from a `pip install --target` directory on PYTHONPATH). `--plot JSON PNG`
-redraws a plot from a results file.
+uvicorn may come from a `pip install --target` directory on PYTHONPATH; the server's log
+goes beside --out). `--plot JSON PNG` redraws a plot from a results file, `--combine A.json
+B.json --out C.json` joins the results of several runs (e.g. one mode each).
 
-For each mode (`spec`: the server's speculation; `nospec`: the same server with
-`num_speculative_tokens: 0` on every request, so one set of weights and one process serve
-both) and each concurrency C, `--num-prompts` prompts (default max(8, 4 C)) go out with at
+Modes:
+  spec    the server's speculation (its drafter, K drafts per step)
+  plain   plain decoding: a second server, the same flags plus `--drafter none` (`--launch`
+          starts it after the first one stops; with `--url`, give it as `--plain-url`)
+  nospec  the speculating server with `num_speculative_tokens: 0` on every request: the
+          engine still runs the drafter and verifies K + 1 positions per step (fixed shapes),
+          it only accepts none, so this is the cost of speculation that never pays off,
+          not plain decoding
+
+For each mode and each concurrency C, `--num-prompts` prompts (default max(8, 4 C)) go out with at
 most C in flight, each as soon as a slot frees (vLLM's `--max-concurrency` with an infinite
 request rate). The prompts are the first user turns of MT-Bench (or ShareGPT, GSM8K, a JSONL
 file) through ascend_dspark.training.prompts, the same prefix of one seeded shuffle for
@@ -55,7 +63,9 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("spec", "nospec")
+MODES = ("spec", "plain", "nospec")
+LABELS = {"spec": "speculation on", "plain": "plain decoding (--drafter none)",
+          "nospec": "drafts discarded (num_speculative_tokens 0)"}
 
 
 # -- a small streaming HTTP client ---------------------------------------------------------------
@@ -339,49 +349,72 @@ def machine() -> str:
 
 
 def sweep(args, server_args: list[str], command: str) -> dict:
-    proc = None
-    if args.launch:
-        log_path = (args.out.with_suffix(".server.log") if args.out else Path("serve_bench.server.log"))
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        proc, url = launch(server_args, log_path, args.launch_timeout)
-    else:
-        url = args.url.rstrip("/")
-    try:
-        version = get_json(url + "/version")
-        model = get_json(url + "/v1/models", args.api_key)["data"][0]["id"]
-        most = max(args.num_prompts or max(args.min_prompts, args.prompts_per_concurrency * c) for c in args.concurrency)
-        prompts, dataset = load_messages(args.dataset, most, args.seed, args.max_prompt_chars)
-        print(f"server {url}: {model}, drafter {version.get('drafter')} (K={version.get('num_speculative_tokens')}), "
-              f"{version.get('device')}; prompts: {dataset}", file=sys.stderr)
-        results = []
-        for mode in args.modes:
-            speculate = mode == "spec"
-            if args.warmup:
-                asyncio.run(run_level(url, model, prompts[:args.warmup], 1, args, speculate))
-            for c in args.concurrency:
-                n = args.num_prompts or max(args.min_prompts, args.prompts_per_concurrency * c)
-                before = _speculation(url)
-                records, duration = asyncio.run(run_level(url, model, prompts[:n], c, args, speculate))
-                row = {"mode": mode, "concurrency": c, "num_prompts": n, **summarize(records, duration, args),
-                       "server_speculation": speculation_delta(before, _speculation(url))}
-                results.append(row)
-                print(f"{mode:6s} C={c:3d} n={n:4d}: {row['output_throughput']:8.1f} out tok/s, "
-                      f"{row['request_throughput']:6.2f} req/s, TTFT p50 {_ms(row['ttft_ms']['p50'])}, "
-                      f"TPOT p50 {_ms(row['tpot_ms']['p50'])}, ITL p99 {_ms(row['itl_ms']['p99'])}, "
-                      f"goodput {row['goodput']:.2f} req/s, tau {_f(row['server_speculation'].get('mean_accepted_length'))}"
-                      f", failed {row['failed']}", file=sys.stderr)
-    finally:
-        if proc is not None:
-            stop(proc)
+    groups = []                      # (modes, url, server flags): one server each
+    if [m for m in args.modes if m != "plain"]:
+        groups.append(([m for m in args.modes if m != "plain"], args.url, server_args))
+    if "plain" in args.modes:
+        groups.append((["plain"], args.plain_url, [*server_args, "--drafter", "none"]))
+    results, servers, meta = [], {}, {}
+    for modes, url, flags in groups:
+        proc = None
+        if args.launch:
+            stem = args.out.with_suffix("") if args.out else Path("serve_bench")
+            log_path = Path(f"{stem}.{'plain' if modes == ['plain'] else 'spec'}.server.log")
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            proc, url = launch(flags, log_path, args.launch_timeout)
+        url = url.rstrip("/")
+        try:
+            version = get_json(url + "/version")
+            model = get_json(url + "/v1/models", args.api_key)["data"][0]["id"]
+            most = max(_num_prompts(args, c) for c in args.concurrency)
+            prompts, dataset = load_messages(args.dataset, most, args.seed, args.max_prompt_chars)
+            print(f"server {url}: {model}, drafter {version.get('drafter')} (K={version.get('num_speculative_tokens')}),"
+                  f" {version.get('device')}; prompts: {dataset}", file=sys.stderr)
+            meta.setdefault("model", model)
+            meta.setdefault("dataset", dataset)
+            for mode in modes:
+                servers[mode] = {**version, "url": None if args.launch else url,
+                                 "launched_with": flags if args.launch else None}
+                speculate = mode == "spec"
+                if args.warmup:
+                    asyncio.run(run_level(url, model, prompts[:args.warmup], 1, args, speculate))
+                for c in args.concurrency:
+                    n = _num_prompts(args, c)
+                    before = _speculation(url)
+                    records, duration = asyncio.run(run_level(url, model, prompts[:n], c, args, speculate))
+                    row = {"mode": mode, "concurrency": c, "num_prompts": n, **summarize(records, duration, args),
+                           "server_speculation": speculation_delta(before, _speculation(url))}
+                    results.append(row)
+                    print(f"{mode:6s} C={c:3d} n={n:4d}: {row['output_throughput']:8.1f} out tok/s, "
+                          f"{row['request_throughput']:6.2f} req/s, TTFT p50 {_ms(row['ttft_ms']['p50'])}, "
+                          f"TPOT p50 {_ms(row['tpot_ms']['p50'])}, ITL p99 {_ms(row['itl_ms']['p99'])}, "
+                          f"goodput {row['goodput']:.2f} req/s, "
+                          f"tau {_f(row['server_speculation'].get('mean_accepted_length'))}, failed {row['failed']}",
+                          file=sys.stderr)
+        finally:
+            if proc is not None:
+                stop(proc)
     return {
         "meta": {"date": dt.datetime.now().isoformat(timespec="seconds"), "machine": machine(),
-                 "python": sys.version.split()[0], "command": command, "url": None if args.launch else url,
-                 "launched_with": server_args if args.launch else None, "server": version, "model": model,
-                 "dataset": dataset, "max_tokens": args.max_tokens, "temperature": args.temperature,
-                 "ignore_eos": args.ignore_eos, "slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms,
-                                                           "e2el": args.slo_e2el_ms}},
+                 "python": sys.version.split()[0], "commands": [command], **meta, "servers": servers,
+                 "max_tokens": args.max_tokens, "temperature": args.temperature, "ignore_eos": args.ignore_eos,
+                 "slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms}},
         "results": results,
     }
+
+
+def _num_prompts(args, c: int) -> int:
+    return args.num_prompts or max(args.min_prompts, args.prompts_per_concurrency * c)
+
+
+def combine(paths: list[Path]) -> dict:
+    """Several runs' results as one (the first run's settings; every run's command)."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    meta = dict(runs[0]["meta"])
+    meta["commands"] = [c for r in runs for c in r["meta"].get("commands", [])]
+    meta["servers"] = {k: v for r in runs for k, v in r["meta"].get("servers", {}).items()}
+    meta["dates"] = [r["meta"]["date"] for r in runs]
+    return {"meta": meta, "results": [row for r in runs for row in r["results"]]}
 
 
 def _speculation(url: str) -> dict | None:
@@ -411,14 +444,14 @@ def plot(results: dict, path: Path) -> None:
               ("tpot_ms", "p50", "TPOT p50 (ms)"), ("itl_ms", "p99", "ITL p99 (ms)"),
               ("request_throughput", None, "requests/s"), ("goodput", None, "goodput (requests/s within SLO)")]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
-    colors = {"spec": "#e8713c", "nospec": "#5b7fb5"}
+    styles = {"spec": ("#e8713c", "-"), "plain": ("#5b7fb5", "-"), "nospec": ("#9a9a9a", "--")}
     for ax, (key, sub, label) in zip(axes.flat, panels):
         for mode in MODES:
             pts = [(r["concurrency"], r[key][sub] if sub else r[key]) for r in rows if r["mode"] == mode]
             pts = [(c, v) for c, v in pts if v is not None]
             if pts:
-                ax.plot(*zip(*pts), marker="o", color=colors[mode],
-                        label="speculation on" if mode == "spec" else "speculation off (num_speculative_tokens 0)")
+                color, line = styles[mode]
+                ax.plot(*zip(*pts), marker="o", color=color, linestyle=line, label=LABELS[mode])
         ax.set_xscale("log", base=2)
         ax.set_xticks(sorted({r["concurrency"] for r in rows}))
         ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
@@ -428,7 +461,8 @@ def plot(results: dict, path: Path) -> None:
         ax.set_ylim(bottom=0)
     axes.flat[0].legend(fontsize=8)
     slo = ", ".join(f"{k}<={v:g} ms" for k, v in meta["slo_ms"].items() if v is not None) or "none"
-    srv = meta.get("server") or {}
+    servers = meta.get("servers") or {}
+    srv = servers.get("spec") or next(iter(servers.values()), {})
     fig.suptitle(f"{meta['model']} + {srv.get('drafter')} (K={srv.get('num_speculative_tokens')}) on "
                  f"{srv.get('device')}: {meta['dataset']}, {meta['max_tokens']} tokens/request, SLO {slo}\n"
                  f"{meta['machine']}, {meta['date'][:10]}", fontsize=10)
@@ -447,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--launch", action="store_true", help="start `ascend-dspark serve` (flags after --)")
+    parser.add_argument("--plain-url", help="with --url: a server of the same model with --drafter none (mode plain)")
     parser.add_argument("--launch-timeout", type=float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--api-key", default=os.environ.get("ASCEND_DSPARK_SERVE_API_KEY"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -468,12 +503,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slo-e2el-ms", type=float, default=None)
     parser.add_argument("--out", type=Path, default=None, help="results JSON (the plot goes beside it as .png)")
     parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS_JSON", "PNG"), default=None)
+    parser.add_argument("--combine", type=Path, nargs="+", metavar="RESULTS_JSON", default=None,
+                        help="join these results files into --out (and its plot)")
     args = parser.parse_args(argv)
     if args.plot:
         plot(json.loads(args.plot[0].read_text()), args.plot[1])
         return 0
+    if args.combine:
+        if not args.out:
+            parser.error("--combine needs --out")
+        results = combine(args.combine)
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        plot(results, args.out.with_suffix(".png"))
+        return 0
     if not args.url and not args.launch:
         parser.error("give --url of a running server or --launch")
+    if args.url and "plain" in args.modes and not args.plain_url:
+        parser.error("mode plain against --url needs --plain-url (a server with --drafter none), "
+                     "or leave it out: --modes spec nospec")
     if server_args and not args.launch:
         parser.error("server flags after -- need --launch")
     command = " ".join(["python", "benchmarks/serve_bench.py", *sys.argv[1:]])

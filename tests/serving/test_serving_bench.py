@@ -1,0 +1,62 @@
+"""benchmarks/serve_bench.py end to end, as it will be run elsewhere: `--launch` starts the
+server itself (the tiny model), then a second one with `--drafter none` for the plain mode;
+its own HTTP client streams every request to the end; the numbers it reports agree with
+what the server counted; the JSON and the plot are written and `--combine` joins runs."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+
+from tests.serving.server_process import MAX_MODEL_LEN, REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import serve_bench  # noqa: E402
+
+MAX_TOKENS = 8
+
+
+def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")            # the launched servers inherit it
+    out = tmp_path / "sweep.json"
+    rc = serve_bench.main(["--launch", "--concurrency", "1", "3", "--num-prompts", "3", "--max-tokens", str(MAX_TOKENS),
+                           "--dataset", "gsm8k-test", "--max-prompt-chars", "120", "--warmup", "1",
+                           "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out), "--",
+                           "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
+                           "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny"])
+    assert rc == 0
+    result = json.loads(out.read_text())
+    assert out.with_suffix(".png").stat().st_size > 10_000
+    meta, rows = result["meta"], result["results"]
+    assert meta["model"] == "tiny" and meta["dataset"] == "gsm8k-test"
+    assert meta["servers"]["spec"]["drafter"] == "dspark" and meta["servers"]["spec"]["num_speculative_tokens"] == 7
+    assert meta["servers"]["plain"]["drafter"] == "none" and meta["servers"]["plain"]["num_speculative_tokens"] == 0
+    assert meta["servers"]["plain"]["launched_with"][-2:] == ["--drafter", "none"]
+    assert [(r["mode"], r["concurrency"]) for r in rows] == [
+        ("spec", 1), ("spec", 3), ("nospec", 1), ("nospec", 3), ("plain", 1), ("plain", 3)]
+    for r in rows:
+        assert r["completed"] == 3 and r["failed"] == 0, r["errors"]
+        assert r["total_output_tokens"] == 3 * MAX_TOKENS                 # ignore_eos: every request is full length
+        assert r["output_throughput"] == pytest.approx(r["total_output_tokens"] / r["duration_s"])
+        for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2el_ms"):
+            assert 0 < r[key]["p50"] <= r[key]["p99"], (key, r[key])
+        assert r["ttft_ms"]["p99"] <= r["e2el_ms"]["p99"]
+        assert r["goodput"] == 0                                        # nobody meets a 1 us TPOT
+        spec = r["server_speculation"]
+        assert spec["generation_tokens"] == 3 * MAX_TOKENS                # the server counted the same tokens
+        if r["mode"] == "spec":
+            assert spec["num_drafts"] > 0 and 0 < spec["num_draft_tokens"] <= 7 * spec["num_drafts"]
+        else:
+            assert spec["num_drafts"] == 0 and spec["mean_accepted_length"] == 1.0
+    for kind in ("spec", "plain"):                                   # both servers stopped cleanly
+        log = (tmp_path / f"sweep.{kind}.server.log").read_text()
+        assert "Traceback" not in log, log[-3000:]
+
+    # --combine: two runs' results as one file and one plot
+    joined = tmp_path / "joined.json"
+    assert serve_bench.main(["--combine", str(out), str(out), "--out", str(joined)]) == 0
+    both = json.loads(joined.read_text())
+    assert len(both["results"]) == 2 * len(rows) and len(both["meta"]["commands"]) == 2
+    assert joined.with_suffix(".png").exists()
