@@ -17,6 +17,7 @@
     model: null,
     k: 0,
     messages: [],            // the conversation sent with every request
+    conversation: 0,         // bumped by "New chat": a reply to an older one is not kept
     controller: null,        // AbortController of the reply streaming now
     reply: null,             // speculation of the last finished reply
     server: null,            // last /speculation answer
@@ -62,6 +63,7 @@
       state.k = v.num_speculative_tokens;
       $("server-info").textContent =
         `${v.model} \u00b7 drafter ${v.drafter} (K = ${v.num_speculative_tokens}) \u00b7 ${v.device} \u00b7 v${v.version}`;
+      if (!state.k) $("speculate").disabled = true;      // no drafter: nothing to switch
     } catch (e) {
       showError("Cannot reach the server: " + e.message);
       setState("error");
@@ -117,6 +119,7 @@
 
   async function send(text) {
     showError("");
+    const conversation = state.conversation;
     state.messages.push({ role: "user", content: text });
     addMessage("user", text);
     const out = addMessage("assistant", "");
@@ -174,8 +177,10 @@
     $("send").disabled = false;
     $("stop").disabled = true;
 
-    if (reply) state.messages.push({ role: "assistant", content: reply });
-    else state.messages.pop();          // nothing came back: do not send a dangling turn next time
+    if (conversation === state.conversation) {
+      if (reply) state.messages.push({ role: "assistant", content: reply });
+      else state.messages.pop();        // nothing came back: do not send a dangling turn next time
+    }
     if (failed && failed !== "stopped") {
       out.parentElement.classList.add("failed");
       if (failed.auth) needKey(failed.message); else showError(failed.message);
@@ -348,6 +353,7 @@
   $("new-chat").addEventListener("click", () => {
     if (state.controller) state.controller.abort();
     state.messages = [];
+    state.conversation += 1;
     $("messages").replaceChildren();
     showError("");
   });
