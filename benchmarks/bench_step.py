@@ -41,7 +41,7 @@ def random_model(raw: dict, dtype, device):
     torch.manual_seed(0)
     with torch.device(device):
         model = DecoderModel(ModelConfig.from_dict(raw))
-    return model.to(dtype).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
 def decode_step(platform, target, context: int, steps: int) -> float:
