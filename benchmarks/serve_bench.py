@@ -37,8 +37,9 @@ output and total tokens/s, requests/s, and goodput (requests/s meeting every SLO
 server's GET /speculation before and after (mean accepted length, acceptance per position).
 
 The HTTP client is the standard library's asyncio (one connection per request, chunked
-transfer decoding, SSE parsing), so the client side needs nothing installed; numpy and
-matplotlib (for the plot) come with the project's dependencies.
+transfer decoding, SSE parsing) and the statistics are plain Python, so the client needs
+nothing beyond this checkout; only the plot needs matplotlib (without it the JSON is still
+written, and `--plot` draws it later anywhere).
 """
 
 from __future__ import annotations
@@ -216,16 +217,23 @@ async def run_level(url: str, model: str, prompts: list[list[dict]], concurrency
     return records, time.perf_counter() - t0
 
 
-def summarize(records: list[Record], duration: float, args) -> dict:
-    import numpy as np
+def percentile(values: list[float], q: float) -> float:
+    """numpy.percentile's default (linear interpolation between the closest ranks)."""
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
+
+def summarize(records: list[Record], duration: float, args) -> dict:
     ok = [r for r in records if r.ok]
 
     def stats(values: list[float]) -> dict:
         if not values:
             return {"mean": None, "p50": None, "p99": None}
-        a = np.asarray(values) * 1000.0
-        return {"mean": float(a.mean()), "p50": float(np.percentile(a, 50)), "p99": float(np.percentile(a, 99))}
+        ms = [v * 1000.0 for v in values]
+        return {"mean": sum(ms) / len(ms), "p50": percentile(ms, 50), "p99": percentile(ms, 99)}
 
     out_tokens = sum(r.output_tokens for r in ok)
     in_tokens = sum(r.prompt_tokens for r in ok)
@@ -529,8 +537,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
-        plot(results, args.out.with_suffix(".png"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.png')}", file=sys.stderr)
+        print(f"wrote {args.out}", file=sys.stderr)
+        try:
+            plot(results, args.out.with_suffix(".png"))
+            print(f"wrote {args.out.with_suffix('.png')}", file=sys.stderr)
+        except ImportError as exc:
+            print(f"no plot ({exc}): draw it elsewhere with --plot {args.out} OUT.png", file=sys.stderr)
     else:
         print(text)
     return 0
