@@ -1,7 +1,8 @@
 """`make mutants`: mutation testing of the lossless core with mutmut 3 (not part of CI).
 
 What it mutates (TARGETS below): verification and sampling (`ascend_dspark/spec/{verify,
-sampling}.py`, `ops/{verify,sampling}.py`, every function), the engine's step and commit,
+sampling}.py`, `ops/{verify,sampling}.py`, every function), the engine's step (prefill,
+verify, commit) and the scheduler's plan (growth, admission, chunking, preemption),
 and the drafters' propose / observe. What it runs against them: a fast selection of the
 CPU suite (FAST_TESTS, minus the statistical engine tests in SLOW_TESTS), `-x`, with a
 per-mutant CPU-time limit.
@@ -56,7 +57,10 @@ TARGETS: dict[str, list[str]] = {
     "ascend_dspark/spec/sampling.py": ["*"],
     "ops/verify.py": ["*"],
     "ops/sampling.py": ["*"],
-    "ascend_dspark/engine/engine.py": [f"x{SEP}Engine{SEP}_step__mutmut_*", f"x{SEP}Engine{SEP}_commit__mutmut_*"],
+    "ascend_dspark/engine/engine.py": [f"x{SEP}Engine{SEP}{name}__mutmut_*"
+                                       for name in ("step", "_prefill", "_verify_core", "_commit")],
+    "ascend_dspark/engine/scheduler.py": [f"x{SEP}Scheduler{SEP}{name}__mutmut_*"
+                                          for name in ("_grow_running", "_fill_prefill", "_chunk", "_preempt")],
     "ascend_dspark/drafters/dspark.py": [f"x{SEP}DSparkDrafter{SEP}propose__mutmut_*"],
     "ascend_dspark/drafters/dflash.py": [f"x{SEP}DFlashDrafter{SEP}propose__mutmut_*"],
     "ascend_dspark/drafters/eagle3.py": [f"x{SEP}Eagle3Drafter{SEP}propose__mutmut_*",
