@@ -4,8 +4,9 @@ invalid ones (wrong types, out-of-range values, missing or extra fields), agains
 uvicorn process serving the tiny model with an API key.
 
 What must hold for every request: no 5xx (the server never fails on input, and no stack
-trace reaches a client), and every answer is one the schema documents: its status code,
-its content type and, for JSON, its body (the error shape included).
+trace reaches a client, nor the server log), every answer is one the schema documents (its
+status code, its content type, its body: the error shape, and each event of a stream), and
+an invalid request is refused with a 4xx.
 
 Bounded: a fixed number of examples per operation and generation mode, the engine's
 lengths kept short (max_model_len 64), so the module takes about 20 s on two cores.
@@ -33,7 +34,7 @@ EXAMPLES = {GenerationMode.POSITIVE: SCALE or 30, GenerationMode.NEGATIVE: (SCAL
 VARIANTS = [(GenerationMode.POSITIVE, False), (GenerationMode.POSITIVE, True), (GenerationMode.NEGATIVE, False)]
 GENERATION_OPS = ("POST /v1/completions", "POST /v1/chat/completions")
 CHECKS = [getattr(checks, name) for name in ("not_a_server_error", "status_code_conformance",
-                                             "content_type_conformance", "response_schema_conformance")]
+                                             "content_type_conformance", "response_schema_conformance", "negative_data_rejection")]
 
 
 @pytest.fixture(scope="module")
