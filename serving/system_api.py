@@ -10,10 +10,8 @@ test or an operator can see leaks from outside the process.
 
 from __future__ import annotations
 
-from importlib.metadata import PackageNotFoundError, version
-
 import time
-
+from importlib.metadata import PackageNotFoundError, version
 from typing import Literal
 
 from fastapi import APIRouter, Request

@@ -13,7 +13,7 @@ import pytest
 from tests.serving.server_process import MAX_MODEL_LEN, REPO
 
 sys.path.insert(0, str(REPO / "benchmarks"))
-import serve_bench  # noqa: E402
+import serve_bench
 
 MAX_TOKENS = 8
 

@@ -22,7 +22,13 @@ import time
 import pytest
 
 from tests.serving.browser import Browser, ask, chromium_path
-from tests.serving.server_process import API_KEY, MAX_MODEL_LEN, REPO, running_server, server_env
+from tests.serving.server_process import (
+    API_KEY,
+    MAX_MODEL_LEN,
+    REPO,
+    running_server,
+    server_env,
+)
 
 PROMPT = "hi"                 # the tiny random draft gets a few tokens of its reply accepted
 MAX_TOKENS = 32

@@ -21,10 +21,10 @@ import pytest
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extra: pip install -e '.[test]'")
 
-from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
-from schemathesis import GenerationMode, checks  # noqa: E402
+from hypothesis import HealthCheck, Phase, given, settings
+from schemathesis import GenerationMode, checks
 
-from tests.serving.server_process import API_KEY, running_server, server_env  # noqa: E402
+from tests.serving.server_process import API_KEY, running_server, server_env
 
 # Examples per generation operation and mode; CI runs a fixed (derandomized) set. For a longer
 # exploration: ASCEND_DSPARK_FUZZ_EXAMPLES=500 (random examples, a new set each run).
