@@ -115,11 +115,15 @@ class Engine:
             num_kv_blocks = self._fitting_blocks(per_seq * max_batch_size, kv_block_size, kv_cache_fraction)
         scratch = max(max_prefill_tokens, max_batch_size * self.reserve)
         graphs = self._use_graphs(graphs)
-        # With graphs, one more sequence slot (with its own blocks) takes the padding rows of a bucket.
-        self.pad_slot = max_batch_size if graphs else None
-        num_seqs = max_batch_size + (1 if graphs else 0)
-        self.tables = BlockTables(num_seqs, per_seq, num_kv_blocks + (per_seq if graphs else 0), kv_block_size,
-                                  self.device, scratch)
+        # With graphs, the padding rows of a bucket take padding slots: one per row of the
+        # largest bucket, each with blocks for one step's reach (their length is reset to 0
+        # every step), so no two rows of a step ever write the same cache row.
+        buckets = sorted(graph_buckets or default_buckets(max_batch_size)) if graphs else []
+        pad_blocks = -(-self.reserve // kv_block_size)
+        self.pad_slots = list(range(max_batch_size, max_batch_size + (buckets[-1] if graphs else 0)))
+        num_seqs = max_batch_size + len(self.pad_slots)
+        self.tables = BlockTables(num_seqs, per_seq, num_kv_blocks + len(self.pad_slots) * pad_blocks,
+                                  kv_block_size, self.device, scratch)
         self.cache = PagedKVCache(cfg.num_layers, self.tables, cfg.num_kv_heads, cfg.head_dim, self.dtype)
         if drafter is not None:
             drafter.attach(self.tables, self.dtype)
@@ -127,9 +131,10 @@ class Engine:
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
         self.graph_runner = None
         if graphs:
-            self.tables.extend(self.pad_slot, self.scheduler.allocator.allocate(per_seq))
+            for slot in self.pad_slots:
+                self.tables.extend(slot, self.scheduler.allocator.allocate(pad_blocks))
             self.tables.flush()
-            self.graph_runner = StepGraphRunner(self, graph_buckets or default_buckets(max_batch_size), self.pad_slot)
+            self.graph_runner = StepGraphRunner(self, buckets, self.pad_slots)
             with torch.inference_mode():
                 self.graph_runner.capture_startup(progress)
         self.requests: dict[str, Request] = {}
@@ -405,8 +410,8 @@ class Engine:
         if self.drafter is not None:
             self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1)
         self.anchors[slots] = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
-        if self.pad_slot is not None:
-            self.cache.lengths[self.pad_slot:self.pad_slot + 1].zero_()     # padding rows always verify at 0..K
+        if self.pad_slots:
+            self.cache.lengths[self.pad_slots[0]:].zero_()       # padding rows always verify at 0..K
         out = {"num_accepted": num_accepted, "tokens": result.tokens}
         if confidence is not None:
             out["confidence"] = confidence

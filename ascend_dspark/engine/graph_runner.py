@@ -7,8 +7,9 @@ drafter's observe) is captured once per batch-size bucket and replayed with one 
 
 - Static inputs: the rows' sequence slots, their verify lengths and sampling tensors are
   copied into fixed buffers before a replay; rows past the real batch point at the
-  engine's padding slot, which owns its own blocks and whose length the step resets, so a
-  padded row never touches a request's cache.
+  engine's padding slots (one per row, each with its own blocks, lengths reset by the
+  step), so a padded row never touches a request's cache and no two rows write one
+  cache row (Ascend's scatter leaves duplicates undefined).
 - Shapes are fixed per bucket: attention reads every block-table column (`set_view(None)`),
   so nothing in the step depends on a value read back from the device.
 - Sampling's host flags (all greedy, which filters run) choose code paths, so each graph
@@ -59,11 +60,11 @@ class _Captured:
 
 
 class StepGraphRunner:
-    def __init__(self, engine, buckets: list[int], pad_slot: int) -> None:
+    def __init__(self, engine, buckets: list[int], pad_slots: list[int]) -> None:
         self.engine = engine
         self.platform = engine.platform
         self.buckets = sorted(buckets)
-        self.pad_slot = pad_slot
+        self.pad_slots = pad_slots
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = self.platform.graph_pool()        # this runner's graphs only: engines come and go
         self.graph_bytes = 0
@@ -102,7 +103,7 @@ class StepGraphRunner:
             dev = self.engine.device
             sampling = SamplingBatch(params + [params[0]] * pad, dev)      # padding rows copy row 0's flags
             captured = self.graphs.get((bucket, _flags(sampling))) or self._capture(bucket, sampling)
-            captured.slots.copy_(torch.tensor(slots + [self.pad_slot] * pad).to(dev))
+            captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
             captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
             for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
                 getattr(captured.sampling, name).copy_(getattr(sampling, name))
@@ -114,7 +115,7 @@ class StepGraphRunner:
 
     def _capture(self, bucket: int, sampling: SamplingBatch) -> _Captured:
         dev = self.engine.device
-        slots = torch.full((bucket,), self.pad_slot, dtype=torch.long, device=dev)
+        slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
         static = SamplingBatch.__new__(SamplingBatch)
         static.__dict__.update(sampling.__dict__)

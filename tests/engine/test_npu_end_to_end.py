@@ -289,9 +289,6 @@ def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
                                                    "task_update", "replay"]
 
 
-@pytest.mark.xfail(strict=True, reason="open (serving-runtime issue): the first replay after capturing a whole "
-                   "engine step computes out-of-range KV slots in the double; NPU graph steps stay off "
-                   "(NpuPlatform.graph_steps is False) until this passes")
 def test_whole_step_npu_graphs_give_the_reference_tokens(npu, monkeypatch):
     """The engine's graph runner on the NPU platform (through the double, which computes
     nothing while capturing and checks capture -> length update -> replay): bucketed verify

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 from torch.utils._pytree import tree_map
 
 from ascend_dspark.platform.npu_contract import SNAPSHOT_APIS
@@ -322,6 +323,12 @@ def _kind(func, kwargs=None) -> str:
     return "functional"
 
 
+def _aliases_an_input(out, args, kwargs) -> bool:
+    storages = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    return all(t.untyped_storage().data_ptr() in storages for t in outs)
+
+
 def _copy_into(dst, src) -> None:
     if isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor):
         if dst is not src:
@@ -419,6 +426,10 @@ class _Recorder(TorchDispatchMode):
         kind = _kind(func, kwargs)
         if kind == "view":
             out = func(*args, **kwargs)            # a view launches nothing: it only aliases memory
+            if not _aliases_an_input(out, args, kwargs):
+                # "may alias" ops that copied (`to` with another dtype): a real launch
+                kind = "functional"
+                out = tree_map(_garbage, _meta_run(func, args, kwargs))
         elif kind == "functional":
             out = tree_map(_garbage, _meta_run(func, args, kwargs))
         else:
