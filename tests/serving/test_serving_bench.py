@@ -22,7 +22,7 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")            # the launched servers inherit it
     out = tmp_path / "sweep.json"
     rc = serve_bench.main(["--launch", "--concurrency", "1", "3", "--num-prompts", "3", "--max-tokens", str(MAX_TOKENS),
-                           "--dataset", "gsm8k-test", "--max-prompt-chars", "120", "--warmup", "1",
+                           "--dataset", "gsm8k-test", "--max-prompt-chars", "120", "--warmup", "0",
                            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out), "--",
                            "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
                            "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny"])

@@ -29,7 +29,7 @@ from tests.serving.server_process import API_KEY, running_server, server_env
 # Examples per generation operation and mode; CI runs a fixed (derandomized) set. For a longer
 # exploration: ASCEND_DSPARK_FUZZ_EXAMPLES=500 (random examples, a new set each run).
 SCALE = int(os.environ.get("ASCEND_DSPARK_FUZZ_EXAMPLES", "0"))
-EXAMPLES = {GenerationMode.POSITIVE: SCALE or 30, GenerationMode.NEGATIVE: (SCALE or 30) * 2 // 3}
+EXAMPLES = {GenerationMode.POSITIVE: SCALE or 20, GenerationMode.NEGATIVE: (SCALE or 20) * 2 // 3}
 # Valid requests as generated, valid requests made streaming (with usage), invalid requests.
 VARIANTS = [(GenerationMode.POSITIVE, False), (GenerationMode.POSITIVE, True), (GenerationMode.NEGATIVE, False)]
 GENERATION_OPS = ("POST /v1/completions", "POST /v1/chat/completions")
