@@ -76,8 +76,10 @@ def run(args) -> dict:
         if graphs and not platform.supports_graphs:
             continue
         engine = Engine(ours, None, max_model_len=512, max_batch_size=1, platform=platform, graphs=graphs)
-        secs = timed(lambda: outputs.__setitem__(name, engine.generate([PROMPT], params)[0].token_ids),
-                     platform.synchronize)
+        def run_ours(engine=engine, name=name):
+            outputs[name] = engine.generate([PROMPT], params)[0].token_ids
+
+        secs = timed(run_ours, platform.synchronize)
         results[name] = n / secs
         print(f"{name:34s} {n / secs:8.1f} tok/s", flush=True)
     ids = torch.tensor([PROMPT], device=platform.device)

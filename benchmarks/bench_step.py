@@ -81,7 +81,6 @@ def forward_ms(platform, target, width: int, context: int, reps: int = 50) -> fl
 
 
 def busy_fraction(platform, target, steps: int = 64) -> float:
-    import torch
     from torch.profiler import ProfilerActivity, profile
 
     from ascend_dspark.engine.engine import Engine

@@ -28,8 +28,8 @@ import itertools
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -42,7 +42,7 @@ from ascend_dspark.spec.verify import verify
 
 from .graph_runner import StepGraphRunner, default_buckets
 from .outputs import RequestOutput
-from .request import Request, RequestDelta, Status
+from .request import Request, RequestDelta
 from .scheduler import PrefillChunk, Scheduler
 
 logger = logging.getLogger(__name__)

@@ -95,7 +95,7 @@ class BlockTables:
 
     @classmethod
     def contiguous(cls, num_seqs: int, capacity: int, device: torch.device | str, block_size: int = 16,
-                   scratch_tokens: int | None = None) -> "BlockTables":
+                   scratch_tokens: int | None = None) -> BlockTables:
         """Every slot owns `capacity` positions up front (standalone drafters, training batches)."""
         per_seq = math.ceil(capacity / block_size)
         tables = cls(num_seqs, per_seq, num_seqs * per_seq, block_size, device, scratch_tokens or block_size)
@@ -192,7 +192,7 @@ class PagedKVCache:
 
     @classmethod
     def contiguous(cls, num_layers: int, num_slots: int, capacity: int, num_kv_heads: int, head_dim: int,
-                   dtype: torch.dtype, device: torch.device | str, block_size: int = 16) -> "PagedKVCache":
+                   dtype: torch.dtype, device: torch.device | str, block_size: int = 16) -> PagedKVCache:
         """A cache whose every slot owns `capacity` positions (no allocator)."""
         tables = BlockTables.contiguous(num_slots, capacity, device, block_size)
         return cls(num_layers, tables, num_kv_heads, head_dim, dtype, device)

@@ -190,7 +190,9 @@ def test_preempted_requests_recompute_the_same_sampled_tokens(target, monkeypatc
     re-sampled) and produces what the from-the-definitions reference loop of
     test_engine_seeds produces."""
     import test_engine_seeds
-    from test_engine_seeds import PARAMS as SEEDED, PROMPTS as BOS_PROMPTS, ContextDrafter, reference_generate
+    from test_engine_seeds import PARAMS as SEEDED
+    from test_engine_seeds import PROMPTS as BOS_PROMPTS
+    from test_engine_seeds import ContextDrafter, reference_generate
 
     def sharpened(target, context):
         p = torch.softmax(test_engine_seeds.target_logits(target, context)[-1], -1)
