@@ -60,6 +60,7 @@ class LLM:
         self.drafter = build_drafter(drafter, self.target, seed, model)
         if self.drafter is not None:
             self.drafter.to(device=self.platform.device, dtype=torch_dtype).eval()
+        engine_options.setdefault("progress", True)          # the start-up graph capture shows a bar
         self.engine = Engine(self.target, self.drafter, self.tokenizer, num_speculative_tokens,
                              max_model_len, max_batch_size, self.platform, **engine_options)
 
