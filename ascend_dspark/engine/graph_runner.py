@@ -105,7 +105,7 @@ class StepGraphRunner:
             captured = self.graphs.get((bucket, _flags(sampling))) or self._capture(bucket, sampling)
             captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
             captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
-            for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
+            for name in SamplingBatch.TENSORS:
                 getattr(captured.sampling, name).copy_(getattr(sampling, name))
             self._last, self._last_inputs = captured, inputs
         captured.hints.update(reach + [self.engine.reserve] * pad)
@@ -119,7 +119,7 @@ class StepGraphRunner:
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
         static = SamplingBatch.__new__(SamplingBatch)
         static.__dict__.update(sampling.__dict__)
-        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
+        for name in SamplingBatch.TENSORS:
             setattr(static, name, getattr(sampling, name).clone())
         graph = self.platform.graph(self.pool)
         before = self.platform.memory_stats()["allocated_bytes"]

@@ -201,10 +201,6 @@ class PagedKVCache:
     def capacity(self) -> int:
         return self.tables.capacity
 
-    @property
-    def num_slots(self) -> int:
-        return self.tables.num_seqs
-
     def address(self, slot_ids: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> StepMeta:
         return StepMeta(self.tables, slot_ids, positions, valid)
 
@@ -217,9 +213,6 @@ class PagedKVCache:
     def positions(self, tensor: torch.Tensor, slot: int) -> torch.Tensor:
         """A copy of one layer's K or V of a slot as [positions, Hkv, D] (inspection and tests)."""
         return tensor.view(-1, *tensor.shape[2:]).index_select(0, self.tables.rows_of(slot))
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:

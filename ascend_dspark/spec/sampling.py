@@ -103,6 +103,8 @@ class SamplingBatch:
     fused top-k kernels accept (torch_npu: 1..1024).
     """
 
+    TENSORS = ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds")   # one row per request
+
     def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
         self.size = len(params)
         self.device = device
@@ -131,7 +133,7 @@ class SamplingBatch:
         """The sub-batch of `rows` (params: the matching SamplingParams, for host flags)."""
         sub = SamplingBatch.__new__(SamplingBatch)
         sub.__dict__.update(self.__dict__)
-        for name in ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds"):
+        for name in self.TENSORS:
             setattr(sub, name, getattr(self, name).index_select(0, rows))
         sub.size = rows.numel()
         sub._set_host_flags(params)

@@ -126,6 +126,16 @@ def use_npu(fake, monkeypatch):
     return backend
 
 
+def use_npu_in_float32(fake, monkeypatch):
+    """`use_npu`, with float32 admitted by FIA / scatter and the double's A2/A3 limits relaxed
+    (test-only), so every kernel runs inside a token-exact float32 loop."""
+    backend = use_npu(fake, monkeypatch)
+    monkeypatch.setattr(backend, "ATTENTION_DTYPES", (*backend.ATTENTION_DTYPES, torch.float32))
+    monkeypatch.setattr(backend, "KV_CACHE_DTYPES", (*backend.KV_CACHE_DTYPES, torch.float32))
+    fake_torch_npu.set_enforce_hw_constraints(monkeypatch, False)
+    return backend
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_speculative_generate_on_npu_equals_reference(npu, monkeypatch, arch):
     target, drafter = _models(arch, torch.float32)
@@ -154,10 +164,7 @@ def test_every_kernel_inside_the_token_exact_loop(npu, monkeypatch, block_size, 
     verification, block drafting), so those gather K/V out of the blocks first."""
     target, drafter = _models("qwen3", torch.float32)
     expected = reference_tokens(monkeypatch, target, drafter)
-    backend = use_npu(npu, monkeypatch)
-    monkeypatch.setattr(backend, "ATTENTION_DTYPES", (*backend.ATTENTION_DTYPES, torch.float32))
-    monkeypatch.setattr(backend, "KV_CACHE_DTYPES", (*backend.KV_CACHE_DTYPES, torch.float32))
-    fake_torch_npu.set_enforce_hw_constraints(monkeypatch, False)
+    backend = use_npu_in_float32(npu, monkeypatch)
 
     outputs = _engine(target, drafter, kv_block_size=block_size).generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outputs] == expected
@@ -295,10 +302,7 @@ def test_whole_step_npu_graphs_give_the_reference_tokens(npu, monkeypatch):
     steps replayed from NPU graphs give the eager reference tokens."""
     target, drafter = _models("qwen3", torch.float32)
     expected = reference_tokens(monkeypatch, target, drafter)
-    backend = use_npu(npu, monkeypatch)
-    monkeypatch.setattr(backend, "ATTENTION_DTYPES", (*backend.ATTENTION_DTYPES, torch.float32))
-    monkeypatch.setattr(backend, "KV_CACHE_DTYPES", (*backend.KV_CACHE_DTYPES, torch.float32))
-    fake_torch_npu.set_enforce_hw_constraints(monkeypatch, False)
+    backend = use_npu_in_float32(npu, monkeypatch)
     engine = Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=2,
                     kv_block_size=128, graphs=True)
     assert engine.graph_runner is not None
