@@ -2,9 +2,8 @@
 
 Imported lazily by `ops.registry` the first time an op runs on a CUDA tensor of the CUDA
 platform. Each kernel lives in `ops/backends/triton_kernels/` with a docstring saying why it
-exists; this module only registers them. Attention is deliberately not replaced: the
-reference already calls `F.scaled_dot_product_attention`, which dispatches to fused
-flash / memory-efficient kernels on CUDA.
+exists; this module only registers them. Attention reads K/V in place through the block
+table (the reference gathers a contiguous copy first, then runs SDPA).
 
 On import with a GPU present, one tiny kernel is compiled and run: a broken Triton
 toolchain (no C compiler, driver/PTX mismatch) then raises RuntimeError here, which the
@@ -25,7 +24,15 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 from ops.registry import register
 
-from .triton_kernels import add_rms_norm, apply_rotary, gelu_tanh_and_mul, kv_write, rms_norm, silu_and_mul
+from .triton_kernels import (
+    add_rms_norm,
+    apply_rotary,
+    attention,
+    gelu_tanh_and_mul,
+    kv_write,
+    rms_norm,
+    silu_and_mul,
+)
 
 OPS = {
     "rms_norm": rms_norm,
@@ -34,6 +41,7 @@ OPS = {
     "silu_and_mul": silu_and_mul,
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "kv_write": kv_write,
+    "attention": attention,
 }
 
 for _name, _fn in OPS.items():

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from op_cases import CASE_PARAMS, KERNEL_TOL, inv_freq, norm_weight, randn
+from op_cases import CASE_PARAMS, CASES, KERNEL_TOL, inv_freq, norm_weight, randn
 
 import ops
 
@@ -233,6 +233,54 @@ def test_kv_write(tk, device, case, dtype, k_dtype):
         torch.testing.assert_close(got, want, equal_nan=True, **tol)
 
 
+# -- paged attention ---------------------------------------------------------------------------
+
+def _attention_inputs(case, dtype, device, bsz, t, num_keys, kind, gen, blocks=12, page=4):
+    """Queries at the end of each row's context over scattered blocks, with a causal,
+    DFlash/DSpark block or sliding-window mask of width `num_keys`."""
+    q = randn(bsz, t, case.heads, case.head_dim, dtype=dtype, device=device, gen=gen)
+    k_cache = randn(blocks, page, case.kv_heads, case.head_dim, dtype=dtype, device=device, gen=gen)
+    v_cache = randn(blocks, page, case.kv_heads, case.head_dim, dtype=dtype, device=device, gen=gen)
+    width = -(-num_keys // page)
+    table = torch.randperm(blocks, generator=gen)[: bsz * width].view(bsz, width).to(torch.int32).to(device)
+    ends = torch.tensor([num_keys - 3 * b for b in range(bsz)])                 # ragged contexts
+    positions = ends.view(-1, 1) - t + torch.arange(t)
+    limit = ends.view(-1, 1).expand(-1, t) if kind == "block" else positions + 1
+    mask = ops.build_attention_mask(positions, limit, num_keys, 5 if kind == "window" else None).to(device)
+    return q, k_cache, v_cache, table, mask, ends
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", CASE_PARAMS)
+@pytest.mark.parametrize("kind", ["causal", "block", "window"])
+def test_attention(tk, device, case, dtype, kind):
+    gen = torch.Generator().manual_seed(23)
+    q, k_cache, v_cache, table, mask, _ = _attention_inputs(case, dtype, device, 3, 4, 15, kind, gen)
+    scale = case.head_dim ** -0.5
+    _check(tk.attention(q, k_cache, v_cache, table, mask, scale),
+           ops.attention.reference(q, k_cache, v_cache, table, mask, scale))
+
+
+@pytest.mark.parametrize("t", [1, 40])
+def test_attention_reads_no_key_past_a_rows_reach(tk, device, t):
+    """Keys past the last one a row's queries may see are never read (NaN there stays out of
+    the result), and query tiles of a long chunk (40 tokens x 4 heads per KV head: three
+    tiles) each stop at their own last visible key."""
+    case = CASES[1]
+    gen = torch.Generator().manual_seed(29)
+    q, k_cache, v_cache, table, mask, ends = _attention_inputs(case, torch.bfloat16, device, 2, t, 48, "causal", gen,
+                                                               blocks=40)
+    clean_k, clean_v = k_cache.clone(), v_cache.clone()
+    page = k_cache.shape[1]
+    for b, end in enumerate(ends.tolist()):
+        for s in range(end, table.shape[1] * page):                # never visible to this row
+            blk, off = int(table[b, s // page]), s % page
+            k_cache[blk, off], v_cache[blk, off] = NAN, NAN
+    scale = case.head_dim ** -0.5
+    _check(tk.attention(q, k_cache, v_cache, table, mask, scale),
+           ops.attention.reference(q, clean_k, clean_v, table, mask, scale))
+
+
 # -- integration -----------------------------------------------------------------------------
 
 def test_backend_module_registers_every_kernel(device):
@@ -240,10 +288,9 @@ def test_backend_module_registers_every_kernel(device):
     from ops import registry
 
     assert set(backend.OPS) == {"rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul",
-                                "kv_write"}
+                                "kv_write", "attention"}
     for op, fn in backend.OPS.items():
         assert registry._impls[op]["triton"] is fn, op
-    assert "triton" not in registry._impls["attention"]                 # SDPA stays the CUDA attention
 
 
 
@@ -257,9 +304,9 @@ def test_registry_routes_cuda_tensors_to_triton(monkeypatch):
     monkeypatch.setattr(platform_mod, "_current", make_platform("cuda"))
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     cuda = torch.device("cuda")
-    for op in ("rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul", "kv_write"):
+    for op in ("rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul", "kv_write",
+               "attention"):
         assert registry.resolve(op, cuda) is getattr(triton_kernels, op), op
-    assert registry.resolve("attention", cuda) is ops.attention.reference      # SDPA stays
     assert registry.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
     monkeypatch.setenv(registry.ENV_VAR, "reference")
     assert registry.resolve("rms_norm", cuda) is ops.rms_norm.reference
@@ -351,8 +398,8 @@ def test_kernels_compile_for_hopper():
     on the aligned model shapes."""
     import importlib
 
-    norm, gated, rotary, kv = (importlib.import_module(f"ops.backends.triton_kernels.{m}")
-                               for m in ("rms_norm", "gated", "rotary", "kv_write"))
+    norm, gated, rotary, kv, attn = (importlib.import_module(f"ops.backends.triton_kernels.{m}")
+                                     for m in ("rms_norm", "gated", "rotary", "kv_write", "attention"))
     bf16 = "*bf16"
     for residual, offset in ((False, False), (True, False), (True, True)):
         args = dict(x_ptr=(bf16, 0), res_ptr=(bf16, 0), w_ptr=("*fp32", 0), out_ptr=("*fp32", 0), sum_ptr=(bf16, 0),
@@ -380,3 +427,12 @@ def test_kernels_compile_for_hopper():
         args.update(k_ptr=(src, 0), v_ptr=(src, 0), kc_ptr=(bf16, 0), vc_ptr=(bf16, 0), rows_ptr=("*i64", 0),
                     H=("i32", 8), D=("i32", 128), sk_d=("i32", 1), sv_d=("i32", 1), skc_d=("i32", 1), svc_d=("i32", 1))
         _compile_for_hopper(kv._kv_write_kernel, args, dict(BLOCK_H=8, BLOCK_D=128))
+    for d, block_m, ieee in ((64, 32, False), (128, 16, False), (256, 64, False), (64, 16, True)):
+        dt = "*fp32" if ieee else bf16
+        args = {name: ("i32", 7) for name in attn._paged_attention_kernel.arg_names}
+        args.update(q_ptr=(dt, 0), kc_ptr=(dt, 0), vc_ptr=(dt, 0), out_ptr=(dt, 0), table_ptr=("*i32", 0),
+                    mask_ptr=("*i1", 0), reach_ptr=("*i32", 0), scale=("fp32", 0), D=("i32", d),
+                    sq_d=("i32", 1), skc_d=("i32", 1), svc_d=("i32", 1), so_d=("i32", 1), sm_s=("i32", 1))
+        _compile_for_hopper(attn._paged_attention_kernel, args,
+                            dict(PAGE=16, BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, BLOCK_D=d, FP32_MATH=ieee,
+                                 INTERPRETED_KEYS=0))

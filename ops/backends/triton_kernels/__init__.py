@@ -10,9 +10,10 @@ the device guard, so the same code runs on CPU tensors under `TRITON_INTERPRET=1
 interpreter tests in tests/ops/test_ops_triton.py).
 """
 
+from .attention import attention
 from .gated import gelu_tanh_and_mul, silu_and_mul
 from .kv_write import kv_write
 from .rms_norm import add_rms_norm, rms_norm
 from .rotary import apply_rotary
 
-__all__ = ["rms_norm", "add_rms_norm", "silu_and_mul", "gelu_tanh_and_mul", "apply_rotary", "kv_write"]
+__all__ = ["rms_norm", "add_rms_norm", "silu_and_mul", "gelu_tanh_and_mul", "apply_rotary", "kv_write", "attention"]
