@@ -23,7 +23,8 @@ Modes:
 
 For each mode and each concurrency C, `--num-prompts` prompts (default max(8, 4 C)) go out with at
 most C in flight, each as soon as a slot frees (vLLM's `--max-concurrency` with an infinite
-request rate). The prompts are the first user turns of MT-Bench (or ShareGPT, GSM8K, a JSONL
+request rate), or, with `--request-rate`, arriving as a Poisson stream of that rate (one rate
+for every level, or one per level) and waiting while C are in flight. The prompts are the first user turns of MT-Bench (or ShareGPT, GSM8K, a JSONL
 file) through ascend_dspark.training.prompts, the same prefix of one seeded shuffle for
 every mode and level. Greedy, `ignore_eos` by default, so every request generates exactly
 `--max-tokens` tokens and the modes do the same work.
@@ -50,6 +51,7 @@ import datetime as dt
 import json
 import os
 import platform as host
+import random
 import signal
 import socket
 import ssl
@@ -198,22 +200,28 @@ async def one_request(url: str, model: str, messages: list[dict], args, speculat
 
 
 async def run_level(url: str, model: str, prompts: list[list[dict]], concurrency: int, args,
-                    speculate: bool) -> tuple[list[Record], float]:
-    queue: asyncio.Queue = asyncio.Queue()
-    for p in prompts:
-        queue.put_nowait(p)
+                    speculate: bool, rate: float = float("inf")) -> tuple[list[Record], float]:
+    """Send `prompts` with at most `concurrency` in flight. `rate` (requests/s): arrivals as a
+    Poisson stream (exponential gaps from a seeded generator, the same for every mode); a
+    request that arrives while `concurrency` are in flight waits for a free one (vLLM's
+    `--request-rate` with `--max-concurrency`); infinite: all arrive at once. Latencies count
+    from the send, as vLLM's do."""
+    gaps = random.Random(args.seed)
+    arrivals, at = [], 0.0
+    for _ in prompts:
+        arrivals.append(at)
+        if rate != float("inf"):
+            at += gaps.expovariate(rate)
+    limit = asyncio.Semaphore(concurrency)
     records: list[Record] = []
+    t0 = time.perf_counter()
 
-    async def worker():
-        while True:
-            try:
-                messages = queue.get_nowait()
-            except asyncio.QueueEmpty:
-                return
+    async def arrive(messages, when: float):
+        await asyncio.sleep(max(0.0, when - (time.perf_counter() - t0)))
+        async with limit:
             records.append(await one_request(url, model, messages, args, speculate))
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(min(concurrency, len(prompts)))))
+    await asyncio.gather(*(arrive(m, when) for m, when in zip(prompts, arrivals)))
     return records, time.perf_counter() - t0
 
 
@@ -289,8 +297,6 @@ def load_messages(dataset: str, n: int, seed: int, max_chars: int) -> tuple[list
         except FileNotFoundError as exc:       # the prompt package is not installed here
             print(f"note: {dataset} unavailable ({exc}); using gsm8k-test (ships with the package)", file=sys.stderr)
             items, used = P.load_prompts("gsm8k-test"), "gsm8k-test"
-    import random
-
     items = [p for p in items if len(p.text) <= max_chars]
     random.Random(seed).shuffle(items)
     if not items:
@@ -386,11 +392,12 @@ def sweep(args, server_args: list[str], command: str) -> dict:
                 speculate = mode == "spec"
                 if args.warmup:
                     asyncio.run(run_level(url, model, prompts[:args.warmup], 1, args, speculate))
-                for c in args.concurrency:
+                for c, rate in zip(args.concurrency, _rates(args)):
                     n = _num_prompts(args, c)
                     before = _speculation(url)
-                    records, duration = asyncio.run(run_level(url, model, prompts[:n], c, args, speculate))
-                    row = {"mode": mode, "concurrency": c, "num_prompts": n, **summarize(records, duration, args),
+                    records, duration = asyncio.run(run_level(url, model, prompts[:n], c, args, speculate, rate))
+                    row = {"mode": mode, "concurrency": c, "request_rate": None if rate == float("inf") else rate,
+                           "num_prompts": n, **summarize(records, duration, args),
                            "server_speculation": speculation_delta(before, _speculation(url))}
                     results.append(row)
                     print(f"{mode:6s} C={c:3d} n={n:4d}: {row['output_throughput']:8.1f} out tok/s, "
@@ -409,6 +416,16 @@ def sweep(args, server_args: list[str], command: str) -> dict:
                  "slo_ms": {"ttft": args.slo_ttft_ms, "tpot": args.slo_tpot_ms, "e2el": args.slo_e2el_ms}},
         "results": results,
     }
+
+
+def _rates(args) -> list[float]:
+    """One Poisson arrival rate per concurrency level (one given: the same for all)."""
+    rates = args.request_rate or [float("inf")]
+    if len(rates) == 1:
+        rates = rates * len(args.concurrency)
+    if len(rates) != len(args.concurrency):
+        raise SystemExit(f"--request-rate: give one rate or one per concurrency level ({len(args.concurrency)})")
+    return rates
 
 
 def _num_prompts(args, c: int) -> int:
@@ -450,8 +467,9 @@ def plot(results: dict, path: Path) -> None:
     meta = results["meta"]
     panels = [("output_throughput", None, "output tokens/s"), ("ttft_ms", "p50", "TTFT p50 (ms)"),
               ("tpot_ms", "p50", "TPOT p50 (ms)"), ("itl_ms", "p99", "ITL p99 (ms)"),
-              ("request_throughput", None, "requests/s"), ("goodput", None, "goodput (requests/s within SLO)")]
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7))
+              ("request_throughput", None, "requests/s"), ("e2el_ms", "p50", "request latency p50 (ms)"),
+              ("e2el_ms", "p99", "request latency p99 (ms)"), ("goodput", None, "goodput (requests/s within SLO)")]
+    fig, axes = plt.subplots(2, 4, figsize=(17, 7))
     styles = {"spec": ("#e8713c", "-"), "plain": ("#5b7fb5", "-"), "nospec": ("#9a9a9a", "--")}
     for ax, (key, sub, label) in zip(axes.flat, panels):
         for mode in MODES:
@@ -471,8 +489,11 @@ def plot(results: dict, path: Path) -> None:
     slo = ", ".join(f"{k}<={v:g} ms" for k, v in meta["slo_ms"].items() if v is not None) or "none"
     servers = meta.get("servers") or {}
     srv = servers.get("spec") or next(iter(servers.values()), {})
+    rates = sorted({(r["concurrency"], r.get("request_rate") or float("inf")) for r in rows})
+    arrivals = ("Poisson arrivals " + ", ".join(f"{rate:g}/s at C={c}" for c, rate in rates)
+                if any(rate != float("inf") for _, rate in rates) else "all requests at once")
     fig.suptitle(f"{meta['model']} + {srv.get('drafter')} (K={srv.get('num_speculative_tokens')}) on "
-                 f"{srv.get('device')}: {meta['dataset']}, {meta['max_tokens']} tokens/request, SLO {slo}\n"
+                 f"{srv.get('device')}: {meta['dataset']}, {meta['max_tokens']} tokens/request, {arrivals}, SLO {slo}\n"
                  f"{meta['machine']}, {meta['date'][:10]}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -493,6 +514,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--launch-timeout", type=float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--api-key", default=os.environ.get("ASCEND_DSPARK_SERVE_API_KEY"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--request-rate", type=float, nargs="+", default=None,
+                        help="Poisson arrivals, requests/s: one rate, or one per --concurrency level (default: all at once)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(MIN, PER * C))")
     parser.add_argument("--min-prompts", type=int, default=8)

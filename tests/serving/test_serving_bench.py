@@ -5,8 +5,12 @@ what the server counted; the JSON and the plot are written and `--combine` joins
 
 from __future__ import annotations
 
+import asyncio
 import json
+import statistics
 import sys
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +26,7 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")            # the launched servers inherit it
     out = tmp_path / "sweep.json"
     rc = serve_bench.main(["--launch", "--concurrency", "1", "3", "--num-prompts", "3", "--max-tokens", str(MAX_TOKENS),
+                           "--request-rate", "inf", "200",
                            "--dataset", "gsm8k-test", "--max-prompt-chars", "120", "--warmup", "0",
                            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out), "--",
                            "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
@@ -36,6 +41,7 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
     assert meta["servers"]["plain"]["launched_with"][-2:] == ["--drafter", "none"]
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
         ("spec", 1), ("spec", 3), ("nospec", 1), ("nospec", 3), ("plain", 1), ("plain", 3)]
+    assert [r["request_rate"] for r in rows] == [None, 200.0] * 3
     for r in rows:
         assert r["completed"] == 3 and r["failed"] == 0, r["errors"]
         assert r["total_output_tokens"] == 3 * MAX_TOKENS                 # ignore_eos: every request is full length
@@ -60,3 +66,30 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
     both = json.loads(joined.read_text())
     assert len(both["results"]) == 2 * len(rows) and len(both["meta"]["commands"]) == 2
     assert joined.with_suffix(".png").exists()
+
+
+@pytest.mark.parametrize("rate", [40.0, float("inf")])
+def test_poisson_arrivals_under_a_concurrency_cap(monkeypatch, rate):
+    """Requests go out as a Poisson stream: the gaps between arrivals (while slots are free)
+    average 1 / rate and vary like an exponential's (coefficient of variation ~1); never more
+    than the cap are in flight. The infinite rate is the control: everything arrives at once."""
+    sends, in_flight, peak = [], [0], [0]
+
+    async def fake_request(url, model, messages, args, speculate):
+        sends.append(time.perf_counter())
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        await asyncio.sleep(0.001)
+        in_flight[0] -= 1
+        return serve_bench.Record(ok=True)
+
+    monkeypatch.setattr(serve_bench, "one_request", fake_request)
+    records, _ = asyncio.run(serve_bench.run_level("http://x", "m", [[]] * 200, 4, SimpleNamespace(seed=3),
+                                                   True, rate))
+    assert len(records) == 200 and peak[0] <= 4
+    gaps = [b - a for a, b in zip(sends, sends[1:])]
+    if rate == float("inf"):
+        assert sum(gaps) < 0.5 * 200 / 40.0                 # not spread out like the Poisson stream
+    else:
+        assert statistics.mean(gaps) == pytest.approx(1 / rate, rel=0.25)
+        assert 0.7 < statistics.stdev(gaps) / statistics.mean(gaps) < 1.3
