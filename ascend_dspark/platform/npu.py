@@ -3,11 +3,14 @@
 torch_npu is imported lazily and guarded: without Huawei's CANN runtime the import raises
 ImportError (missing libhccl.so and friends), OSError or RuntimeError. Any of those means
 "NPU unavailable"; the reason is kept for `ascend-dspark doctor` and error messages.
-The API used here follows torch_npu 2.13's `torch_npu/npu/graphs.py`, `streams.py` and
+The API used here follows torch_npu's `torch_npu/npu/graphs.py`, `streams.py` and
 `_backends.py` (`NPUGraph()`, `graph(npu_graph, pool=None, stream=None,
 auto_dispatch_capture=False, capture_error_mode='global')`, `graph_task_update_begin(stream,
-handle)`, `ExternalEvent`, `get_soc_version()` ...); tests check every call against the
-real wheel (`npu_contract.check_calls`).
+handle)`, `ExternalEvent`, `get_soc_version()` ...), whose signatures are the same in every
+supported release (2.6.0 to 2.14.0); tests check every call against each release's wheel
+(`npu_contract.check_calls`, tests/platform/test_npu_matrix.py). Graph steps need the graph
+task update API (`GRAPH_APIS`): a torch_npu without one of them runs eagerly, with a warning
+naming the release (decided by hasattr, not by the version string).
 
 SoC. `torch.npu.get_soc_version()` returns torch_npu's `c10_npu::SocVersion` as an int
 (torch_npu/csrc/core/npu/NpuVariables.h): 100-104 the first Ascend 910 (910PremiumA / ProA
@@ -214,6 +217,16 @@ class NpuGraph(Graph):
         self._tasks = []
 
 
+# What graph steps use (NpuGraph): without any of them the platform runs eagerly.
+GRAPH_APIS = ("NPUGraph", "graph", "graph_pool_handle", "is_current_stream_capturing", "ExternalEvent",
+              "graph_task_group_begin", "graph_task_group_end", "graph_task_update_begin", "graph_task_update_end")
+
+
+def missing_graph_apis() -> list[str]:
+    """The GRAPH_APIS this torch_npu lacks (capability by hasattr; empty on 2.6.0 .. 2.14.0)."""
+    return [name for name in GRAPH_APIS if not hasattr(torch.npu, name)]
+
+
 class NpuPlatform(Platform):
     name = "npu"
     dist_backend = "hccl"
@@ -230,6 +243,11 @@ class NpuPlatform(Platform):
             raise RuntimeError(f"Ascend NPU requested but unavailable: {reason}")
         super().__init__(index)
         self._pool = None
+        missing = missing_graph_apis()
+        if missing:
+            self.supports_graphs = self.graph_steps = False
+            logger.warning("npu: torch_npu %s lacks %s: NPU graphs off, steps run eagerly",
+                           getattr(_TORCH_NPU, "__version__", "?"), ", ".join(missing))
         self.soc = soc_profile(torch.npu.get_soc_version())
         self.supports_bf16_autocast = self.soc.has_bf16
         soc = f"{self.soc.name} ({self.soc.family}, SoC {self.soc.version})"
