@@ -1,13 +1,17 @@
-"""Ascend NPU backend of ops/: each op is one torch_npu fused kernel, called per torch_npu 2.13.0.
+"""Ascend NPU backend of ops/: each op is one torch_npu fused kernel, for torch_npu 2.6.0 to 2.14.0.
 
 `ops.registry` imports this module the first time an op runs on the NPU platform's device.
 `import torch_npu` below raises ImportError / OSError / RuntimeError without Huawei's CANN
 runtime; the registry catches that, logs it once and keeps the reference ops.
 
-Every call binds against the real op schemas (the `m.def()` strings of the 2.13.0 wheel,
-pinned in tests/platform/torch_npu_2.13.0_contract.json and linted by
+Every call binds against the real op schemas (the `m.def()` strings of each supported
+wheel, pinned one snapshot per release in tests/platform/torch_npu_contracts/ and linted by
 `ascend_dspark.platform.npu_contract.check_calls`); arguments after the first few are passed
-by their schema names. The documented semantics and A2/A3 limits come from
+by their schema names. Where releases differ, `npu_caps.Capabilities.probe(torch_npu)` reads
+the installed schemas once at import and an op adapts or is refused (runs the reference,
+logged once naming the release): today kv_write is refused on 2.6.0 and on the releases
+whose npu_scatter_pa_kv_cache lacks cache_mode (see ops/backends/npu_caps.py).
+The documented semantics and A2/A3 limits come from
 shared/reference/ascend.md and the op-plugin / ops-transformer docs.
 
     op                torch_npu kernel
@@ -25,7 +29,7 @@ shared/reference/ascend.md and the op-plugin / ops-transformer docs.
                       in a graph capture: ...score.out(..., workspace=, out=[out, lse]) with the
                       workspace of _npu_fused_infer_attention_score_get_max_workspace(...), in an
                       updatable task group of the capturing NpuGraph
-    gelu_tanh_and_mul not registered: torch_npu 2.13 has no pinned fused GeGLU-tanh kernel, so
+    gelu_tanh_and_mul not registered: torch_npu has no pinned fused GeGLU-tanh kernel, so
                       the reference (two plain torch ops) runs on the NPU.
     top_k_top_p       npu_top_k_top_p, in ops/backends/npu_sampling.py (imported below).
 
@@ -54,6 +58,7 @@ from ascend_dspark.platform import npu as npu_platform
 from ascend_dspark.platform.interface import AttentionHints, current_attention_hints
 from ops.activation import silu_and_mul as _silu_and_mul_entry
 from ops.attention import attention as _attention_entry
+from ops.backends.npu_caps import Capabilities
 from ops.kv_cache import kv_write as _kv_write_entry
 from ops.norm import add_rms_norm as _add_rms_norm_entry
 from ops.norm import rms_norm as _rms_norm_entry
@@ -61,6 +66,7 @@ from ops.registry import register
 from ops.rotary import apply_rotary as _apply_rotary_entry
 
 logger = logging.getLogger("ops")
+CAPS = Capabilities.probe(torch_npu)   # what this torch_npu release binds (ops/backends/npu_caps.py)
 
 BACKEND = "npu"
 # dtypes each kernel accepts on Atlas A2/A3 (op-plugin / ops-transformer docs).
@@ -231,7 +237,8 @@ def kv_write(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: t
     which of two writes to one row lands, and checks nothing (that would need a device
     sync); `BlockTables.slot_mapping` gives every padding token its own scratch row.
     """
-    why = _unsupported_dtype("npu_scatter_pa_kv_cache", k_cache.dtype, KV_CACHE_DTYPES)
+    why = CAPS.refused.get("kv_write") or \
+        _unsupported_dtype("npu_scatter_pa_kv_cache", k_cache.dtype, KV_CACHE_DTYPES)
     if why is None and (v_cache.dtype != k_cache.dtype or k_cache.dim() != 4 or v_cache.shape[:2] != k_cache.shape[:2]
                         or not k_cache.is_contiguous() or not v_cache.is_contiguous() or k.dim() != 4
                         or k.shape[2:] != k_cache.shape[2:] or v.shape[2:] != v_cache.shape[2:]

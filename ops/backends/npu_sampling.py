@@ -1,8 +1,10 @@
 """Ascend (torch_npu) implementations of the sampling ops. Imported by ops/backends/npu.py.
 
-`top_k_top_p` -> `torch_npu.npu_top_k_top_p(logits, p=None, k=None)` (torch_npu 2.13 schema:
-`npu_top_k_top_p(Tensor logits, Tensor? p=None, Tensor? k=None) -> Tensor`), after the
-temperature division in float32. The kernel's constraints (shared/reference/ascend.md):
+`top_k_top_p` -> `torch_npu.npu_top_k_top_p(logits, p=None, k=None)` (schema from 2.6.0.post3 on:
+`npu_top_k_top_p(Tensor logits, Tensor? p=None, Tensor? k=None) -> Tensor`; torch_npu 2.6.0
+has `(Tensor logits, Tensor p, Tensor k)`, both required: there an unused filter is passed as
+its no-op value, p = 1 / k = V, decided from the schema by ops/backends/npu_caps.py), after
+the temperature division in float32. The kernel's constraints (shared/reference/ascend.md):
 logits 2-D; k int32 [rows] with every value in 1..1024 and <= V; p [rows] in the dtype of
 the logits. So:
 
@@ -28,8 +30,10 @@ import torch_npu
 
 from ..registry import register
 from ..sampling import apply_temperature_top_k_top_p
+from .npu_caps import Capabilities
 
 NPU_MAX_TOP_K = 1024
+CAPS = Capabilities.probe(torch_npu)
 
 
 def top_k_in_kernel_range(vocab: int, top_k_bounds: tuple[int, int] | None) -> bool:
@@ -45,7 +49,8 @@ def apply_temperature_top_k_top_p_npu(logits: torch.Tensor, temperature: torch.T
                                       *, top_k_bounds: tuple[int, int] | None = None) -> torch.Tensor:
     """`ops.sampling.apply_temperature_top_k_top_p` on torch_npu's fused filter."""
     vocab = logits.shape[-1]
-    if top_k is not None and not top_k_in_kernel_range(vocab, top_k_bounds):
+    if "top_k_top_p" in CAPS.refused or (top_k is not None and not top_k_in_kernel_range(vocab, top_k_bounds)) \
+            or (top_k is None and top_p is not None and not CAPS.top_k_top_p_optional and vocab > NPU_MAX_TOP_K):
         return apply_temperature_top_k_top_p.reference(logits, temperature, top_k, top_p,
                                                        top_k_bounds=top_k_bounds)
     scaled = logits.float() / temperature.view(-1, *([1] * (logits.dim() - 1)))
@@ -64,4 +69,9 @@ def apply_temperature_top_k_top_p_npu(logits: torch.Tensor, temperature: torch.T
         k = torch.where((k > 0) & (k < vocab), k, torch.full_like(k, vocab))
         k = repeat(k).to(torch.int32)
     p = repeat(top_p).to(flat.dtype) if top_p is not None else None
+    if not CAPS.top_k_top_p_optional:  # p and k both required (2.6.0): the unused one keeps every token
+        if k is None:
+            k = torch.full((flat.shape[0],), vocab, dtype=torch.int32, device=flat.device)
+        if p is None:
+            p = torch.ones(flat.shape[0], dtype=flat.dtype, device=flat.device)
     return torch_npu.npu_top_k_top_p(flat, p=p, k=k).view_as(scaled)

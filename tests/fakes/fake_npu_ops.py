@@ -1,4 +1,5 @@
-"""TEST DOUBLE, not torch_npu: CPU reference kernels behind the REAL torch_npu 2.13.0 op schemas.
+"""TEST DOUBLE, not torch_npu: CPU reference kernels behind the REAL torch_npu op schemas (newest release;
+an older release's differing schemas in a namespace of their own, `register(..., namespace=)`).
 
 Why: binding errors are the cheapest NPU bugs to catch and the ones a hand-written fake
 hides. `register()` defines the exact schema strings scraped from the wheel (the committed
@@ -35,7 +36,7 @@ import torch.nn.functional as F
 
 ENFORCE_HW_CONSTRAINTS = True
 _INT_MAX = 2147483647
-_LIB: torch.library.Library | None = None
+_LIBS: dict[str, torch.library.Library] = {}
 _DATA_CHECKS = True    # off while a Meta kernel runs an op on placeholder data
 
 
@@ -51,7 +52,7 @@ def _soc_check(op: str) -> None:
 
 def _hw(ok: bool, message: str, exc: type[Exception] = ValueError) -> None:
     if ENFORCE_HW_CONSTRAINTS and not ok:
-        raise exc(f"torch_npu 2.13 on Atlas A2/A3: {message} (fake_torch_npu.ENFORCE_HW_CONSTRAINTS)")
+        raise exc(f"torch_npu on Atlas A2/A3: {message} (fake_torch_npu.ENFORCE_HW_CONSTRAINTS)")
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
@@ -484,25 +485,50 @@ IMPLS = {
 }
 
 
-def register(schemas: dict[str, str]) -> None:
-    """Define every snapshot schema under torch.ops.npu with its CPU kernel (once per process).
+def register(schemas: dict[str, str], namespace: str = "npu") -> None:
+    """Define the snapshot schemas under torch.ops.<namespace> with their CPU kernels (once per
+    process and namespace). "npu" holds the newest release's; an older release's schemas that
+    differ from those go into a namespace of their own (fake_torch_npu.install(release=...)).
 
-    The `npu` namespace stays registered after uninstall: a torch.library namespace cannot
-    be re-defined, and without the fake torch_npu module nothing reaches it.
+    A namespace stays registered after uninstall: a torch.library namespace cannot be
+    re-defined, and without the fake torch_npu module nothing reaches it.
     """
-    global _LIB
-    if _LIB is not None:
+    if namespace in _LIBS:
         return
     missing = sorted(set(schemas) - set(IMPLS))
     if missing:
         raise KeyError(f"the snapshot pins ops the double has no kernel for: {missing}")
-    lib = torch.library.Library("npu", "DEF")
+    lib = torch.library.Library(namespace, "DEF")
     for name in sorted(schemas):
         lib.define(schemas[name])
     for name in sorted(schemas):
-        lib.impl(name, IMPLS[name], "CPU")
-        lib.impl(name, _meta_kernel(IMPLS[name]), "Meta")
-    _LIB = lib
+        impl = _required_tensors(IMPLS[name], schemas[name])
+        lib.impl(name, impl, "CPU")
+        lib.impl(name, _meta_kernel(impl), "Meta")
+    _LIBS[namespace] = lib
+
+
+def _required_tensors(impl, schema: str):
+    """The dispatcher lets None through for a non-optional `Tensor` argument (an undefined
+    tensor reaches the kernel); torch_npu's kernels do not take one. Refuse it, naming the
+    argument, as e.g. torch_npu 2.6.0's npu_top_k_top_p(Tensor logits, Tensor p, Tensor k) needs."""
+    import inspect
+
+    from ops.backends.npu_caps import parse_arguments
+
+    required = [a.name for a in parse_arguments(schema).values() if a.type == "Tensor"]
+    signature = inspect.signature(impl)
+    op = schema.split("(", 1)[0]
+
+    def checked(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        for name in required:
+            if name in bound.arguments and bound.arguments[name] is None:
+                raise RuntimeError(f"{op}: argument {name!r} is a required Tensor in this schema, got None "
+                                   f"({schema})")
+        return impl(*args, **kwargs)
+
+    return checked
 
 
 def _placeholder(value):

@@ -1,4 +1,4 @@
-"""TEST DOUBLE, not torch_npu: a CPU stand-in for `torch.npu` (torch_npu 2.13.0 `torch_npu/npu/*.py`).
+"""TEST DOUBLE, not torch_npu: a CPU stand-in for `torch.npu` (torch_npu's `torch_npu/npu/*.py`, newest release).
 
 Why: NpuPlatform, its graph runner and the attention-update path must be exercised in CI
 without an NPU. Every public name here has the REAL signature recorded in the contract

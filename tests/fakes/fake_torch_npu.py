@@ -4,9 +4,12 @@ Why: there is no Ascend NPU in CI, and installing the real torch_npu without CAN
 `import torch`. `install()` puts a fake `torch_npu` module into `sys.modules` and a fake
 namespace at `torch.npu`, so the project's NPU code paths run on CPU:
 
-- `torch_npu.<op>` is `torch.ops.npu.<op>`, defined from the schema strings of the pinned
-  wheel (tests/platform/torch_npu_2.13.0_contract.json) with torch.library; argument
-  binding is therefore the real dispatcher's, kernels are plain torch (fake_npu_ops.py);
+- `torch_npu.<op>` is `torch.ops.npu.<op>`, defined from the schema strings of the newest
+  supported wheel (tests/platform/torch_npu_contracts/torch_npu_<newest>.json) with
+  torch.library; argument binding is therefore the real dispatcher's, kernels are plain
+  torch (fake_npu_ops.py). `install(release="2.6.0")` gives an older release's op set
+  instead: its schemas that differ from the newest live in a namespace of their own
+  (torch.ops.npu_2_6_0), ops it lacks are absent, `torch_npu.__version__` names it;
 - `torch.npu.*` / `torch_npu.npu.*` is fake_npu_runtime.py: real signatures, eager CPU
   work, an NPUGraph that records and replays ops with device-graph semantics.
 
@@ -35,52 +38,78 @@ from pathlib import Path
 
 import torch
 
+from ascend_dspark.platform import npu_contract
+
 from . import fake_npu_ops, fake_npu_runtime
 
-SNAPSHOT_PATH = Path(__file__).resolve().parents[1] / "platform" / "torch_npu_2.13.0_contract.json"
+SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "platform" / "torch_npu_contracts"
+SNAPSHOT_PATH = npu_contract.snapshot_path(SNAPSHOT_DIR, npu_contract.NEWEST)
 _MISSING = object()
 
 
-def load_snapshot() -> dict:
-    return json.loads(SNAPSHOT_PATH.read_text())
+def load_snapshot(release: str | None = None) -> dict:
+    return json.loads(npu_contract.snapshot_path(SNAPSHOT_DIR, release or npu_contract.NEWEST).read_text())
 
 
-def register_ops() -> dict:
-    """Define the snapshot's schemas under torch.ops.npu (idempotent); return the snapshot."""
-    snap = load_snapshot()
-    fake_npu_ops.register(snap["ops"])
-    return snap
+def release_namespace(release: str) -> str:
+    return "npu_" + release.replace(".", "_")
 
 
-def _module_getattr(module_name: str):
+def register_ops(release: str | None = None) -> tuple[dict, dict]:
+    """Define the schemas under torch.ops (idempotent); return (snapshot, op name -> packet).
+
+    The newest release's ops live in torch.ops.npu. For an older release, an op whose
+    schema (any overload) differs from the newest's is defined in torch.ops.npu_<release>."""
+    newest = load_snapshot()
+    fake_npu_ops.register(newest["ops"])
+    snap = load_snapshot(release) if release else newest
+    names = {op.split(".")[0] for op in snap["ops"]}
+
+    def overloads(s: dict, name: str) -> dict:
+        return {k: v for k, v in s["ops"].items() if k.split(".")[0] == name}
+
+    differ = {n for n in names if overloads(snap, n) != overloads(newest, n)}
+    if differ:
+        namespace = release_namespace(snap["torch_npu_version"])
+        fake_npu_ops.register({k: v for k, v in snap["ops"].items() if k.split(".")[0] in differ}, namespace)
+    packets = {n: getattr(getattr(torch.ops, release_namespace(snap["torch_npu_version"]) if n in differ else "npu"), n)
+               for n in names}
+    return snap, packets
+
+
+def _module_getattr(module_name: str, release: str):
     def __getattr__(name):
-        raise AttributeError(f"{module_name} (fake_torch_npu TEST DOUBLE) has no {name!r}: it provides only "
-                             "what tests/platform/torch_npu_2.13.0_contract.json pins")
+        raise AttributeError(f"{module_name} (fake_torch_npu TEST DOUBLE of torch_npu {release}) has no {name!r}: "
+                             "it provides only what tests/platform/torch_npu_contracts/ pins")
     return __getattr__
 
 
-def build_modules(snap: dict) -> tuple[types.ModuleType, types.ModuleType]:
+def build_modules(snap: dict, packets: dict | None = None) -> tuple[types.ModuleType, types.ModuleType]:
     """The fake `torch_npu` module and its `torch_npu.npu` (== torch.npu) namespace."""
+    release = snap["torch_npu_version"]
     npu = types.ModuleType("torch_npu.npu", "TEST DOUBLE of torch_npu.npu (see tests/fakes/fake_torch_npu.py)")
     for name in snap["python_api"]:
         setattr(npu, name, fake_npu_runtime.API[name])
-    npu.__getattr__ = _module_getattr("torch_npu.npu")
+    npu.__getattr__ = _module_getattr("torch_npu.npu", release)
     module = types.ModuleType("torch_npu", "TEST DOUBLE of torch_npu (see tests/fakes/fake_torch_npu.py)")
-    module.__version__ = snap["torch_npu_version"]
+    module.__version__ = release
     module.__test_double__ = True
     module.npu = npu
     for name in {op.split(".")[0] for op in snap["ops"]}:
-        setattr(module, name, getattr(torch.ops.npu, name))  # torch_npu.x IS torch.ops.npu.x
-    module.__getattr__ = _module_getattr("torch_npu")
+        # torch_npu.x IS torch.ops.npu.x (an older release's differing op: torch.ops.npu_<release>.x)
+        setattr(module, name, packets[name] if packets else getattr(torch.ops.npu, name))
+    module.__getattr__ = _module_getattr("torch_npu", release)
     return module, npu
 
 
 class FakeTorchNpu:
     """An installed double; use as a context manager or call `uninstall()`."""
 
-    def __init__(self, device_count: int = 1, soc_version: int = fake_npu_runtime.DEFAULT_SOC) -> None:
-        snap = register_ops()
-        self.module, self.npu = build_modules(snap)
+    def __init__(self, device_count: int = 1, soc_version: int = fake_npu_runtime.DEFAULT_SOC,
+                 release: str | None = None) -> None:
+        snap, packets = register_ops(release)
+        self.release = snap["torch_npu_version"]
+        self.module, self.npu = build_modules(snap, packets)
         self.runtime = fake_npu_runtime._Runtime(device_count=device_count, soc_version=soc_version)
         self._saved: dict | None = None
         self._saved_platform = None
@@ -157,9 +186,11 @@ class FakeTorchNpu:
         self.uninstall()
 
 
-def install(device_count: int = 1, soc_version: int = fake_npu_runtime.DEFAULT_SOC) -> FakeTorchNpu:
-    """Install now; the returned object uninstalls on `uninstall()` or at the end of a `with`."""
-    return FakeTorchNpu(device_count, soc_version)._install()
+def install(device_count: int = 1, soc_version: int = fake_npu_runtime.DEFAULT_SOC,
+            release: str | None = None) -> FakeTorchNpu:
+    """Install now (the newest supported release's ops, or `release`'s); the returned object
+    uninstalls on `uninstall()` or at the end of a `with`."""
+    return FakeTorchNpu(device_count, soc_version, release)._install()
 
 
 def patch_npu_platform(monkeypatch) -> None:
