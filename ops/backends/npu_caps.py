@@ -7,21 +7,23 @@ except (read from the wheels, tests/platform/test_npu_matrix.py keeps this table
 
     npu_scatter_pa_kv_cache   absent in 2.6.0; without the `cache_mode` keyword in 2.6.0.post3,
                               2.6.0.post5, 2.7.1, 2.7.1.post2, 2.8.0, 2.8.0.post2, 2.9.0.
-                              Our caches are ND ("Norm"); those releases cannot be told so
-                              (their only layout argument is the tensor format), so kv_write
-                              is REFUSED there: it runs the plain-torch reference (an
+                              Our caches are ND ("Norm"); a call there cannot say so (where
+                              the keyword exists its default is 'PA_NZ', the NZ layout), so
+                              kv_write is REFUSED there: it runs the plain-torch reference (an
                               index_copy into the cache, graph-capturable), logged once with
                               the release named.
     npu_top_k_top_p           2.6.0: `(Tensor logits, Tensor p, Tensor k)`, both required
                               (later: `Tensor? p=None, Tensor? k=None`). ADAPTED: a filter the
                               request does not use is passed as its no-op value (p = 1, k = V;
                               V <= 1024, the kernel's k range, else the reference runs).
-    npu_rotary_mul            `rotate=` only from 2.6.0.post3 on (we never pass it).
-    npu_apply_rotary_pos_emb  default layout 'BSH' before 2.9.0.post6/2.10.0.post4 (then
-                              'BSND'), no `rotary_mode` in 2.6.0 (not called today; a caller
-                              must pass layout explicitly).
-    torch.npu.Event / NPUGraph  ipc_handle / debug_dump / super_kernel_optimize only in the
-                              newer lines (not used). NPUGraph, graph(), ExternalEvent and the
+    npu_rotary_mul            no `rotate=` in the releases listed for cache_mode above and
+                              2.6.0 (we never pass it).
+    npu_apply_rotary_pos_emb  default layout 'BSH' (later 'BSND') up to 2.7.1.post6, 2.8.0.post5,
+                              2.9.0.post4, 2.9.1 and 2.10.0.post2; no `rotary_mode` in 2.6.0
+                              (not called today; a caller must pass the layout explicitly).
+    torch.npu.Event / NPUGraph  no ipc_handle / from_ipc_handle / debug_dump /
+                              super_kernel_optimize in the releases without cache_mode and
+                              2.6.0 (not used). NPUGraph, graph(), ExternalEvent and the
                               graph_task_group_* / graph_task_update_* functions have the same
                               signatures in every supported release; NpuPlatform still checks
                               they exist (hasattr) and turns graphs off, naming the release,
