@@ -114,6 +114,10 @@ class Capabilities:
         """From the imported torch_npu module: the schemas its dispatcher binds against."""
         schemas = {}
         for name in PROBED_OPS:
-            packet = getattr(torch_npu, name, None)
-            schemas[name] = None if packet is None else str(packet.default._schema)
+            packet = getattr(torch_npu, name, None)   # torch_npu.<op> IS torch.ops.npu.<op> (every release)
+            if packet is None:
+                schemas[name] = None
+                continue
+            overload = "default" if "default" in packet.overloads() else packet.overloads()[0]
+            schemas[name] = str(getattr(packet, overload)._schema)
         return cls.from_schemas(str(getattr(torch_npu, "__version__", "(unknown version)")), schemas)
