@@ -45,6 +45,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scope import ENGINE_TESTS  # noqa: E402  (tests/mutants/scope.py, the pytest plugin)
+
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".mutmut"
 LEDGER = Path(__file__).with_name("survivors.md")
@@ -68,17 +71,16 @@ TARGETS: dict[str, list[str]] = {
     "ascend_dspark/drafters/block_backbone.py": [f"x{SEP}BlockDrafter{SEP}observe__mutmut_*"],
 }
 
-# The fast selection (pytest arguments). New test files that match these globs join it.
+# The fast selection (pytest arguments): the union of what scope.py lets each mutant run
+# (ENGINE_TESTS is its list, in its order). New test files that match these globs join it.
 FAST_TESTS = ["tests/spec", "tests/ops/test_ops_sampling.py", "tests/ops/test_*_mutants.py",
-              "tests/engine", "tests/drafters"]
-# Statistical engine tests: minutes each, and every mutant of the engine or the verifier
-# would run them; the spec-level tests check the same distributions in seconds. The
-# token-exactness tests run on the Llama-style target only (Qwen3 and Gemma3 change the
-# target, not the engine, the drafters or the verifier).
-SLOW_TESTS = [
-    "tests/engine/test_distribution.py::test_speculative_sampling_matches_target_distribution",
-    "tests/engine/test_distribution.py::test_wrong_residual_rule_is_detected",
-] + [f"tests/engine/test_lossless.py::{test}[{arch}" for arch in ("qwen3", "gemma3") for test in (
+              "tests/drafters", *dict.fromkeys(t.split("::")[0] for t in ENGINE_TESTS)]
+# Left out of ENGINE_TESTS: the statistical engine tests (test_distribution,
+# test_engine_sampling_power: seconds to minutes each; the spec-level tests check the same
+# distributions in seconds) and the NPU-double end-to-end tests. The token-exactness tests
+# run on the Llama-style target only (Qwen3 and Gemma3 change the target, not the engine,
+# the drafters or the verifier).
+SLOW_TESTS = [f"tests/engine/test_lossless.py::{test}[{arch}" for arch in ("qwen3", "gemma3") for test in (
     "test_plain_decoding_matches_transformers", "test_speculative_greedy_is_token_identical",
     "test_long_accepted_prefixes_stay_identical", "test_stops_on_eos_inside_an_accepted_block",
     "test_max_tokens_truncates_an_accepted_block")]
@@ -192,7 +194,7 @@ def mutant_globs(files: list[str]) -> list[str]:
 
 def run_mutmut(files: list[str], max_children: int, time_limit: int) -> int:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-               ASCEND_DSPARK_DEVICE="cpu")
+               ASCEND_DSPARK_DEVICE="cpu", MUTANTS_SCOPE_LOG=str(WORK / "scope_log.tsv"))
     cmd = [str(VENV_BIN / "mutmut"), "run", "--max-children", str(max_children), *mutant_globs(files)]
     log(" ".join(cmd[1:]))
     try:
@@ -288,6 +290,7 @@ def check_kills(claims: list[tuple[str, str]]) -> dict[tuple[str, str], bool]:
         return {}
     script = (
         "import json, os, sys, pytest\n"
+        "os.environ['MUTANTS_NO_SCOPE'] = '1'\n"
         "sys.path.insert(0, os.getcwd())\n"
         "out = {}\n"
         "for test, mutant in json.loads(sys.argv[1]):\n"
