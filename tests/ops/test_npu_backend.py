@@ -1,7 +1,8 @@
 """ops/backends/npu.py against the reference ops, on the torch_npu TEST DOUBLE.
 
-There is no NPU here: `fake_torch_npu` puts a CPU stand-in behind the REAL torch_npu 2.13.0
-op schemas (tests/fakes/), so these tests check what can be checked without hardware:
+There is no NPU here: `fake_torch_npu` puts a CPU stand-in behind the REAL torch_npu op
+schemas of the newest supported release (tests/fakes/; the older releases' differences:
+tests/platform/test_npu_matrix.py), so these tests check what can be checked without hardware:
 - every call binds to the real schema (names, keyword-only arguments, required arguments);
 - the arguments mean what the op documents: gate first for swiglu, 'half' = rotate_half,
   atten_mask True = masked out, slot_mapping into a paged ND cache ("Norm"), FIA's page
