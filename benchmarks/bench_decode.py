@@ -1,5 +1,6 @@
 """Batch-1 greedy plain decoding, side by side in one process: our engine with whole-step
-graph replay, our engine eager, and transformers' `generate` (dynamic cache, and a static
+graph replay (with the platform's default overlap of host bookkeeping and device work, and
+without it), our engine eager, and transformers' `generate` (dynamic cache, and a static
 cache with the forward compiled in "reduce-overhead" mode, i.e. CUDA graphs).
 
     python benchmarks/bench_decode.py --model smollm2-random --max-tokens 128 --out decode.json
@@ -72,10 +73,12 @@ def run(args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     results = {}
     outputs = {}
-    for name, graphs in (("ours, graphs", True), ("ours, eager", False)):
+    for name, graphs, overlap in (("ours, graphs", True, None), ("ours, graphs, no overlap", True, False),
+                                  ("ours, eager", False, None)):
         if graphs and not platform.supports_graphs:
             continue
-        engine = Engine(ours, None, max_model_len=512, max_batch_size=1, platform=platform, graphs=graphs)
+        engine = Engine(ours, None, max_model_len=512, max_batch_size=1, platform=platform, graphs=graphs,
+                        overlap=overlap)
         def run_ours(engine=engine, name=name):
             outputs[name] = engine.generate([PROMPT], params)[0].token_ids
 

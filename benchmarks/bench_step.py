@@ -3,11 +3,12 @@
     python benchmarks/bench_step.py --out step.json
 
 1. Qwen3-8B-shaped target (random bf16 weights; shapes are what matter): a plain decode
-   step at batch 1 (whole-step graph replay, 64 steps after a 512-token prompt) against the
-   weight-read floor (bytes of weights / the H200's measured 4.2 TB/s), and one verify
+   step at batch 1 (whole-step graph replay, 64 steps after a 512-token prompt; with the
+   engine's overlap of host and device work, and without) against the weight-read floor (bytes of weights / the H200's measured 4.2 TB/s), and one verify
    forward of 8 tokens against a 1-token forward (both replayed as CUDA graphs at the same
    context length).
-2. Device busy fraction while decoding at batch 1 (SmolLM2-135M shape, graph replay): the
+2. Device busy fraction while decoding at batch 1 (SmolLM2-135M shape, graph replay, with
+   and without overlap): the
    union of GPU kernel intervals over the wall time from the first to the last kernel of
    the decode, from a torch.profiler trace.
 """
@@ -44,11 +45,12 @@ def random_model(raw: dict, dtype, device):
     return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def decode_step(platform, target, context: int, steps: int) -> float:
+def decode_step(platform, target, context: int, steps: int, overlap: bool | None = None) -> float:
     from ascend_dspark.engine.engine import Engine
     from ascend_dspark.spec.sampling import SamplingParams
 
-    engine = Engine(target, None, max_model_len=context + steps + 8, max_batch_size=1, platform=platform)
+    engine = Engine(target, None, max_model_len=context + steps + 8, max_batch_size=1, platform=platform,
+                    overlap=overlap)
     prompt = [(7 * i) % 1000 + 10 for i in range(context)]
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     engine.generate([prompt], params)                                   # warm-up
@@ -80,13 +82,13 @@ def forward_ms(platform, target, width: int, context: int, reps: int = 50) -> fl
     return (time.perf_counter() - t0) / reps * 1e3
 
 
-def busy_fraction(platform, target, steps: int = 64) -> float:
+def busy_fraction(platform, target, steps: int = 64, overlap: bool | None = None) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     from ascend_dspark.engine.engine import Engine
     from ascend_dspark.spec.sampling import SamplingParams
 
-    engine = Engine(target, None, max_model_len=256, max_batch_size=1, platform=platform)
+    engine = Engine(target, None, max_model_len=256, max_batch_size=1, platform=platform, overlap=overlap)
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     engine.generate([list(range(100, 132))], params)
     engine.add_request("warm", list(range(100, 132)), SamplingParams(temperature=0.0, max_tokens=steps + 4,
@@ -127,16 +129,20 @@ def main() -> None:
     weight_bytes = sum(t.numel() * t.element_size() for t in big.parameters())
     floor_ms = weight_bytes / HBM_BYTES_PER_S * 1e3
     step_ms = decode_step(platform, big, context=512, steps=64) * 1e3
+    step_sync_ms = decode_step(platform, big, context=512, steps=64, overlap=False) * 1e3
     one, eight = forward_ms(platform, big, 1, 512), forward_ms(platform, big, 8, 512)
     res["qwen3_8b"] = {"weight_gb": weight_bytes / 1e9, "floor_ms": floor_ms, "decode_step_ms": step_ms,
-                       "step_vs_floor": step_ms / floor_ms, "forward_1_ms": one, "forward_8_ms": eight,
+                       "step_vs_floor": step_ms / floor_ms, "decode_step_no_overlap_ms": step_sync_ms,
+                       "forward_1_ms": one, "forward_8_ms": eight, "forward_1_vs_floor": one / floor_ms,
                        "verify8_vs_step1": eight / one}
     print(json.dumps(res["qwen3_8b"], indent=1), flush=True)
     del big
     torch.cuda.empty_cache()
     small = random_model(SMOLLM2_135M, torch.bfloat16, platform.device)
     res["smollm2_busy_fraction"] = busy_fraction(platform, small)
-    print("busy fraction", res["smollm2_busy_fraction"], flush=True)
+    res["smollm2_busy_fraction_no_overlap"] = busy_fraction(platform, small, overlap=False)
+    print("busy fraction", res["smollm2_busy_fraction"], "without overlap", res["smollm2_busy_fraction_no_overlap"],
+          flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
 

@@ -336,9 +336,9 @@ class EngineLoop:
                 pass
 
     def _publish_snapshot(self) -> None:
-        e, s = self.engine, self.engine.scheduler
-        used, total = s.num_used_blocks, s.allocator.num_blocks
-        snap = EngineSnapshot(e.num_running, e.num_waiting, used, total, len(s.free_slots), e.max_batch_size,
+        e = self.engine
+        used, total = e.num_used_kv_blocks, e.num_kv_blocks
+        snap = EngineSnapshot(e.num_running, e.num_waiting, used, total, e.num_free_slots, e.max_batch_size,
                               self.snapshot.accounting_error)
         self.snapshot = snap
         m = self.metrics
@@ -351,12 +351,12 @@ class EngineLoop:
 
     def _check_idle(self) -> None:
         """With nothing unfinished every block and slot must be free: record it if not."""
-        s = self.engine.scheduler
+        e = self.engine
         error = None
         try:
-            s.check()
-            if s.num_used_blocks or len(s.free_slots) != self.engine.max_batch_size:
-                error = f"idle engine holds {s.num_used_blocks} blocks and {self.engine.max_batch_size - len(s.free_slots)} slots"
+            e.scheduler.check()
+            if e.num_used_kv_blocks or e.num_free_slots != e.max_batch_size:
+                error = f"idle engine holds {e.num_used_kv_blocks} blocks and {e.max_batch_size - e.num_free_slots} slots"
         except AssertionError as exc:
             error = str(exc)
         if error is not None:

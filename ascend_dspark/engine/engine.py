@@ -42,8 +42,8 @@ from ascend_dspark.spec.verify import verify
 
 from .graph_runner import StepGraphRunner, default_buckets
 from .outputs import RequestOutput
-from .request import Request, RequestDelta
-from .scheduler import PrefillChunk, Scheduler
+from .request import Request, RequestDelta, Status
+from .scheduler import PrefillChunk, Scheduler, StepPlan
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ class Engine:
     """Generation over a target model and an optional drafter, both already on the device.
 
     `max_batch_size`: sequences held at once (slots). `num_kv_blocks`: blocks of
-    `kv_block_size` positions (default: the platform's) shared by all requests. By default
+    `kv_block_size` positions (default: the platform's) shared by all requests. `overlap`
+    (default: the platform's `overlap_steps`): launch a decode batch's next step before
+    reading the last one's results (see `step`). By default
     there are enough for every slot to reach `max_model_len`, or, on a device that reports
     its memory, as many as fit in `kv_cache_fraction` of it next to what is already
     allocated, if that is fewer. `max_prefill_tokens`: the per-step budget of (padded)
@@ -85,7 +87,7 @@ class Engine:
                  num_kv_blocks: int | None = None, kv_block_size: int | None = None,
                  kv_cache_fraction: float = DEFAULT_KV_FRACTION,
                  max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, graphs: bool | None = None,
-                 graph_buckets: list[int] | None = None, progress: bool = False) -> None:
+                 graph_buckets: list[int] | None = None, overlap: bool | None = None, progress: bool = False) -> None:
         self.platform = platform or current_platform()
         self.target = target
         self.drafter = drafter
@@ -137,6 +139,10 @@ class Engine:
             self.graph_runner = StepGraphRunner(self, buckets, self.pad_slots)
             with torch.inference_mode():
                 self.graph_runner.capture_startup(progress)
+        # Overlap pays where the device runs ahead of the host (graphs, asynchronous streams).
+        self.overlap = self.platform.overlap_steps if overlap is None else overlap
+        self._pending: _Launched | None = None
+        self.launched_steps = self.chained_steps = 0
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self._sampling_key: tuple | None = None
@@ -209,7 +215,7 @@ class Engine:
         return self._delta(request)
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.num_unfinished > 0
+        return self.scheduler.num_unfinished > 0 or self._pending is not None
 
     @property
     def num_running(self) -> int:
@@ -220,29 +226,74 @@ class Engine:
         return len(self.scheduler.free_slots)
 
     @property
+    def num_used_kv_blocks(self) -> int:
+        """KV blocks held by requests."""
+        return self.scheduler.num_used_blocks
+
+    @property
+    def num_kv_blocks(self) -> int:
+        """KV blocks requests can use (the graph runner's padding rows hold the rest)."""
+        return self.scheduler.allocator.num_blocks - sum(len(self.tables.owned[s]) for s in self.pad_slots)
+
+    @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
     @torch.inference_mode()
     def step(self) -> list[RequestDelta]:
-        """Run one scheduler plan; returns a delta for every request that produced tokens or finished."""
-        plan = self.scheduler.schedule()
-        if plan.empty:
-            return []
+        """Run one scheduler plan; returns a delta for every request that produced tokens or finished.
+
+        With `overlap`, a decode step's results are read one call later: while the host
+        commits step n (stop checks, detokenizing, streaming), the device already runs step
+        n + 1 of the same batch, which needs nothing from the host (anchors and cache lengths
+        live on the device). A batch is chained only while it stays the same: a request that
+        might leave (length), a waiting request that could be admitted, or an abort ends the
+        chain, and the in-flight step is read first. A step that ran for a request that
+        stopped in the step before it is discarded, so the tokens are the same as without
+        overlap."""
+        pending, self._pending = self._pending, None
+        if pending is not None and self._chain(pending):
+            self._pending = self._launch(StepPlan(decode=pending.plan.decode), ahead=self.num_speculative_tokens + 1)
+        deltas = self._finish(pending) if pending is not None else []
+        if self._pending is None:
+            plan = self.scheduler.schedule()
+            if not plan.empty:
+                launched = self._launch(plan)
+                if self.overlap and not plan.prefill:
+                    self._pending = launched
+                else:
+                    deltas += self._finish(launched)
+        return deltas
+
+    def _launch(self, plan: StepPlan, ahead: int = 0) -> _Launched:
+        """Queue the plan's device work and its one device -> host copy. `ahead`: positions the
+        rows may have committed beyond what the host knows (a chained step)."""
         parts: dict[str, torch.Tensor] = {}
         if plan.prefill:
             parts.update(self._prefill(plan.prefill))
+        verify_lens = [self._verify_len(r) for r in plan.decode]
         if plan.decode:
-            parts.update(self._verify(plan.decode))
-        host = _to_host(parts)
+            parts.update(self._verify(plan.decode, verify_lens, ahead))
+        self.launched_steps += 1
+        self.chained_steps += bool(ahead)
+        return _Launched(plan, verify_lens, _HostCopy(parts, self.platform))
+
+    def _finish(self, launched: _Launched) -> list[RequestDelta]:
+        """Read a launched step's results and commit them (rows of requests that left since
+        the launch are dropped)."""
+        plan, host = launched.plan, launched.copy.receive()
         touched: list[Request] = []
         if plan.decode:
-            counts = host["num_accepted"]
-            token_lists = [row[: n + 1] for row, n in zip(host["tokens"], counts)]
-            verify_lens = [self._verify_len(r) for r in plan.decode]
-            self._commit(plan.decode, token_lists, counts, verify_lens, host.get("confidence"),
-                         _logprob_rows(host, "", plan.decode))
-            touched += plan.decode
+            live = [i for i, r in enumerate(plan.decode)
+                    if r.status is Status.RUNNING and self.requests.get(r.request_id) is r]
+            counts = [host["num_accepted"][i] for i in live]
+            token_lists = [host["tokens"][i][: n + 1] for i, n in zip(live, counts)]
+            confidence = [host["confidence"][i] for i in live] if "confidence" in host else None
+            logprobs = _logprob_rows(host, "", plan.decode)
+            requests = [plan.decode[i] for i in live]
+            self._commit(requests, token_lists, counts, [launched.verify_lens[i] for i in live], confidence,
+                         [logprobs[i] for i in live] if logprobs is not None else None)
+            touched += requests
         first_logprobs = _logprob_rows(host, "first_", [c.request for c in plan.prefill]) if plan.prefill else None
         for b, chunk in enumerate(plan.prefill):
             r = chunk.request
@@ -260,6 +311,22 @@ class Engine:
                 self.requests.pop(r.request_id, None)
             deltas.append(self._delta(r))
         return deltas
+
+    def _chain(self, pending: _Launched) -> bool:
+        """Whether the next step of the pending decode batch can be launched before its
+        results are read: the batch stays as it is, and blocks for one more step are free."""
+        if not self.overlap or pending.plan.prefill:
+            return False
+        if self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots):
+            return False                            # someone should join: read, then schedule
+        ahead = self.num_speculative_tokens + 1
+        for r in pending.plan.decode:
+            if r.status is not Status.RUNNING or self.requests.get(r.request_id) is not r:
+                return False                        # aborted since the launch
+            if (len(r.output) + ahead >= r.params.max_tokens
+                    or len(r.prompt_ids) + len(r.output) + ahead >= self.max_model_len):
+                return False                        # the pending step may finish it by length
+        return self.scheduler.grow_ahead(pending.plan.decode, ahead)
 
     def stream(self) -> Iterator[list[RequestDelta]]:
         """Step until nothing is left, yielding each step's deltas."""
@@ -359,18 +426,17 @@ class Engine:
             out.update(self._logprobs(want_logprobs, last[:, 0], first, "first_"))
         return out
 
-    def _verify(self, requests: list[Request]) -> dict[str, torch.Tensor]:
+    def _verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
         captured graph where one fits, else run eagerly over the columns the rows reach."""
         slots = [r.slot for r in requests]
-        verify_lens = [self._verify_len(r) for r in requests]
+        reach = [r.num_cached + ahead + self.reserve for r in requests]
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if self.graph_runner is not None and want_logprobs is None:
             out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests],
-                                        tuple(r.arrival for r in requests), [r.num_cached + self.reserve for r in requests])
+                                        tuple(r.arrival for r in requests), reach)
             if out is not None:
                 return out
-        reach = [r.num_cached + self.reserve for r in requests]
         self.tables.set_view(max(reach))
         dev = self.device
         # The step mixes causal (target, Eagle3) and block-bidirectional (DFlash/DSpark) masks:
@@ -514,21 +580,40 @@ class Engine:
             raise ValueError(f"prompt token ids must be in [0, {vocab})")
 
 
-def _to_host(parts: dict[str, torch.Tensor]) -> dict[str, list]:
+class _HostCopy:
     """The one device -> host copy per step: every tensor the step produced, in one int64
-    tensor. float32 tensors travel bit-cast to int32 (exact, no float64, which NPUs lack);
-    the host casts the bits back. Returns each tensor as nested lists."""
-    names = list(parts)
-    flat_parts = [(t.float().contiguous().view(torch.int32) if t.is_floating_point() else t).long().reshape(-1)
-                  for t in parts.values()]
-    flat = torch.cat(flat_parts).tolist() if flat_parts else []
-    out, i = {}, 0
-    for name in names:
-        t = parts[name]
-        values = torch.tensor(flat[i: i + t.numel()], dtype=torch.long).view(t.shape)
-        i += t.numel()
-        out[name] = (values.to(torch.int32).view(torch.float32) if t.is_floating_point() else values).tolist()
-    return out
+    tensor, copied without waiting (into pinned memory on an accelerator), with an event to
+    wait for. float32 tensors travel bit-cast to int32 (exact, no float64, which NPUs lack);
+    the host casts the bits back."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], platform: Platform) -> None:
+        self.layout = [(name, t.shape, t.is_floating_point()) for name, t in parts.items()]
+        flat = [(t.float().contiguous().view(torch.int32) if t.is_floating_point() else t).long().reshape(-1)
+                for t in parts.values()]
+        self.host = torch.cat(flat).to("cpu", non_blocking=True) if flat else None
+        self.event = platform.event()
+        self.event.record()
+
+    def receive(self) -> dict[str, list]:
+        """Wait for the copy; each tensor as nested lists."""
+        self.event.synchronize()
+        flat = self.host.tolist() if self.host is not None else []
+        out, i = {}, 0
+        for name, shape, is_float in self.layout:
+            n = shape.numel()
+            values = torch.tensor(flat[i: i + n], dtype=torch.long).view(shape)
+            i += n
+            out[name] = (values.to(torch.int32).view(torch.float32) if is_float else values).tolist()
+        return out
+
+
+@dataclass
+class _Launched:
+    """A step whose device work is queued: its plan, and its results on the way to the host."""
+
+    plan: StepPlan
+    verify_lens: list[int]
+    copy: _HostCopy
 
 
 def _logprob_rows(host: dict[str, list], prefix: str, requests: list[Request]) -> list | None:

@@ -115,6 +115,25 @@ class Scheduler:
             if request.status is Status.RUNNING and want > 0:
                 self.tables.extend(request.slot, self.allocator.allocate(want))
 
+    def grow_ahead(self, requests: list[Request], ahead: int) -> bool:
+        """Blocks for a step launched before the last one's results are read (the engine's
+        overlap): each row may have committed up to `ahead` positions the host does not know
+        of yet. Never preempts: False (nothing allocated) when the blocks are not free or a
+        row would pass its table."""
+        wants = []
+        for request in requests:
+            need = self.tables.blocks_for(request.num_cached + ahead + self.reserve)
+            if need > self.tables.max_blocks_per_seq:
+                return False
+            wants.append((request.slot, need - len(self.tables.owned[request.slot])))
+        if not self.allocator.can_allocate(sum(max(want, 0) for _, want in wants)):
+            return False
+        for slot, want in wants:
+            if want > 0:
+                self.tables.extend(slot, self.allocator.allocate(want))
+        self.tables.flush()
+        return True
+
     def _fill_prefill(self, plan: StepPlan) -> None:
         budget, rows, width = self.max_prefill_tokens, 0, 0
         for request in list(self.prefilling.values()):

@@ -47,6 +47,7 @@ class CudaPlatform(Platform):
     op_backend = "triton"
     supports_graphs = True
     graph_steps = True
+    overlap_steps = True
     kv_cache_from_memory = True
     supports_bf16_autocast = True
 

@@ -50,6 +50,9 @@ class Platform:
     # The engine sizes its KV cache from a fraction of this device's memory (not on the host,
     # whose memory is shared with everything else: there the block count is a flag).
     kv_cache_from_memory: bool = False
+    # The device runs queued work while the host goes on (CUDA / NPU streams): the engine
+    # launches a decode batch's next step before reading the last one's results.
+    overlap_steps: bool = False
     supports_bf16_autocast: bool = False   # torch.autocast(device.type, bfloat16) is worth it for training
     op_backend: str = "reference"      # which ops/ backend serves this device
     kv_block_size: int = 16            # paged-KV block size this device's attention kernels want

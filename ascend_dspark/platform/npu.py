@@ -233,6 +233,7 @@ class NpuPlatform(Platform):
     op_backend = "npu"
     supports_graphs = True
     graph_steps = True
+    overlap_steps = True
     supports_bf16_autocast = True
     kv_cache_from_memory = True
     kv_block_size = 128     # FIA's paged form needs a multiple of 128 in [128, 512] for Q_S > 1

@@ -61,7 +61,8 @@ def serve(engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]
         for delta in engine.step():
             out[delta.request_id] += delta.new_token_ids
         engine.scheduler.check()
-        check_device_state(engine)
+        if engine._pending is None:               # with a step in flight the device is ahead
+            check_device_state(engine)
         step += 1
     return out
 
@@ -81,9 +82,18 @@ PARAMS = {
 }
 
 
+OVERLAP = [pytest.param(False, id="sync"), pytest.param(True, id="overlap")]
+
+
+def check_overlap_ran(engine, overlap: bool) -> None:
+    """The overlap variants really launched steps ahead (else they test nothing new)."""
+    assert (engine.chained_steps > 0) == overlap, (engine.chained_steps, engine.launched_steps)
+
+
+@pytest.mark.parametrize("overlap", OVERLAP)
 @pytest.mark.parametrize("mode", ["greedy", "seeded"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_joining_mid_flight_gives_the_tokens_it_gives_alone(target, kind, mode):
+def test_joining_mid_flight_gives_the_tokens_it_gives_alone(target, kind, mode, overlap):
     params = PARAMS[mode]
     alone = [run_alone(target, kind, p, q) for p, q in zip(PROMPTS, params)]
     if mode == "greedy":                         # the oracle itself is plain greedy decoding
@@ -91,23 +101,25 @@ def test_joining_mid_flight_gives_the_tokens_it_gives_alone(target, kind, mode):
             assert toks == greedy_reference(target, p, q.max_tokens)[len(p):]
     # Two requests start; a third joins after 2 steps, a fourth after 5, chunk-prefilled
     # (budget 4 tokens per step) while the others decode.
-    engine = make_engine(target, kind, max_prefill_tokens=4)
+    engine = make_engine(target, kind, max_prefill_tokens=4, overlap=overlap)
     arrivals = {0: [("r0", PROMPTS[0], params[0]), ("r1", PROMPTS[1], params[1])],
                 2: [("r2", PROMPTS[2], params[2])], 5: [("r3", PROMPTS[3], params[3])]}
     out = serve(engine, arrivals)
     assert [out[f"r{i}"] for i in range(4)] == alone
     assert engine.scheduler.num_used_blocks == 0
+    check_overlap_ran(engine, overlap)
 
 
+@pytest.mark.parametrize("overlap", OVERLAP)
 @pytest.mark.parametrize("mode", ["greedy", "seeded"])
 @pytest.mark.parametrize("kind", [None, "dspark", "eagle3"])
-def test_a_small_cache_makes_requests_wait_or_recompute_not_fail(target, kind, mode):
+def test_a_small_cache_makes_requests_wait_or_recompute_not_fail(target, kind, mode, overlap):
     """6 blocks of 4 positions for 4 requests that need up to 8 each: requests queue for
     blocks, and decoding ones are preempted (freed, recomputed later) when the cache runs
     out; the tokens are still the ones each request gives alone."""
     params = PARAMS[mode]
     alone = [run_alone(target, kind, p, q) for p, q in zip(PROMPTS, params)]
-    engine = make_engine(target, kind, num_kv_blocks=9, kv_block_size=4)
+    engine = make_engine(target, kind, num_kv_blocks=9, kv_block_size=4, overlap=overlap)
     preempted = []
     schedule = engine.scheduler.schedule
 
@@ -133,8 +145,9 @@ def test_a_request_that_can_never_fit_is_refused_and_the_engine_keeps_serving(ta
     assert out["small"] == greedy_reference(target, [5, 6], 3)[2:]
 
 
-def test_abort_frees_the_slot_and_blocks_at_once(target):
-    engine = make_engine(target, "dspark")
+@pytest.mark.parametrize("overlap", OVERLAP)
+def test_abort_frees_the_slot_and_blocks_at_once(target, overlap):
+    engine = make_engine(target, "dspark", overlap=overlap)
     params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
     engine.add_request("a", PROMPTS[0], params)
     engine.add_request("b", PROMPTS[1], params)
@@ -151,10 +164,12 @@ def test_abort_frees_the_slot_and_blocks_at_once(target):
     assert engine.scheduler.num_used_blocks == 0 and len(engine.scheduler.free_slots) == 4
 
 
+@pytest.mark.parametrize("overlap", OVERLAP)
 @pytest.mark.parametrize("kind", [None, "dspark"])
-def test_randomised_stress_keeps_the_accounting_exact(target, kind):
+def test_randomised_stress_keeps_the_accounting_exact(target, kind, overlap):
     rng = random.Random(11 if kind else 12)
-    engine = make_engine(target, kind, max_model_len=40, num_kv_blocks=24, kv_block_size=4, max_prefill_tokens=12)
+    engine = make_engine(target, kind, max_model_len=40, num_kv_blocks=24, kv_block_size=4, max_prefill_tokens=12,
+                         overlap=overlap)
     arrivals: dict[int, list] = {}
     aborts: dict[int, list] = {}
     greedy_ids = {}
@@ -180,6 +195,7 @@ def test_randomised_stress_keeps_the_accounting_exact(target, kind):
             if not params.ignore_eos else None
         want = want[: stop + 1] if stop is not None else want
         assert out[rid] == want[: len(out[rid])] and (len(out[rid]) == len(want) or len(prompt) + len(out[rid]) >= 40)
+    check_overlap_ran(engine, overlap)
 
 
 def test_preempted_requests_recompute_the_same_sampled_tokens(target, monkeypatch):
@@ -211,3 +227,25 @@ def test_preempted_requests_recompute_the_same_sampled_tokens(target, monkeypatc
     assert len(preempted) >= 3, "the cache was meant to run out"
     for i, (prompt, params) in enumerate(zip(BOS_PROMPTS, seeded)):
         assert out[f"r{i}"] == reference_generate(target, prompt, params, k), i
+
+
+@pytest.mark.parametrize("kind", [None, "dspark", "eagle3"])
+def test_overlap_stops_where_the_synchronous_engine_stops(target, kind):
+    """Requests that stop on a token in the middle of a chain of steps launched ahead: the
+    step already running for them is discarded, and tokens and finish reasons are those of
+    the synchronous engine (which reads every step before the next), also for rows that ask
+    for logprobs."""
+    free = [run_alone(target, kind, p, SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True))
+            for p in PROMPTS]
+    params = [SamplingParams(temperature=0.0, max_tokens=24, stop_token_ids=[toks[6]], logprobs=i % 2 * 2)
+              for i, toks in enumerate(free)]
+    params[3] = SamplingParams(temperature=0.9, seed=4, max_tokens=13, ignore_eos=True)
+    results = {}
+    for overlap in (False, True):
+        engine = make_engine(target, kind, overlap=overlap)
+        outs = engine.generate(PROMPTS, params)
+        results[overlap] = [(o.token_ids, o.finish_reason) for o in outs]
+        check_overlap_ran(engine, overlap)
+        assert engine.scheduler.num_used_blocks == 0 and not engine.has_unfinished()
+    assert results[True] == results[False]
+    assert [reason for _, reason in results[True]] == ["stop"] * 3 + ["length"]
