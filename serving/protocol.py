@@ -144,21 +144,37 @@ class Speculation(BaseModel):
     acceptance_per_position: list[float] = Field(description="conditional acceptance rate of draft position k")
 
 
-class CompletionChoice(BaseModel):
+class _Choice(BaseModel):
     index: int
-    text: str
     logprobs: dict | None = None
     finish_reason: str | None
 
 
-class CompletionResponse(BaseModel):
+class _Response(BaseModel):
+    """What every response and stream chunk carries besides its `object` and `choices`."""
+
     id: str
-    object: Literal["text_completion"] = "text_completion"
     created: int
     model: str
-    choices: list[CompletionChoice]
+
+
+class _FinalResponse(_Response):
     usage: Usage
     speculation: Speculation
+
+
+class _Chunk(_Response):
+    usage: Usage | None = None
+    speculation: Speculation | None = None
+
+
+class CompletionChoice(_Choice):
+    text: str
+
+
+class CompletionResponse(_FinalResponse):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
 
 
 class AssistantMessage(BaseModel):
@@ -166,42 +182,26 @@ class AssistantMessage(BaseModel):
     content: str
 
 
-class ChatChoice(BaseModel):
-    index: int
+class ChatChoice(_Choice):
     message: AssistantMessage
-    logprobs: dict | None = None
-    finish_reason: str | None
 
 
-class ChatCompletionResponse(BaseModel):
-    id: str
+class ChatCompletionResponse(_FinalResponse):
     object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
     choices: list[ChatChoice]
-    usage: Usage
-    speculation: Speculation
 
 
 # -- streaming chunks (documented in the schema; built as plain dicts in openai_api.py) ------------
-class CompletionChunkChoice(BaseModel):
-    index: int
+class CompletionChunkChoice(_Choice):
     text: str
-    logprobs: dict | None = None
-    finish_reason: str | None
 
 
-class CompletionChunk(BaseModel):
+class CompletionChunk(_Chunk):
     """One event of a streamed completion; the last (with `stream_options.include_usage`) has
     no choices and carries `usage` and `speculation`."""
 
-    id: str
     object: Literal["text_completion"]
-    created: int
-    model: str
     choices: list[CompletionChunkChoice]
-    usage: Usage | None = None
-    speculation: Speculation | None = None
 
 
 class ChatDelta(BaseModel):
@@ -209,25 +209,17 @@ class ChatDelta(BaseModel):
     content: str | None = None
 
 
-class ChatChunkChoice(BaseModel):
-    index: int
+class ChatChunkChoice(_Choice):
     delta: ChatDelta
-    logprobs: dict | None = None
-    finish_reason: str | None
 
 
-class ChatCompletionChunk(BaseModel):
+class ChatCompletionChunk(_Chunk):
     """One event of a streamed chat completion: first a `role` delta per choice, then text
     deltas; the last (with `stream_options.include_usage`) has no choices and carries
     `usage` and `speculation`."""
 
-    id: str
     object: Literal["chat.completion.chunk"]
-    created: int
-    model: str
     choices: list[ChatChunkChoice]
-    usage: Usage | None = None
-    speculation: Speculation | None = None
 
 
 STREAM_CHUNKS = (CompletionChunk, ChatCompletionChunk)

@@ -33,8 +33,9 @@ class FakeEngine:
         self.unfinished_calls = 0
         self.fail_at_step = fail_at_step
         self.max_batch_size = slots
-        self.scheduler = SimpleNamespace(num_used_blocks=0, allocator=SimpleNamespace(num_blocks=32),
-                                         free_slots=list(range(slots)), check=lambda: None)
+        self.num_free_slots = slots
+        self.num_used_kv_blocks, self.num_kv_blocks = 0, 32
+        self.scheduler = SimpleNamespace(check=lambda: None)
 
     def add_request(self, rid, prompt_ids, params):
         if not prompt_ids:
