@@ -52,14 +52,15 @@ mutants: $(VENV)/.mutants-installed
 # tests/packaging_check.py builds the wheel and pip-installs it there with no torch constraint
 # (torch must stay 2.6.0; transformers etc. at constraints-lowest.txt), runs `ascend-dspark
 # generate` and the server's /health from outside the checkout, and the core of the suite runs
-# on that venv. About 6 minutes on a fresh machine, half of it installing torch 2.6 (PyPI's
+# on that venv. About 5 minutes on a fresh machine, half of it installing torch 2.6 (PyPI's
 # CUDA build with its nvidia-* wheels, ~2.5 GB; it runs on the CPU).
 LOWEST_VENV ?= $(or $(TMPDIR),/tmp)/ascend-dspark-lowest-venv
 # The core: model loading and parity with transformers (tiny Llama/Qwen3/Gemma3 and the real
 # SmolLM2), lossless speculative decoding of every drafter, the NPU double and contracts, the
-# drafters' export/import formats, sampling/verification, the CLI. With test_smollm2_engine.py,
-# test_shipped_drafts.py and test_detokenizer.py added (left out for time), on torch 2.6.0 +
-# transformers 5.17.0 here: 450 passed, 49 skipped (the CUDA tests).
+# drafters' export/import formats, sampling/verification, the CLI: ~1.5 min. With
+# test_smollm2_engine.py, test_shipped_drafts.py and test_detokenizer.py added (left out for
+# time: the first takes over 10 minutes on torch 2.6 here), on torch 2.6.0 + transformers 5.17.0:
+# 450 passed, 49 skipped (the CUDA tests).
 LOWEST_TESTS ?= tests/models tests/engine/test_lossless.py tests/engine/test_npu_end_to_end.py \
 	tests/drafters/test_export_formats.py tests/drafters/test_drafters_deepspec.py tests/spec/test_verify.py \
 	tests/spec/test_sampling.py tests/ops/test_ops_reference.py tests/platform tests/test_cli.py
