@@ -54,3 +54,22 @@ def test_bfloat16_draft_over_a_float32_target(kind, target32):
     want = run_calls(drafter, [f.to(torch.bfloat16) for f in features], target32.config.vocab_size)
     assert got.tokens.shape == (2, drafter.max_draft_tokens) and got.probs.dtype == torch.float32
     assert torch.equal(got.tokens, want.tokens) and torch.equal(got.probs, want.probs)
+
+
+@pytest.mark.parametrize("kind", ["dflash", "dspark"])
+def test_a_bfloat16_block_draft_stores_bfloat16_keys_in_a_float32_cache(kind, target32):
+    """The context K/V a block draft writes are computed in its own dtype (rotary included,
+    as the target does in its dtype): in the float32 cache the engine gives it, every stored
+    key is a bfloat16 number, which a key rotated by float32 cos / sin is not."""
+    drafter = create_drafter(kind, target32, dtype=torch.bfloat16)
+    width = len(drafter.target_layer_ids) * drafter.config.hidden_size
+    features = [torch.randn(2, 6, width, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    run_calls(drafter, [features[0], features[1][:, :4]], target32.config.vocab_size)
+    cache = drafter.cache
+    for slot, length in ((0, 7), (1, 8)):                  # prefill 6 + 1, 5 + 3 positions
+        rows = cache.tables.rows_of(slot)[:length]
+        for k in cache.k:
+            keys = k.view(-1, *k.shape[2:])[rows]
+            assert keys.dtype == torch.float32 and keys.abs().sum() > 0
+            assert torch.equal(keys, keys.to(torch.bfloat16).float())
+

@@ -111,10 +111,10 @@ def test_batch_rows_are_independent(kind, target):
 def test_fewer_tokens_is_a_prefix(kind, target):
     drafter, slots, anchors, counts = observed(kind, target)
     full = drafter.propose(slots, anchors, counts, drafter.max_draft_tokens, greedy(2))
-    part = drafter.propose(slots, anchors, counts, 3, greedy(2))
-    assert torch.equal(part.tokens, full.tokens[:, :3])
-    none = drafter.propose(slots, anchors, counts, 0, greedy(2))
-    assert none.tokens.shape == (2, 0) and none.probs.shape == (2, 0, target.config.vocab_size)
+    for n in range(drafter.max_draft_tokens):          # every K the engine may ask for, and 0
+        part = drafter.propose(slots, anchors, counts, n, greedy(2))
+        assert part.tokens.shape == (2, n) and part.probs.shape == (2, n, target.config.vocab_size)
+        assert torch.equal(part.tokens, full.tokens[:, :n])
 
 
 @pytest.mark.parametrize("kind", KINDS)

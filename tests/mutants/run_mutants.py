@@ -60,10 +60,10 @@ TARGETS: dict[str, list[str]] = {
     "ascend_dspark/spec/sampling.py": ["*"],
     "ops/verify.py": ["*"],
     "ops/sampling.py": ["*"],
-    "ascend_dspark/engine/engine.py": [f"x{SEP}Engine{SEP}{name}__mutmut_*"
-                                       for name in ("step", "_prefill", "_verify_core", "_commit")],
-    "ascend_dspark/engine/scheduler.py": [f"x{SEP}Scheduler{SEP}{name}__mutmut_*"
-                                          for name in ("_grow_running", "_fill_prefill", "_chunk", "_preempt")],
+    "ascend_dspark/engine/engine.py": [f"x{SEP}Engine{SEP}{name}__mutmut_*" for name in (
+        "step", "_launch", "_finish", "_chain", "_prefill", "_verify_core", "_commit")],
+    "ascend_dspark/engine/scheduler.py": [f"x{SEP}Scheduler{SEP}{name}__mutmut_*" for name in (
+        "_grow_running", "grow_ahead", "_fill_prefill", "_chunk", "_preempt")],
     "ascend_dspark/drafters/dspark.py": [f"x{SEP}DSparkDrafter{SEP}propose__mutmut_*"],
     "ascend_dspark/drafters/dflash.py": [f"x{SEP}DFlashDrafter{SEP}propose__mutmut_*"],
     "ascend_dspark/drafters/eagle3.py": [f"x{SEP}Eagle3Drafter{SEP}propose__mutmut_*",

@@ -29,6 +29,9 @@ def test_a_single_stop_string_becomes_a_list():
     (dict(max_tokens=0), r"max_tokens must be >= 1, got 0"),
     (dict(seed=-1), r"seed must be in \[0, 2\*\*63\), got -1"),
     (dict(seed=2**63), r"seed must be in \[0, 2\*\*63\), got 9223372036854775808"),
+    (dict(num_speculative_tokens=-1), r"num_speculative_tokens must be >= 0, got -1"),
+    (dict(logprobs=-1), r"logprobs must be in \[0, 20\], got -1"),
+    (dict(logprobs=21), r"logprobs must be in \[0, 20\], got 21"),
 ])
 def test_invalid_params_name_the_parameter_and_the_value(bad, message):
     with pytest.raises(ValueError, match=message):
@@ -38,6 +41,8 @@ def test_invalid_params_name_the_parameter_and_the_value(bad, message):
 def test_boundary_params_are_valid():
     SamplingParams(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, max_tokens=1, seed=0)
     SamplingParams(seed=2**63 - 1, min_p=0.999, top_p=1e-9)
+    SamplingParams(num_speculative_tokens=0, logprobs=0)        # no speculation; the chosen token only
+    SamplingParams(num_speculative_tokens=1, logprobs=20)
 
 
 def test_select_keeps_the_size_and_the_rows():
