@@ -2,8 +2,9 @@
 
 `fake_torch_npu` (tests/fakes/) puts CPU kernels behind the real torch_npu op schemas (of
 the newest supported release) and emulates `torch.npu` (streams, NPUGraph);
-`patch_npu_platform` keeps the NpuPlatform's tensors on the CPU. So `set_platform(NpuPlatform())` routes every op through
-`ops.registry` to ops/backends/npu.py and on into the double, as it would into CANN on an
+`patch_npu_platform` keeps the NpuPlatform's tensors on the CPU. So
+`set_platform(NpuPlatform())` routes every op through `ops.registry` to
+ops/backends/npu.py and on into the double, as it would into CANN on an
 Ascend host. What this checks: the platform really selects the "npu" backend, the
 kernels' wiring (slot mapping, paged attention through the block tables, masks, layouts,
 GQA) is right inside a full speculative generate loop (prefill, DSpark drafting with
