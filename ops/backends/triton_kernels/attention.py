@@ -2,10 +2,10 @@
 
 Why: the reference gathers every row's blocks into a contiguous [B, S, Hkv, D] copy per
 layer and step, then runs SDPA over all S keys. Under graph replay S is the whole table
-(every row's view is fixed to `max_model_len` + lookahead), so at a batch of 64 with a
-2k-position table that copy dominates a decode step. This kernel reads each key block in
-place through the table, and stops at the last key any of its queries may see: a row's
-step costs its own context, not the table's width.
+(every row's view is fixed to `max_model_len` + lookahead), so that copy costs the table's
+width for every row, however short its context. This kernel reads each key block in place
+through the table, and stops at the last key any of its queries may see: a row's step
+costs its own context.
 
 One program per (query tile, row, KV head): the tile holds `BLOCK_M` (token, query head)
 pairs of one KV head's group (GQA without repeating K/V), runs an online softmax over key
@@ -146,6 +146,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
             q, kc, vc, block_table, mask, reach, out, t, group, d, float(scale),
             *q.stride(), *kc.stride(), *vc.stride(), *block_table.stride(), mask.stride(0), mask.stride(2),
             mask.stride(3), *reach.stride(), *out.stride(),
-            PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, FP32_MATH=q.dtype == torch.float32 or INTERPRETED,
+            PAGE=page, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            FP32_MATH=q.dtype == torch.float32 or INTERPRETED,
             INTERPRETED_KEYS=mask.shape[-1] if INTERPRETED else 0, num_warps=4)
     return out
