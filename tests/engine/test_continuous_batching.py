@@ -38,7 +38,18 @@ def make_engine(target, kind, k=3, **kwargs):
     return Engine(target, drafter, num_speculative_tokens=k, **{"max_model_len": 64, "max_batch_size": 4, **kwargs})
 
 
+_ALONE: dict[tuple, list[int]] = {}
+
+
 def run_alone(target, kind, prompt, params) -> list[int]:
+    """The tokens of one request served alone (memoised: the sync and overlap variants share it)."""
+    key = (id(target), kind, tuple(prompt), repr(params))
+    if key not in _ALONE:
+        _ALONE[key] = _serve_alone(target, kind, prompt, params)
+    return list(_ALONE[key])
+
+
+def _serve_alone(target, kind, prompt, params) -> list[int]:
     engine = make_engine(target, kind)
     engine.add_request("alone", prompt, params, detokenize=False)
     tokens = []
