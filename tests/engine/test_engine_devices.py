@@ -11,7 +11,8 @@ tensor holds no data to copy. So `HostTensors` below models a second device inst
 it is active, every tensor a factory (arange, empty, full, tensor, ...) makes without a
 device is a `HostMade` tensor, which may be read, indexed, written into a device tensor and
 moved with `.to(device)`, but raises when an op combines it with a tensor of the model (0-dim
-tensors excepted, as CPU scalars are on an accelerator).
+tensors excepted, as CPU scalars are on an accelerator) or indexes one (legal in torch, but
+a hidden host-to-device copy of the index on every such op).
 
 Each batch has a sampled row (verification reads the draft distributions only for sampled
 rows) and a greedy row. Oracles: the greedy row equals plain greedy decoding
@@ -52,12 +53,22 @@ class HostMade(torch.Tensor):
             if host and on_device and func not in CROSS_DEVICE:
                 raise RuntimeError(f"{getattr(func, '__name__', func)}: a tensor made without a device meets a "
                                    "tensor on the model's device")
+            if func in CROSS_DEVICE and func is not torch.Tensor.copy_ and _indexes_the_device_with_host(args):
+                raise RuntimeError("a tensor made without a device indexes a tensor on the model's device")
             out = func(*args, **kwargs)
             if on_device:
                 return out
             # .to(device) on the CPU returns the same object: a fresh plain view stands for the copy.
             moved = func is torch.Tensor.to and _names_a_device(args[1:], kwargs)
             return pytree.tree_map_only(torch.Tensor, lambda t: t.as_subclass(torch.Tensor if moved else HostMade), out)
+
+
+def _indexes_the_device_with_host(args) -> bool:
+    """`device_tensor[host_index]` (read or write): an implicit copy of the index per op."""
+    target, index = args[0], args[1]
+    return (not isinstance(target, HostMade) and target.dim() > 0
+            and any(isinstance(t, HostMade) and t.dim() > 0 for t in pytree.tree_leaves(index)
+                    if isinstance(t, torch.Tensor)))
 
 
 def _names_a_device(args, kwargs) -> bool:
@@ -93,8 +104,10 @@ def test_host_made_tensors_raise_when_they_meet_the_model():
         with pytest.raises(RuntimeError, match="without a device"):
             model_side + host
         assert torch.equal(model_side + host.to(model_side.device), torch.arange(3, device="cpu"))
-        model_side[host[:1]] = host[2:]
+        model_side[host[:1].to(model_side.device)] = host[2:]
         assert host.tolist() == [0, 1, 2] and model_side.tolist() == [2, 0, 0]
+        with pytest.raises(RuntimeError, match="indexes"):
+            model_side[host[:1]] = 0                      # a host index: a hidden copy per op
 
 
 @pytest.mark.parametrize("kind", [None, "eagle3", "dflash", "dspark"])

@@ -65,3 +65,39 @@ def test_logprobs_are_the_targets_own(target, kind, temperature):
 def test_logprobs_out_of_range_are_refused():
     with pytest.raises(ValueError, match="logprobs"):
         SamplingParams(logprobs=21)
+
+
+class ZeroFavouringTarget(torch.nn.Module):
+    """TEST DOUBLE around the real target: its logits favour token 0 by ZERO_BIAS, so token
+    id 0 (the one a clamp of the -1 padding could be confused with) is emitted often."""
+
+    ZERO_BIAS = 6.0
+
+    def __init__(self, target) -> None:
+        super().__init__()
+        self.inner, self.config = target, target.config
+
+    def logits(self, hidden):
+        out = self.inner.logits(hidden).clone()
+        out[..., 0] += self.ZERO_BIAS
+        return out
+
+    def forward(self, *args, **kwargs):
+        return self.inner(*args, **kwargs)
+
+
+def test_logprobs_of_token_zero_are_its_own(target):
+    engine = Engine(ZeroFavouringTarget(target), None, max_model_len=64, max_batch_size=1)
+    engine.add_request("a", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, logprobs=0),
+                       detokenize=False)
+    tokens, logprobs = [], []
+    while engine.has_unfinished():
+        for d in engine.step():
+            tokens += d.new_token_ids
+            logprobs += d.logprobs
+    ref = reference_logprobs(target, PROMPTS[1] + tokens)
+    ref[:, 0] += ZeroFavouringTarget.ZERO_BIAS
+    ref = ref - ref.logsumexp(-1, keepdim=True)
+    assert tokens[1:].count(0) >= 2                        # from verify steps, not only the prefill's
+    for j, (tok, (lp, top)) in enumerate(zip(tokens, logprobs)):
+        assert lp == pytest.approx(float(ref[len(PROMPTS[1]) - 1 + j, tok]), abs=1e-5) and top == []

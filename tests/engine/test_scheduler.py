@@ -133,3 +133,42 @@ def test_a_prefilling_request_is_preempted_when_it_is_the_newest():
     assert (r2.status, r2.slot, r2.num_cached) == (Status.WAITING, None, 0)
     assert list(sched.waiting) == [r2, r3]                 # ahead of the later arrival
     assert blocks(sched, r0, r1) == [3, 3] and sched.allocator.num_free == 2
+
+
+def two_running(num_blocks: int) -> tuple[Scheduler, Request, Request]:
+    """r0 (5 cached, 3 blocks) and r1 (3 cached, 2 blocks) decoding, num_blocks - 5 free."""
+    sched = make(num_slots=2, num_blocks=num_blocks, budget=16)
+    r0, r1 = add(sched, 0, 5, max_tokens=8), add(sched, 1, 3, max_tokens=8)
+    assert step(sched) == ([("r0", 0, 5), ("r1", 0, 3)], [], [])
+    assert blocks(sched, r0, r1) == [3, 2]
+    return sched, r0, r1
+
+
+def test_grow_ahead_covers_a_step_the_host_has_not_read_yet():
+    sched, r0, r1 = two_running(num_blocks=7)
+    # 4 positions ahead: r0 needs blocks_for(5 + 4 + 4) = 4, r1 blocks_for(3 + 4 + 4) = 3: the last 2.
+    assert sched.grow_ahead([r0, r1], 4) is True
+    assert blocks(sched, r0, r1) == [4, 3] and sched.allocator.num_free == 0
+    # ... on the device too (no schedule() in between to flush the table).
+    for r in (r0, r1):
+        assert sched.tables.table[r.slot, :len(sched.tables.owned[r.slot])].tolist() == sched.tables.owned[r.slot]
+    assert sched.grow_ahead([r0, r1], 3) is True           # covered already: nothing to add
+    assert blocks(sched, r0, r1) == [4, 3]
+    # r1 commits 4 more: it now wants a 4th block; r0's spare block is not r1's to use.
+    r1.output += [5] * 4
+    r1.num_cached += 4
+    assert sched.grow_ahead([r0, r1], 3) is False and blocks(sched, r0, r1) == [4, 3]
+
+
+def test_grow_ahead_is_all_or_nothing_and_never_preempts():
+    sched, r0, r1 = two_running(num_blocks=6)               # 1 free, 2 wanted
+    assert sched.grow_ahead([r0, r1], 4) is False
+    assert blocks(sched, r0, r1) == [3, 2] and sched.allocator.num_free == 1
+    assert (r0.status, r1.status) == (Status.RUNNING, Status.RUNNING) and not sched.waiting
+    assert sched.grow_ahead([r0], 4) is True and blocks(sched, r0, r1) == [4, 2]
+    # A row that would pass its table (max_model_len) is refused, whatever is free.
+    sched, r0, r1 = two_running(num_blocks=40)
+    per_seq = sched.tables.max_blocks_per_seq
+    assert sched.grow_ahead([r0, r1], per_seq * BLOCK - 5 - RESERVE + 1) is False
+    assert blocks(sched, r0, r1) == [3, 2]
+    assert sched.grow_ahead([r0], per_seq * BLOCK - 5 - RESERVE) is True and blocks(sched, r0) == [per_seq]

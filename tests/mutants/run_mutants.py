@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scope import ENGINE_TESTS  # noqa: E402  (tests/mutants/scope.py, the pytest plugin)
+from scope import ENGINE_TESTS  # tests/mutants/scope.py, the pytest plugin
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".mutmut"

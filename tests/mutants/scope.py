@@ -45,6 +45,8 @@ BATCHING = E + "test_continuous_batching.py::"
 ENGINE_TESTS = [
     E + "test_scheduler.py",                 # host-level plans: for the scheduler's mutants
     E + "test_engine_kv_rollback.py",
+    E + "test_engine_overlap.py",
+    E + "test_engine_attention_hints.py",
     *(FEED + p for p in ("eagle3-3-", "dflash-3-", "dspark-3-", "dspark-1-", "eagle3-7-")),
     *(E + "test_engine_acceptance.py::test_reference_drafter_accepts_every_draft[" + p
       for p in ("eagle3-7-19", "dflash-3-19", "dspark-1-64")),

@@ -1,0 +1,73 @@
+"""The attention hints of a prefill: what the engine promises kernels that take host lengths.
+
+Ascend's fused attention reads sequence lengths from the host instead of the mask
+(platform/interface.py, AttentionHints); CPU and CUDA kernels ignore them, so a wrong hint
+passes every CPU test and only corrupts attention on an NPU. A prefill forward (the
+target's, and the drafter's observe in the same step) runs its chunks causally: row b's
+queries are its chunk c.start..c.end - 1, its keys 0..c.end - 1, so the hint is
+kv_lengths [c.end], query_lengths [c.end - c.start], kind "causal"; a target with sliding
+windows (Gemma3) promises only "explicit" (the mask is passed in full). Expected hints are
+worked out here from the chunk plan (budget 8 tokens: prompts 3 + 4 in one padded forward,
+then 11 tokens as 8 + 3), and recorded inside the target's forward and the drafter's observe.
+"""
+
+from __future__ import annotations
+
+import pytest
+from engine_doubles import _Wrapper, make_target, one_thread, real_drafter  # noqa: F401
+from torch import nn
+
+from ascend_dspark.engine.engine import Engine
+from ascend_dspark.platform.interface import current_attention_hints
+from ascend_dspark.spec.sampling import SamplingParams
+
+PROMPTS = [[5, 17, 3], [9, 1, 44, 2], list(range(20, 31))]
+
+
+def seen() -> tuple | None:
+    h = current_attention_hints()
+    return None if h is None else (h.kind, h.kv_lengths, h.query_lengths)
+
+
+class HintSpyTarget(nn.Module):
+    """TEST DOUBLE around the real target: records the hints each forward runs under."""
+
+    def __init__(self, target) -> None:
+        super().__init__()
+        self.inner, self.config, self.hints = target, target.config, []
+
+    def logits(self, hidden):
+        return self.inner.logits(hidden)
+
+    def rotary(self, *args):
+        return self.inner.rotary(*args)
+
+    def forward(self, *args, **kwargs):
+        self.hints.append(seen())
+        return self.inner(*args, **kwargs)
+
+
+class HintSpyDrafter(_Wrapper):
+    """TEST DOUBLE around a real drafter: records the hints each observe runs under."""
+
+    def __init__(self, inner) -> None:
+        super().__init__(inner)
+        self.hints = []
+
+    def observe(self, *args):
+        self.hints.append(seen())
+        super().observe(*args)
+
+
+@pytest.mark.parametrize("arch, kind", [("qwen3", "causal"), ("gemma3", "explicit")])
+def test_prefill_chunks_promise_causal_attention_over_their_own_lengths(arch, kind):
+    target = make_target(arch)
+    spy = HintSpyTarget(target)
+    drafter = HintSpyDrafter(real_drafter("eagle3", target))
+    engine = Engine(spy, drafter, num_speculative_tokens=3, max_model_len=64, max_batch_size=3,
+                    max_prefill_tokens=8)
+    engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    want = [(kind, [3, 4], [3, 4]), (kind, [8], [8]), (kind, [11], [3])]
+    # Verify steps give no query lengths (their rows are K + 1 wide); a prefill must give them.
+    assert [h for h in spy.hints if h is None or h[2] is not None] == want
+    assert [h for h in drafter.hints if h is None or h[2] is not None] == want
