@@ -3,9 +3,13 @@
 What it mutates (TARGETS below): verification and sampling (`ascend_dspark/spec/{verify,
 sampling}.py`, `ops/{verify,sampling}.py`, every function), the engine's step (prefill,
 verify, commit) and the scheduler's plan (growth, admission, chunking, preemption),
-and the drafters' propose / observe. What it runs against them: a fast selection of the
-CPU suite (FAST_TESTS, minus the statistical engine tests in SLOW_TESTS), `-x`, with a
-per-mutant CPU-time limit.
+and the drafters' propose / observe. What it runs against them: per mutant, the tests
+tests/mutants/scope.py picks for its module, in its order, `-x` (verification and sampling:
+their unit tests; the scheduler: its host-level plan tests, then a subset of the engine
+tests; the engine: that subset, strongest per second first; the drafters: their unit tests,
+then the subset), a test that hangs under a mutant failing after a per-test limit, within
+mutmut's per-mutant CPU-time limit. FAST_TESTS (the union) is what mutmut's stats and clean
+runs see. About 25 minutes for every target on the shared 2-core machine.
 
 How:
 - The files git tracks are copied, as they are in the working tree (so `git add` a new
@@ -20,8 +24,9 @@ How:
 - Afterwards every surviving mutant (and every "no tests" / suspicious one) is written to
   `tests/mutants/survivors.md`, one line each: file:line, function, the mutation, and a
   verdict carried over from the previous file (matched on file, function and the changed
-  text, not on line numbers): "killed by <test>" (the test added for it; re-checked here
-  by running that test against the mutant), "equivalent: <reason>" or "open: <reason>".
+  text, not on line numbers): "killed by <test>" (the test added for it, in the selection
+  or not, e.g. an NPU-double test; re-checked here by running that test against the
+  mutant), "equivalent: <reason>" or "open: <reason>".
   A survivor with no verdict is UNEXPLAINED and the run exits 1.
 
 Usage: `make mutants`, or `.venv/bin/python tests/mutants/run_mutants.py [--files PATH ...]
@@ -46,7 +51,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scope import ENGINE_TESTS  # tests/mutants/scope.py, the pytest plugin
+from scope import ENGINE_TESTS, GRAPH_TESTS  # tests/mutants/scope.py, the pytest plugin
 
 REPO = Path(__file__).resolve().parents[2]
 WORK = REPO / ".mutmut"
@@ -72,9 +77,9 @@ TARGETS: dict[str, list[str]] = {
 }
 
 # The fast selection (pytest arguments): the union of what scope.py lets each mutant run
-# (ENGINE_TESTS is its list, in its order). New test files that match these globs join it.
+# (ENGINE_TESTS and GRAPH_TESTS are its lists). New test files that match these globs join it.
 FAST_TESTS = ["tests/spec", "tests/ops/test_ops_sampling.py", "tests/ops/test_*_mutants.py",
-              "tests/drafters", *dict.fromkeys(t.split("::")[0] for t in ENGINE_TESTS)]
+              "tests/drafters", *dict.fromkeys(t.split("::")[0] for t in ENGINE_TESTS + GRAPH_TESTS)]
 # Left out of ENGINE_TESTS: the statistical engine tests (test_distribution,
 # test_engine_sampling_power: seconds to minutes each; the spec-level tests check the same
 # distributions in seconds) and the NPU-double end-to-end tests. The token-exactness tests

@@ -6,12 +6,15 @@ what each of its survivors costs):
 - verification and sampling (`ascend_dspark.spec.*`, `ops.*`): the unit tests of
   verification and sampling only (tests/spec, tests/ops): those must pin the rules on
   their own, and the engine tests reach them seven calls deep.
-- the engine and the scheduler: ENGINE_TESTS, strongest per second first.
+- the engine: ENGINE_TESTS, in the order of their kills per second (GRAPH_TESTS, the
+  graph padding rows through the NPU double, added for the step graphs capture);
+- the scheduler: its host-level plan tests, then a few engine runs that preempt and abort;
 - the drafters: their unit tests (tests/drafters), then ENGINE_TESTS.
 mutmut passes the tests that ran the mutated function; this plugin keeps those of the
 mutant's scope, in the scope's order (a file's tests stay together, so its module
 fixtures are built once). MUTANT_UNDER_TEST names the mutant in the worker that tests it
-("stats", "fail" or "" in mutmut's other runs, which are left alone).
+("stats", "fail" or "" in mutmut's other runs, which run the union of the scopes;
+MUTANTS_NO_SCOPE, set when run_mutants re-checks a claimed kill, runs the tests as named).
 
 Also, in a mutant's run only: a test that runs past TEST_LIMIT_S (plus a multiple of its
 clean duration) fails: a mutant that hangs the engine (no progress, an endless step loop)
@@ -36,54 +39,67 @@ from pathlib import Path
 
 import pytest
 
+SEP = "\u01c1"                        # mutmut's class separator in mangled names: xǁClassǁmethod
 UNIT_TESTS = ["tests/spec/", "tests/ops/"]
 E = "tests/engine/"
 FEED = E + "test_engine_drafter_feed.py::test_engine_feeds_the_drafter_the_committed_sequence["
 BATCHING = E + "test_continuous_batching.py::"
-# The engine's selection (node id prefixes): the cheapest checks that catch the most
-# engine mutants first. A surviving engine mutant runs all of it.
+# The engine's selection (node id prefixes), in the order of the kills per second seen in
+# earlier runs (tests/mutants/run_mutants.py logs each mutant's first failing test): a
+# killed engine mutant mostly stops in the first second, a surviving one runs all of it.
 ENGINE_TESTS = [
     E + "test_scheduler.py",                 # host-level plans: for the scheduler's mutants
+    E + "test_engine_kv_rollback.py::test_next_write_starts_at_the_length_and_nothing_past_it_is_seen[dspark-7]",
     E + "test_engine_kv_rollback.py",
     E + "test_engine_overlap.py",
+    E + "test_engine_logprobs.py::test_logprobs_of_token_zero_are_its_own",
+    E + "test_engine_logprobs.py",
+    E + "test_engine_devices.py::test_generate_computes_with_no_tensor_made_without_a_device[None]",
+    E + "test_engine_devices.py",
     E + "test_engine_attention_hints.py",
-    *(FEED + p for p in ("eagle3-3-", "dflash-3-", "dspark-3-", "dspark-1-", "eagle3-7-")),
-    *(E + "test_engine_acceptance.py::test_reference_drafter_accepts_every_draft[" + p
-      for p in ("eagle3-7-19", "dflash-3-19", "dspark-1-64")),
+    E + "test_calibration_stats.py",
     E + "test_stops_and_stats.py",
     E + "test_engine_stop_strings.py",
-    E + "test_calibration_stats.py",
-    E + "test_engine_logprobs.py",
-    E + "test_engine_devices.py",
-    E + "test_engine_seeds.py::test_engine_matches_the_reference_loop_while_the_batch_shrinks[3]",
-    E + "test_engine_seeds.py::test_neighbours_finishing_early_keep_their_own_seeds",
     *(BATCHING + t for t in ("test_a_small_cache_makes_requests_wait_or_recompute_not_fail[None-greedy-",
-                             "test_a_request_that_can_never_fit", "test_abort_frees",
-                             "test_overlap_stops_where_the_synchronous_engine_stops[dspark]",
-                             "test_joining_mid_flight_gives_the_tokens_it_gives_alone[None-greedy-",
-                             "test_joining_mid_flight_gives_the_tokens_it_gives_alone[dspark-seeded-",
+                             "test_abort_frees", "test_a_request_that_can_never_fit",
                              "test_preempted_requests_recompute_the_same_sampled_tokens",
+                             "test_randomised_stress_keeps_the_accounting_exact[None-overlap]",
+                             "test_overlap_stops_where_the_synchronous_engine_stops[dspark]",
+                             "test_joining_mid_flight_gives_the_tokens_it_gives_alone[dspark-seeded-",
                              "test_randomised_stress_keeps_the_accounting_exact[None-",
                              "test_a_small_cache_makes_requests_wait_or_recompute_not_fail[dspark-seeded-",
+                             "test_joining_mid_flight_gives_the_tokens_it_gives_alone[None-greedy-",
                              "test_overlap_stops_where_the_synchronous_engine_stops[")),
+    E + "test_engine_seeds.py::test_engine_matches_the_reference_loop_while_the_batch_shrinks[3]",
+    E + "test_engine_seeds.py::test_neighbours_finishing_early_keep_their_own_seeds",
+    *(FEED + p for p in ("eagle3-3-", "dflash-3-", "dspark-3-", "dspark-1-")),
+    *(E + "test_engine_acceptance.py::test_reference_drafter_accepts_every_draft[" + p
+      for p in ("eagle3-7-19", "dflash-3-19", "dspark-1-64")),
     *(E + "test_engine_max_model_len.py::test_generation_runs_into_max_model_len[" + p
       for p in ("dspark-1]", "dspark-2]", "eagle3-6]", "dflash-7]")),
     *(E + "test_lossless.py::" + t for t in ("test_stops_on_eos_inside_an_accepted_block[llama",
                                             "test_max_tokens_truncates_an_accepted_block[llama",
                                             "test_long_accepted_prefixes_stay_identical[llama")),
 ]
-# The scheduler's: the same tests, those that run out of blocks or slots first.
-SCHEDULER_TESTS = [ENGINE_TESTS[0]] + [t for t in ENGINE_TESTS if t.startswith(BATCHING)] + \
-    [t for t in ENGINE_TESTS[1:] if not t.startswith(BATCHING)]
+# Graph padding rows exist only with whole-step graphs, on the CPU through the NPU double
+# (seconds of set-up): for the mutants of the step that graphs capture.
+GRAPH_TESTS = [E + "test_npu_graph_padding.py"]
+# The scheduler's: its host-level plan tests (which kill every scheduler mutant the engine
+# tests kill), then the engine runs that preempt and abort, end to end.
+SCHEDULER_TESTS = [ENGINE_TESTS[0]] + [BATCHING + t for t in (
+    "test_a_small_cache_makes_requests_wait_or_recompute_not_fail[None-greedy-", "test_abort_frees",
+    "test_preempted_requests_recompute_the_same_sampled_tokens",
+    "test_randomised_stress_keeps_the_accounting_exact[None-overlap]")]
 # mutant module prefix -> test node id prefixes, in running order
 SCOPES: list[tuple[tuple[str, ...], list[str]]] = [
     (("ops.", "ascend_dspark.spec."), UNIT_TESTS),
     (("ascend_dspark.engine.scheduler.",), SCHEDULER_TESTS),
+    ((f"ascend_dspark.engine.engine.x{SEP}Engine{SEP}_verify_core",), ENGINE_TESTS + GRAPH_TESTS),
     (("ascend_dspark.engine.",), ENGINE_TESTS),
     (("ascend_dspark.drafters.",), ["tests/drafters/", *ENGINE_TESTS]),
 ]
 
-TEST_LIMIT_S = 20.0              # per test, on top of TEST_LIMIT_FACTOR x its clean duration
+TEST_LIMIT_S = 10.0              # per test, on top of TEST_LIMIT_FACTOR x its clean duration
 TEST_LIMIT_FACTOR = 10.0
 
 
