@@ -74,13 +74,12 @@ class Engine:
     """Generation over a target model and an optional drafter, both already on the device.
 
     `max_batch_size`: sequences held at once (slots). `num_kv_blocks`: blocks of
-    `kv_block_size` positions (default: the platform's) shared by all requests. `overlap`
-    (default: the platform's `overlap_steps`): launch a decode batch's next step before
-    reading the last one's results (see `step`). By default
+    `kv_block_size` positions (default: the platform's) shared by all requests. By default
     there are enough for every slot to reach `max_model_len`, or, on a device that reports
     its memory, as many as fit in `kv_cache_fraction` of it next to what is already
     allocated, if that is fewer. `max_prefill_tokens`: the per-step budget of (padded)
-    prompt tokens."""
+    prompt tokens. `overlap` (default: the platform's `overlap_steps`): launch a decode
+    batch's next step before reading the last one's results (see `step`)."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
                  max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
