@@ -350,16 +350,12 @@ class EngineLoop:
         m.free_slots.set(snap.free_slots)
 
     def _check_idle(self) -> None:
-        """With nothing unfinished every block and slot must be free: record it if not."""
+        """With nothing unfinished every block and slot must be free: record it if not. Only
+        the engine's public counters are read; its exact internal accounting is its tests' job."""
         e = self.engine
         error = None
-        try:
-            e.scheduler.check()
-            if e.num_used_kv_blocks or e.num_free_slots != e.max_batch_size:
-                error = f"idle engine holds {e.num_used_kv_blocks} blocks and {e.max_batch_size - e.num_free_slots} slots"
-        except AssertionError as exc:
-            error = str(exc)
-        if error is not None:
+        if e.num_used_kv_blocks or e.num_free_slots != e.max_batch_size:
+            error = f"idle engine holds {e.num_used_kv_blocks} blocks and {e.max_batch_size - e.num_free_slots} slots"
             logger.error("engine accounting: %s", error)
         self.snapshot = EngineSnapshot(**{**self.snapshot.__dict__, "accounting_error": error})
 

@@ -89,27 +89,25 @@ def _document_our_errors(app: FastAPI) -> None:
 
 
 def start_engine(config: ServerConfig) -> ServerState:
-    """Build the LLM on the engine loop's thread and start serving; blocks until ready."""
+    """Build the engine on the engine loop's thread and start serving; blocks until ready.
+    What the server needs of it afterwards (tokenizer, platform, K) is on the engine."""
     from ascend_dspark.engine.llm import LLM
 
     metrics = Metrics(config.model_name)
     loop = EngineLoop(metrics, config.capacity)
-    built = {}
 
     def build():
-        llm = LLM(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
-                  device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
-                  max_batch_size=config.max_num_seqs, seed=config.seed)
-        built["llm"] = llm
-        return llm.engine
+        return LLM(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
+                   device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
+                   max_batch_size=config.max_num_seqs, seed=config.seed).engine
 
     t0 = time.perf_counter()
     loop.start(build)
     loop.wait_ready()
-    llm = built["llm"]
+    engine = loop.engine
     logger.info("engine ready in %.1f s: model %s, drafter %s (K=%d), %s", time.perf_counter() - t0,
-                config.model, config.drafter, llm.engine.num_speculative_tokens, llm.platform.describe())
-    return ServerState(config, loop, llm.tokenizer, metrics, llm.engine.num_speculative_tokens, llm.platform.name)
+                config.model, config.drafter, engine.num_speculative_tokens, engine.platform.describe())
+    return ServerState(config, loop, engine.tokenizer, metrics, engine.num_speculative_tokens, engine.platform.name)
 
 
 async def shutdown(state: ServerState, grace_s: float) -> None:

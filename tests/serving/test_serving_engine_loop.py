@@ -1,10 +1,13 @@
 """The engine loop in-process, over a scripted fake engine: the threading contract the server
 relies on (one thread steps, idle means blocked, admission is all or nothing, capacity is
-exact, a dead engine fails every waiter and turns /health to 503)."""
+exact, a dead engine fails every waiter and turns /health to 503, an idle engine that still
+holds blocks is reported). The loop sees the fake only through the Engine's public surface,
+so a reach into engine internals fails here."""
 
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from types import SimpleNamespace
 
@@ -35,7 +38,6 @@ class FakeEngine:
         self.max_batch_size = slots
         self.num_free_slots = slots
         self.num_used_kv_blocks, self.num_kv_blocks = 0, 32
-        self.scheduler = SimpleNamespace(check=lambda: None)
 
     def add_request(self, rid, prompt_ids, params):
         if not prompt_ids:
@@ -70,9 +72,28 @@ class FakeEngine:
         return None if r is None else RequestDelta(rid, [], "", "abort", RequestStats(), r[2], r[1])
 
 
+# What serving may use of an Engine (ascend_dspark/engine/engine.py).
+ENGINE_SURFACE = frozenset({
+    "add_request", "abort", "step", "has_unfinished", "num_running", "num_waiting", "num_free_slots",
+    "num_kv_blocks", "num_used_kv_blocks", "max_batch_size", "num_speculative_tokens", "tokenizer", "platform"})
+
+
+class PublicSurface:
+    """The engine as the loop may see it: any other attribute is an AttributeError (which
+    kills the loop, so the test fails)."""
+
+    def __init__(self, engine: FakeEngine) -> None:
+        self._engine = engine
+
+    def __getattr__(self, name: str):
+        if name not in ENGINE_SURFACE:
+            raise AttributeError(f"serving reached Engine.{name}, outside the engine's public surface")
+        return getattr(self._engine, name)
+
+
 def _start(engine: FakeEngine, capacity: int = 4) -> EngineLoop:
     loop = EngineLoop(Metrics("fake"), capacity)
-    loop.start(lambda: engine)
+    loop.start(lambda: PublicSurface(engine))
     loop.wait_ready()
     return loop
 
@@ -175,3 +196,23 @@ def test_stop_aborts_what_is_still_running():
 
     asyncio.run(main())
     assert not engine.requests and loop.in_flight == 0
+
+
+def test_an_idle_engine_that_still_holds_blocks_is_reported():
+    engine = FakeEngine()
+    loop = _start(engine)
+    state = SimpleNamespace(loop=loop)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(server=state)))
+
+    async def main():
+        engine.num_used_kv_blocks = 3               # a leak: nothing runs, yet blocks are held
+        sub = loop.submit(_seqs("a", 2), time.monotonic())
+        await sub.accepted()
+        await _drain(sub)
+        await asyncio.sleep(0.05)
+        assert loop.snapshot.accounting_error == "idle engine holds 3 blocks and 0 slots"
+        body = json.loads((await health(request)).body)
+        assert body["status"] == "ok" and body["engine"]["accounting_ok"] is False
+
+    asyncio.run(main())
+    loop.stop()
