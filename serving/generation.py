@@ -1,7 +1,9 @@
-"""From a validated OpenAI request to engine sequences and back, shared by /v1/completions
-and /v1/chat/completions: sampling parameters (with per-choice seeds), admission to the
-engine loop, waiting with a deadline while watching for the client leaving, and the
-accounting every response carries (usage, speculation statistics, logprobs).
+"""The one handler behind /v1/completions and /v1/chat/completions (`respond`) and what it
+is made of: sampling parameters (with per-choice seeds), admission to the engine loop,
+waiting with a deadline while watching for the client leaving, streaming, and the
+accounting every response carries (usage, speculation statistics). The two endpoints differ
+only in how the prompt is built and how a choice is shaped (an `Endpoint`, in openai_api.py),
+so validation, admission, streaming or not, usage and errors are written once, here.
 
 Seeds: choice 0 of a seeded request uses the seed itself, so `n=1, seed=s` reproduces the
 offline `LLM.generate(..., SamplingParams(seed=s))`; choice i > 0 uses a hash of (s, i),
@@ -14,11 +16,14 @@ import asyncio
 import hashlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from fastapi import Request
 from fastapi.responses import StreamingResponse
+from pydantic import BaseModel
 
 from ascend_dspark.engine.outputs import RequestStats
 from ascend_dspark.engine.request import RequestDelta
@@ -37,6 +42,83 @@ from .protocol import Speculation, Usage, _GenerationFields
 from .state import ServerState
 
 RETRY_AFTER_S = 1
+
+
+class Endpoint(Protocol):
+    """What one generation endpoint does its own way: build the prompt, shape a choice."""
+
+    id_prefix: str                     # response ids are `{id_prefix}-{hex}`
+    chunk_object: str                  # the `object` of its stream chunks
+    prompt_param: str                  # the parameter a too-long prompt is blamed on
+    response: type[BaseModel]          # the non-streaming body, built from id, created, model, usage,
+                                       # speculation and choices
+
+    def prompts(self, state: ServerState, req) -> list[list[int]]:
+        """Token ids of each prompt; raises APIError for what only this endpoint checks."""
+        ...
+
+    def limits(self, req) -> tuple[int | None, int | None]:
+        """(max_tokens, logprobs): the output cap (None: what the model's length leaves) and the
+        alternatives per token (None: no logprobs)."""
+        ...
+
+    def logprobs(self, state: ServerState, entries: list, offset: int) -> dict:
+        """The logprobs of `entries` in this endpoint's layout; `offset`: where their text starts."""
+        ...
+
+    def first_choices(self, n: int) -> list[dict]:
+        """A stream's opening choices (one chunk each), before any text."""
+        ...
+
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        ...
+
+    def choice(self, index: int, choice: Choice, logprobs: dict | None) -> BaseModel:
+        ...
+
+
+async def respond(state: ServerState, request: Request, req: _GenerationFields, endpoint: Endpoint):
+    """Serve one generation request: check it, admit its sequences, then stream server-sent
+    events or wait for the whole response."""
+    check_model(state, req.model)
+    arrival = time.monotonic()
+    prompts = endpoint.prompts(state, req)
+    max_tokens, top_logprobs = endpoint.limits(req)
+    rid = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
+    sequences = make_sequences(state, req, prompts, max_tokens, top_logprobs, endpoint.prompt_param, rid)
+    submission = await admit(state, sequences, arrival)
+    choices = [Choice() for _ in sequences]
+    deadline, created = arrival + state.config.request_timeout_s, int(time.time())
+
+    def logprobs(entries: list, offset: int) -> dict | None:
+        return endpoint.logprobs(state, entries, offset) if top_logprobs is not None and entries else None
+
+    if req.stream:
+        head = {"id": rid, "object": endpoint.chunk_object, "created": created, "model": state.config.model_name}
+
+        def on_delta(index: int, delta: RequestDelta) -> list[dict]:
+            choice = choices[index]
+            text, entries = choice.add(delta)
+            if not text and not entries and delta.finish_reason is None:
+                return []
+            offset = len(choice.text) - len(text)
+            return [{**head, "choices": [endpoint.chunk_choice(index, text, logprobs(entries, offset),
+                                                               delta.finish_reason)]}]
+
+        def on_end() -> list[dict]:
+            if not req.include_usage:
+                return []
+            return [{**head, "choices": [], "usage": usage(prompts, choices).model_dump(),
+                     "speculation": speculation(choices).model_dump()}]
+
+        first = [{**head, "choices": [choice]} for choice in endpoint.first_choices(len(sequences))]
+        return EngineStream(submission, deadline, on_delta, on_end, first)
+
+    await collect(submission, deadline, request, choices)
+    return endpoint.response(
+        id=rid, created=created, model=state.config.model_name,
+        usage=usage(prompts, choices), speculation=speculation(choices),
+        choices=[endpoint.choice(i, c, logprobs(c.logprobs, 0)) for i, c in enumerate(choices)])
 
 
 def check_model(state: ServerState, model: str) -> None:
@@ -226,37 +308,3 @@ def speculation(choices: list[Choice]) -> Speculation:
         num_draft_tokens=sum(proposed), num_accepted_tokens=sum(min(a - 1, p) for a, p in zip(accepted, proposed)),
         mean_accepted_length=sum(accepted) / len(accepted) if accepted else 0.0,
         acceptance_per_position=[h / r if r else 0.0 for h, r in zip(hits, reached)])
-
-
-def request_deadline(state: ServerState, arrival: float) -> float:
-    return arrival + state.config.request_timeout_s
-
-
-def now() -> float:
-    return time.monotonic()
-
-
-# -- logprobs in OpenAI's two layouts -------------------------------------------------------------
-def token_text(state: ServerState, token_id: int) -> str:
-    return state.tokenizer.decode([token_id], skip_special_tokens=False)
-
-
-def completion_logprobs(state: ServerState, entries: list, offset: int) -> dict:
-    """Legacy completions layout: parallel lists; `offset` is where the chunk's text starts."""
-    tokens, token_lps, tops, offsets = [], [], [], []
-    for tok, lp, top in entries:
-        text = token_text(state, tok)
-        tokens.append(text)
-        token_lps.append(lp)
-        tops.append({token_text(state, t): v for t, v in top})
-        offsets.append(offset)
-        offset += len(text)
-    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
-
-
-def chat_logprobs(state: ServerState, entries: list) -> dict:
-    def item(tok: int, lp: float) -> dict:
-        text = token_text(state, tok)
-        return {"token": text, "logprob": lp, "bytes": list(text.encode())}
-
-    return {"content": [{**item(tok, lp), "top_logprobs": [item(t, v) for t, v in top]} for tok, lp, top in entries]}

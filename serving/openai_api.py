@@ -1,6 +1,8 @@
 """The OpenAI routes: /v1/models, /v1/completions and /v1/chat/completions, streaming
-(server-sent events) and not. Each handler only translates: validated request -> prompt
-ids and sampling parameters (generation.py) -> engine loop -> OpenAI response or chunks.
+(server-sent events) and not. Both generation routes run one handler (generation.respond:
+validation, admission, streaming or not, usage, errors); what differs is here, as an
+Endpoint each: how the prompt is built (text or token ids vs the chat template) and how a
+choice is shaped (text vs a message or delta, OpenAI's two logprobs layouts).
 
 Responses carry `usage` and a `speculation` object (this server's extension: drafts,
 accepted tokens, mean accepted length); a stream carries both in its final chunk when
@@ -8,9 +10,6 @@ accepted tokens, mean accepted length); a stream carries both in its final chunk
 """
 
 from __future__ import annotations
-
-import time
-import uuid
 
 from fastapi import APIRouter, Request
 
@@ -50,96 +49,90 @@ async def models(request: Request) -> ModelList:
 
 @router.post("/completions", response_model=CompletionResponse, responses=_generation_responses(CompletionChunk))
 async def completions(req: CompletionRequest, request: Request):
-    state = get_state(request)
-    gen.check_model(state, req.model)
-    arrival = gen.now()
-    prompts = [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
-    want_logprobs = req.logprobs is not None
-    rid = f"cmpl-{uuid.uuid4().hex}"
-    sequences = gen.make_sequences(state, req, prompts, req.max_tokens, req.logprobs, "prompt", rid)
-    submission = await gen.admit(state, sequences, arrival)
-    choices = [gen.Choice() for _ in sequences]
-    deadline, created = gen.request_deadline(state, arrival), int(time.time())
-    head = {"id": rid, "object": "text_completion", "created": created, "model": state.config.model_name}
-
-    if req.stream:
-        offsets = [0] * len(sequences)
-
-        def on_delta(index, delta):
-            text, entries = choices[index].add(delta)
-            if not text and not entries and delta.finish_reason is None:
-                return []
-            logprobs = gen.completion_logprobs(state, entries, offsets[index]) if want_logprobs and entries else None
-            offsets[index] += len(text)
-            return [{**head, "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                          "finish_reason": delta.finish_reason}]}]
-
-        def on_end():
-            return [_usage_chunk(head, prompts, choices)] if req.include_usage else []
-
-        return gen.EngineStream(submission, deadline, on_delta, on_end, [])
-
-    await gen.collect(submission, deadline, request, choices)
-    return CompletionResponse(
-        **head, usage=gen.usage(prompts, choices), speculation=gen.speculation(choices),
-        choices=[CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason,
-                                  logprobs=gen.completion_logprobs(state, c.logprobs, 0)
-                                  if want_logprobs and c.logprobs else None)
-                 for i, c in enumerate(choices)])
+    return await gen.respond(get_state(request), request, req, COMPLETIONS)
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse,
              responses=_generation_responses(ChatCompletionChunk))
 async def chat_completions(req: ChatCompletionRequest, request: Request):
-    state = get_state(request)
-    gen.check_model(state, req.model)
-    arrival = gen.now()
-    prompts = [_chat_prompt(state, req)]
-    if req.top_logprobs is not None and not req.logprobs:
-        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-    want_logprobs = req.logprobs
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    max_tokens = req.max_completion_tokens or req.max_tokens
-    sequences = gen.make_sequences(state, req, prompts, max_tokens, (req.top_logprobs or 0) if req.logprobs else None,
-                                   "messages", rid)
-    submission = await gen.admit(state, sequences, arrival)
-    choices = [gen.Choice() for _ in sequences]
-    deadline, created = gen.request_deadline(state, arrival), int(time.time())
-    head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.config.model_name}
-
-    if req.stream:
-        first = [{**head, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                       "finish_reason": None}]} for i in range(len(sequences))]
-
-        def on_delta(index, delta):
-            text, entries = choices[index].add(delta)
-            if not text and not entries and delta.finish_reason is None:
-                return []
-            logprobs = gen.chat_logprobs(state, entries) if want_logprobs and entries else None
-            return [{**head, "choices": [{"index": index, "delta": {"content": text} if text else {},
-                                          "logprobs": logprobs, "finish_reason": delta.finish_reason}]}]
-
-        def on_end():
-            return [_usage_chunk(head, prompts, choices)] if req.include_usage else []
-
-        return gen.EngineStream(submission, deadline, on_delta, on_end, first)
-
-    await gen.collect(submission, deadline, request, choices)
-    return ChatCompletionResponse(
-        id=rid, created=created, model=state.config.model_name,
-        usage=gen.usage(prompts, choices), speculation=gen.speculation(choices),
-        choices=[ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                            logprobs=gen.chat_logprobs(state, c.logprobs) if want_logprobs and c.logprobs else None)
-                 for i, c in enumerate(choices)])
+    return await gen.respond(get_state(request), request, req, CHAT)
 
 
-def _chat_prompt(state: ServerState, req: ChatCompletionRequest) -> list[int]:
-    try:
-        return state.tokenizer.apply_chat_template(req.template_messages())
-    except Exception as exc:          # no template, or the template refuses the conversation (jinja raise)
-        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+class Completions:
+    """Prompts are text or token ids, several at once; a choice is text, logprobs in the
+    legacy layout (parallel lists, each token's offset in the choice's text)."""
+
+    id_prefix, chunk_object, prompt_param, response = "cmpl", "text_completion", "prompt", CompletionResponse
+
+    def prompts(self, state: ServerState, req: CompletionRequest) -> list[list[int]]:
+        return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
+
+    def limits(self, req: CompletionRequest) -> tuple[int | None, int | None]:
+        return req.max_tokens, req.logprobs
+
+    def logprobs(self, state: ServerState, entries: list, offset: int) -> dict:
+        tokens, token_lps, tops, offsets = [], [], [], []
+        for tok, lp, top in entries:
+            text = _token_text(state, tok)
+            tokens.append(text)
+            token_lps.append(lp)
+            tops.append({_token_text(state, t): v for t, v in top})
+            offsets.append(offset)
+            offset += len(text)
+        return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def first_choices(self, n: int) -> list[dict]:
+        return []
+
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def choice(self, index: int, choice: gen.Choice, logprobs: dict | None) -> CompletionChoice:
+        return CompletionChoice(index=index, text=choice.text, finish_reason=choice.finish_reason, logprobs=logprobs)
 
 
-def _usage_chunk(head: dict, prompts, choices) -> dict:
-    return {**head, "choices": [], "usage": gen.usage(prompts, choices).model_dump(),
-            "speculation": gen.speculation(choices).model_dump()}
+class Chat:
+    """One prompt from the tokenizer's chat template; a choice is an assistant message (a
+    stream opens with a role delta per choice), logprobs per token with its bytes."""
+
+    id_prefix, chunk_object, prompt_param, response = ("chatcmpl", "chat.completion.chunk", "messages",
+                                                       ChatCompletionResponse)
+
+    def prompts(self, state: ServerState, req: ChatCompletionRequest) -> list[list[int]]:
+        try:
+            prompt = state.tokenizer.apply_chat_template(req.template_messages())
+        except Exception as exc:      # no template, or the template refuses the conversation (jinja raise)
+            raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+        if req.top_logprobs is not None and not req.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return [prompt]
+
+    def limits(self, req: ChatCompletionRequest) -> tuple[int | None, int | None]:
+        return req.max_completion_tokens or req.max_tokens, (req.top_logprobs or 0) if req.logprobs else None
+
+    def logprobs(self, state: ServerState, entries: list, offset: int) -> dict:
+        def item(tok: int, lp: float) -> dict:
+            text = _token_text(state, tok)
+            return {"token": text, "logprob": lp, "bytes": list(text.encode())}
+
+        return {"content": [{**item(tok, lp), "top_logprobs": [item(t, v) for t, v in top]}
+                            for tok, lp, top in entries]}
+
+    def first_choices(self, n: int) -> list[dict]:
+        return [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+                for i in range(n)]
+
+    def chunk_choice(self, index: int, text: str, logprobs: dict | None, finish_reason: str | None) -> dict:
+        return {"index": index, "delta": {"content": text} if text else {}, "logprobs": logprobs,
+                "finish_reason": finish_reason}
+
+    def choice(self, index: int, choice: gen.Choice, logprobs: dict | None) -> ChatChoice:
+        return ChatChoice(index=index, message=AssistantMessage(content=choice.text),
+                          finish_reason=choice.finish_reason, logprobs=logprobs)
+
+
+COMPLETIONS, CHAT = Completions(), Chat()
+
+
+def _token_text(state: ServerState, token_id: int) -> str:
+    return state.tokenizer.decode([token_id], skip_special_tokens=False)

@@ -6,7 +6,8 @@ silently drop (logit_bias, penalties, tools, ...) would change the meaning of th
 without telling anyone. Two extensions, both vLLM-compatible in spirit: `top_k`, `min_p`,
 `stop_token_ids`, `ignore_eos` (vLLM's sampling extras) and `num_speculative_tokens`
 (cap the draft tokens verified per step for this request; 0 turns speculation off).
-Streaming chunks are plain dicts built in `openai_api.py`, in the same field layout.
+Streaming chunks are plain dicts (built by `generation.respond` and the endpoints in
+`openai_api.py`), in the same field layout.
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class ChatCompletionResponse(_FinalResponse):
     choices: list[ChatChoice]
 
 
-# -- streaming chunks (documented in the schema; built as plain dicts in openai_api.py) ------------
+# -- streaming chunks (documented in the schema; built as plain dicts, see generation.respond) ----
 class CompletionChunkChoice(_Choice):
     text: str
 
