@@ -1,4 +1,9 @@
-"""`ascend-dspark` command line: generate, doctor, serve, regen, train, eval."""
+"""The `ascend-dspark` commands of this package: generate, doctor, regen, train, eval.
+
+`serve` is added by serving/cli.py, which is the console script: the server sits above
+this package, and nothing here imports it. `python -m ascend_dspark.cli` runs these
+commands without the server (`torchrun -m ascend_dspark.cli train` needs nothing more).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import argparse
 import logging
 import sys
 import warnings
+from collections.abc import Callable
 
 
 def _generate(args: argparse.Namespace) -> int:
@@ -45,21 +51,10 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from serving.config import from_args
-
-    config = from_args(args).validate()          # a ConfigError (ValueError) is one clean error line
-    import uvicorn
-
-    from serving.factory import create_app
-
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
-                timeout_graceful_shutdown=config.shutdown_grace_s)
-    return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ascend-dspark", description=__doc__)
+def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argparse.ArgumentParser:
+    """The parser of every command here; each of `more` adds one (after doctor) to the
+    subparsers it is given, as serving/cli.py adds `serve`."""
+    parser = argparse.ArgumentParser(prog="ascend-dspark", description="speculative decoding with DSpark drafters")
     sub = parser.add_subparsers(dest="command", required=True)
     gen = sub.add_parser("generate", help="speculative generation for one prompt")
     gen.add_argument("--prompt", required=True)
@@ -78,12 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=_generate)
     doc = sub.add_parser("doctor", help="which devices are usable here, and why not")
     doc.set_defaults(func=_doctor)
-    from serving.config import add_arguments
-
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (settings: flags or ASCEND_DSPARK_SERVE_* env)")
-    add_arguments(serve)
-    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    serve.set_defaults(func=_serve)
+    for add in more:
+        add(sub)
     from ascend_dspark.training.cli import add_train_parser
     from ascend_dspark.training.evaluate import add_eval_parser
     from ascend_dspark.training.regen import add_regen_parser
@@ -95,9 +86,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`python -m ascend_dspark.cli`: the commands of this package."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        print("error: `serve` is not part of ascend_dspark's own command line; run `ascend-dspark serve` "
+              "(or `python -m serving.cli serve`)", file=sys.stderr)
+        return 2
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> int:
+    """Parse `argv` and run its command; an error the user can fix is one line on stderr and exit code 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.formatwarning = lambda message, category, *_, **__: f"warning: {message}\n"
-    args = build_parser().parse_args(argv)
+    args = parser.parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, RuntimeError, FileNotFoundError, NotImplementedError) as exc:

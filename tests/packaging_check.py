@@ -92,7 +92,7 @@ def check_dist(wheel: Path, sdist: Path) -> dict:
     assert not missing, f"the wheel lacks {missing}"
     assert not any(n.startswith("tests/") for n in names), "tests must not ship in the wheel"
     assert "serving/static/screenshot.png" not in names
-    assert "ascend-dspark = ascend_dspark.cli:main" in entry_points
+    assert "ascend-dspark = serving.cli:main" in entry_points
     with tarfile.open(sdist) as tf:
         members = {m.name.split("/", 1)[1] for m in tf.getmembers() if "/" in m.name}
     missing = [n for n in need + ["pyproject.toml", "README.md"] if n not in members]

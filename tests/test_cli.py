@@ -1,14 +1,25 @@
-"""The `ascend-dspark` command line, as a user runs it (in-process, on the CPU)."""
+"""The `ascend-dspark` command line, as a user runs it (in-process, on the CPU): the console
+script's entry point as pyproject.toml names it, and `python -m ascend_dspark.cli`, which
+is the same without `serve` (the server sits above ascend_dspark, which never imports it)."""
 
 from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import torch
 
-from ascend_dspark.cli import main
 from ascend_dspark.drafters import create_drafter, save_drafter
 from ascend_dspark.models import load_target
 from tests.helpers import tiny_hf_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["ascend-dspark"]
+main = getattr(importlib.import_module(SCRIPT.split(":")[0]), SCRIPT.split(":")[1])
 
 
 @pytest.fixture(scope="module")
@@ -59,3 +70,25 @@ def test_doctor_lists_every_device_kind(capsys):
     assert main(["doctor"]) == 0
     out = capsys.readouterr().out
     assert all(kind in out for kind in ("cpu", "cuda", "npu")) and "detected:" in out
+
+
+def test_python_m_ascend_dspark_cli_runs_the_core_commands_and_points_serve_elsewhere():
+    """Without the server: `doctor` works and imports nothing of serving/; `serve` is one
+    clear line naming the command that has it."""
+    probe = ("import sys; from ascend_dspark.cli import main; code = main(sys.argv[1:]); "
+             "leaked = sorted(m for m in sys.modules if m == 'serving' or m.startswith('serving.')); "
+             "print('serving modules:', leaked); sys.exit(code)")
+    doctor = subprocess.run([sys.executable, "-c", probe, "doctor"], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
+    assert doctor.returncode == 0 and "detected:" in doctor.stdout and "serving modules: []" in doctor.stdout
+    serve = subprocess.run([sys.executable, "-m", "ascend_dspark.cli", "serve"], cwd=ROOT, capture_output=True,
+                           text=True, check=False)
+    assert serve.returncode == 2 and "Traceback" not in serve.stderr
+    assert "ascend-dspark serve" in serve.stderr and "python -m serving.cli serve" in serve.stderr
+
+
+def test_console_script_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    assert "{generate,doctor,serve,regen,train,eval}" in capsys.readouterr().out

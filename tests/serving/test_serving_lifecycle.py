@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 
-from ascend_dspark.cli import main
+from serving.cli import main
 from tests.serving.server_process import (
     MAX_MODEL_LEN,
     REPO,
@@ -98,7 +98,7 @@ def test_sigterm_lets_running_streams_finish_then_exits_cleanly(tiny_model_dir, 
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "ascend_dspark.cli", "serve", "--model", str(tiny_model_dir),
+        proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", "--model", str(tiny_model_dir),
                                  "--device", "cpu", "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN),
                                  "--port", str(port), "--served-model-name", "tiny", "--shutdown-grace-s", "20"],
                                 cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=os.environ | {"OMP_NUM_THREADS": "1"})
