@@ -79,12 +79,12 @@ test-lowest: install $(LOWEST_VENV)/.installed
 
 # The torch_npu support matrix: re-extract every committed contract snapshot from its wheel
 # (downloaded once into ~/.cache/ascend-dspark/wheels, ~40 MB each; never installed) and list
-# torch-npu releases on PyPI that npu_contract.RELEASES lacks. -check only compares.
+# torch-npu releases on PyPI that RELEASES (tools/npu_contract/releases.py) lacks. -check only compares.
 npu-contracts: install
-	$(BIN)/python -m ascend_dspark.platform.npu_contract --refresh-all tests/platform/torch_npu_contracts
+	$(BIN)/python -m tools.npu_contract --refresh-all tests/platform/torch_npu_contracts
 
 npu-contracts-check: install
-	$(BIN)/python -m ascend_dspark.platform.npu_contract --check-all tests/platform/torch_npu_contracts
+	$(BIN)/python -m tools.npu_contract --check-all tests/platform/torch_npu_contracts
 
 clean:
 	rm -rf $(VENV) $(LOWEST_VENV) .pytest_cache .mutmut

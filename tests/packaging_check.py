@@ -90,7 +90,7 @@ def check_dist(wheel: Path, sdist: Path) -> dict:
         entry_points = zf.read(meta_name.replace("METADATA", "entry_points.txt")).decode()
     missing = [n for n in need if n not in names]
     assert not missing, f"the wheel lacks {missing}"
-    assert not any(n.startswith("tests/") for n in names), "tests must not ship in the wheel"
+    assert not any(n.startswith(("tests/", "tools/")) for n in names), "tests and tools must not ship in the wheel"
     assert "serving/static/screenshot.png" not in names
     assert "ascend-dspark = serving.cli:main" in entry_points
     with tarfile.open(sdist) as tf:

@@ -4,7 +4,7 @@
   constraints-lowest.txt pins exactly the lower bounds that `make test-lowest` (CI's second
   pass) runs the suite's core under, so a lower bound cannot drift from what is tested;
 - the `ascend` extra does not pin torch-npu (the user's CANN decides) and reaches down to
-  the oldest release of the support matrix (npu_contract.RELEASES);
+  the oldest release of the support matrix (tools/npu_contract RELEASES);
 - `python -m build` gives a wheel and an sdist that carry the shipped drafts, the server's
   page and the training configs/data (~30 s: a build from a copy of the tracked files);
 - pip keeps an installed older supported torch when installing the wheel (a resolver dry run
@@ -27,8 +27,8 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
-from ascend_dspark.platform import npu_contract
 from tests import packaging_check
+from tools import npu_contract
 
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())

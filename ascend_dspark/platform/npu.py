@@ -8,7 +8,7 @@ The API used here follows torch_npu's `torch_npu/npu/graphs.py`, `streams.py` an
 auto_dispatch_capture=False, capture_error_mode='global')`, `graph_task_update_begin(stream,
 handle)`, `ExternalEvent`, `get_soc_version()` ...), whose signatures are the same in every
 supported release (2.6.0 to 2.14.0); tests check every call against each release's wheel
-(`npu_contract.check_calls`, tests/platform/test_npu_matrix.py). Graph steps need the graph
+(tools/npu_contract, tests/platform/test_npu_matrix.py). Graph steps need the graph
 task update API (`GRAPH_APIS`): a torch_npu without one of them runs eagerly, with a warning
 naming the release (decided by hasattr, not by the version string).
 

@@ -6,7 +6,7 @@ runtime; the registry catches that, logs it once and keeps the reference ops.
 
 Every call binds against the real op schemas (the `m.def()` strings of each supported
 wheel, pinned one snapshot per release in tests/platform/torch_npu_contracts/ and linted by
-`ascend_dspark.platform.npu_contract.check_calls`); arguments after the first few are passed
+`check_calls` of tools/npu_contract); arguments after the first few are passed
 by their schema names. Where releases differ, `npu_caps.Capabilities.probe(torch_npu)` reads
 the installed schemas once at import and an op adapts or is refused (runs the reference,
 logged once naming the release): today kv_write is refused on 2.6.0 and on the releases

@@ -1,7 +1,7 @@
 """What the installed torch_npu can do for ops/backends/npu*.py, read from its op schemas.
 
 The supported releases are every torch-npu on PyPI from 2.6.0 to 2.14.0
-(`ascend_dspark.platform.npu_contract.RELEASES`, one committed snapshot each under
+(RELEASES in tools/npu_contract/, one committed snapshot each under
 tests/platform/torch_npu_contracts/). For the ops and torch.npu APIs we call they agree,
 except (read from the wheels, tests/platform/test_npu_matrix.py keeps this table true):
 
@@ -38,36 +38,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ascend_dspark.platform.npu_contract import split_args
+from ops.backends.npu_schema import parse_arguments
 
-# torch_npu call sites (as npu_contract.check_calls names them) that not every supported
+# torch_npu call sites (as tools/npu_contract's check_calls names them) that not every supported
 # release binds, and the op whose refusal keeps them unreached on such a release.
 GATED_CALLS = {"torch_npu.npu_scatter_pa_kv_cache": "kv_write"}
 PROBED_OPS = ("npu_scatter_pa_kv_cache", "npu_top_k_top_p")
-
-
-@dataclass(frozen=True)
-class Argument:
-    name: str
-    type: str
-    optional: bool      # accepts None (`Type?`)
-    has_default: bool
-    keyword_only: bool
-
-
-def parse_arguments(schema: str) -> dict[str, Argument]:
-    """The arguments of one `name(args) -> ret` schema (a namespace prefix is ignored)."""
-    head = schema.split("::", 1)[-1]
-    args_text = head[head.index("(") + 1:head.rindex(") -> ")]
-    out, kw_only = {}, False
-    for arg in split_args(args_text):
-        if arg == "*":
-            kw_only = True
-            continue
-        decl, eq, _default = arg.partition("=")
-        type_, name = decl.rsplit(None, 1)
-        out[name] = Argument(name, type_, type_.endswith("?"), bool(eq), kw_only)
-    return out
 
 
 @dataclass(frozen=True)
@@ -105,7 +81,7 @@ class Capabilities:
 
     @classmethod
     def from_contract(cls, contract: dict) -> Capabilities:
-        """From a committed snapshot (npu_contract.snapshot)."""
+        """From a committed snapshot (tools/npu_contract's `snapshot`)."""
         ops = contract["ops"]
         return cls.from_schemas(contract["torch_npu_version"], {name: ops.get(name) for name in PROBED_OPS})
 

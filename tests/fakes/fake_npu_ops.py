@@ -514,7 +514,7 @@ def _required_tensors(impl, schema: str):
     argument, as e.g. torch_npu 2.6.0's npu_top_k_top_p(Tensor logits, Tensor p, Tensor k) needs."""
     import inspect
 
-    from ops.backends.npu_caps import parse_arguments
+    from ops.backends.npu_schema import parse_arguments
 
     required = [a.name for a in parse_arguments(schema).values() if a.type == "Tensor"]
     signature = inspect.signature(impl)

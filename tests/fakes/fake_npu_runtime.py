@@ -47,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils._pytree import tree_map
 
-from ascend_dspark.platform.npu_contract import SNAPSHOT_APIS
+from tools.npu_contract import SNAPSHOT_APIS
 
 DEFAULT_SOC = 223
 _SOCS = {   # SocVersion -> (name, has bfloat16, has the fused A2/A3 ops); NpuVariables.h / op-plugin docs

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ascend_dspark.platform import npu_contract
+from tools import npu_contract
 
 from . import fake_npu_ops, fake_npu_runtime
 

@@ -3,7 +3,7 @@
 (a) the newest release's committed snapshot equals what its wheel says (downloaded and
     regenerated each run; every other release is checked offline in test_npu_matrix.py and
     against its wheel by `make npu-contracts-check`);
-(b) the AST checker passes on our code and catches the known kinds of drift;
+(b) the AST checker (tools/npu_contract/check.py) passes on our code and catches the known kinds of drift;
 (c) the torch.library double rejects the same wrong calls the real dispatcher would;
 (d) the fake torch.npu has the real Python signatures.
 """
@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascend_dspark.platform import npu_contract
 from tests.fakes import fake_npu_runtime, fake_torch_npu
+from tools import npu_contract
+from tools.npu_contract.cli import main
+from tools.npu_contract.contract import _codegen_rewrite
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOT = npu_contract.snapshot_path(Path(__file__).with_name("torch_npu_contracts"), npu_contract.NEWEST)
@@ -59,7 +61,7 @@ def test_snapshot_pins_what_we_use(contract):
 
 
 def test_codegen_rewrite_matches_torchnpugen():
-    rewrite = npu_contract._codegen_rewrite
+    rewrite = _codegen_rewrite
     assert rewrite("npu_swiglu(Tensor self, int dim=-1) -> Tensor") == "npu_swiglu(Tensor input, int dim=-1) -> Tensor"
     assert rewrite("f.out(Tensor q, *, Tensor? w=None, Tensor(a!) o, Tensor(b!) l) -> (Tensor(a!), Tensor(b!))") \
         == "f.out(Tensor q, *, Tensor? w=None, Tensor[] out) -> (Tensor, Tensor)"
@@ -196,9 +198,9 @@ def test_checker_accepts_correct_calls(tmp_path, contract):
 def test_cli_calls_mode(tmp_path, capsys):
     sample = tmp_path / "drift.py"
     sample.write_text(DRIFT_SAMPLE)
-    assert npu_contract.main(["--calls", str(sample), "--contract", str(SNAPSHOT)]) == 1
+    assert main(["--calls", str(sample), "--contract", str(SNAPSHOT)]) == 1
     assert "unknown keyword 'eps'" in capsys.readouterr().out
-    assert npu_contract.main(["--calls", str(ROOT / "ascend_dspark"), "--contract", str(SNAPSHOT)]) == 0
+    assert main(["--calls", str(ROOT / "ascend_dspark"), "--contract", str(SNAPSHOT)]) == 0
 
 
 # -- (c) the torch.library double binds like the real dispatcher ---------------------------

@@ -29,11 +29,12 @@ import pytest
 import torch
 
 from ascend_dspark import platform
-from ascend_dspark.platform import npu_contract
 from ascend_dspark.platform.cpu import CpuPlatform
 from ops import registry
-from ops.backends.npu_caps import GATED_CALLS, Capabilities, parse_arguments
+from ops.backends.npu_caps import GATED_CALLS, Capabilities
+from ops.backends.npu_schema import parse_arguments
 from tests.fakes import fake_torch_npu
+from tools import npu_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = Path(__file__).with_name("torch_npu_contracts")

@@ -1,0 +1,151 @@
+"""One wheel's contract (its op schemas and torch.npu APIs), the slice of it we pin, the snapshot files.
+
+The op schemas are the NUL-terminated `m.def()` literals in `torch_npu/lib/libtorch_npu.so`,
+cross-checked against the codegen YAML; the torch.npu APIs come from python_api.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import zipfile
+from pathlib import Path
+
+from ops.backends.npu_schema import SCHEMA_RE, split_args
+
+from .python_api import python_api
+
+SNAPSHOT_NAME = "torch_npu_{version}.json"
+
+# What the committed snapshot pins: every op we call or plan to call (all overloads of
+# each name) and every torch.npu API the platform layer uses.
+SNAPSHOT_OPS = (
+    "npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_apply_rotary_pos_emb",
+    "npu_rotary_mul", "npu_fused_infer_attention_score",
+    "_npu_fused_infer_attention_score_get_max_workspace", "npu_scatter_pa_kv_cache",
+    "npu_top_k_top_p",
+)
+SNAPSHOT_APIS = (
+    "is_available", "device_count", "get_device_name", "set_device", "current_device",
+    "synchronize", "current_stream", "default_stream", "stream", "Stream", "Event",
+    "ExternalEvent", "NPUGraph", "graph", "graph_pool_handle", "is_current_stream_capturing",
+    "graph_task_group_begin", "graph_task_group_end", "graph_task_update_begin",
+    "graph_task_update_end", "manual_seed_all", "mem_get_info", "memory_allocated",
+    "memory_reserved", "max_memory_allocated", "empty_cache", "get_soc_version",
+)
+
+_SO_PATH = "torch_npu/lib/libtorch_npu.so"
+_YAML_PATH = "torch_npu/csrc/aten/npu_native_functions_by_codegen.yaml"
+
+
+def _so_schemas(blob: bytes) -> dict[str, str]:
+    """Every `name(.overload)?(args) -> ret` NUL-terminated literal in the library."""
+    out: dict[str, str] = {}
+    marker, pos = b") -> ", 0
+    while (pos := blob.find(marker, pos)) >= 0:
+        start = blob.rfind(b"\0", 0, pos) + 1
+        end = blob.find(b"\0", pos)
+        pos = end if end > 0 else len(blob)
+        try:
+            text = blob[start:end].decode("ascii")
+        except UnicodeDecodeError:
+            continue
+        match = SCHEMA_RE.match(text)
+        if match:
+            prev = out.setdefault(match.group(1), text)
+            if prev != text:
+                raise ValueError(f"two different schemas for {match.group(1)}: {prev!r} / {text!r}")
+    return out
+
+
+def _codegen_rewrite(schema: str) -> str:
+    """What torchnpugen's RegisterCustomSchema does to a YAML `func:` before `m.def()`.
+
+    Several mutable keyword-only outputs collapse into `Tensor[] out`, and `self` is
+    renamed `input` (which is why Python must say `input=`, not `self=`).
+    """
+    match = re.match(r"(?P<name>[^(]+)\((?P<args>.*)\) -> (?P<ret>.*)", schema)
+    if match:
+        args = split_args(match.group("args"))
+        kw_only = args[args.index("*") + 1:] if "*" in args else []
+        n_out = sum(bool(re.match(r"Tensor\([a-z]+!\) ", a)) for a in kw_only)
+        if n_out > 1:
+            kept = ",".join(match.group("args").split(",")[:-n_out])
+            schema = f"{match.group('name')}({kept}, Tensor[] out) -> ({', '.join(['Tensor'] * n_out)})"
+    return re.sub(r"\bself\b(?=[,)])", "input", schema)
+
+
+def _yaml_schemas(text: str) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        match = re.match(r"^\s*-?\s*func:\s*(.+?)\s*$", line)
+        if match:
+            schema = _codegen_rewrite(match.group(1))
+            name = SCHEMA_RE.match(schema)
+            if name:
+                out.setdefault(name.group(1), schema)
+    return out
+
+
+def extract_contract(wheel_path: str | os.PathLike) -> dict:
+    """The full contract of one torch_npu wheel (all op schemas, all torch.npu APIs)."""
+    wheel_path = Path(wheel_path)
+    digest = hashlib.sha256(wheel_path.read_bytes()).hexdigest()
+    with zipfile.ZipFile(wheel_path) as wheel:
+        ops = _so_schemas(wheel.read(_SO_PATH))
+        yaml_ops = _yaml_schemas(wheel.read(_YAML_PATH).decode())
+        npu_all, api = python_api(wheel)
+    version = wheel_path.name.split("-")[1]
+    mismatch = sorted(n for n in ops if n in yaml_ops and yaml_ops[n] != ops[n])
+    return {"torch_npu_version": version, "wheel": wheel_path.name, "sha256": digest,
+            "ops": dict(sorted(ops.items())), "yaml_mismatch": mismatch,
+            "python_api": dict(sorted(api.items())), "npu_all": npu_all}
+
+
+def snapshot(contract: dict, ops=SNAPSHOT_OPS, apis=SNAPSHOT_APIS) -> dict:
+    """The slice of `contract` this project pins. A pinned op or API this release lacks is
+    recorded under `missing_ops` / `missing_apis` (the checker then reports every use of it,
+    and the backend must not reach that use on this release)."""
+    picked = {k: v for k, v in contract["ops"].items() if k.split(".")[0] in ops}
+    present = {k.split(".")[0] for k in picked}
+    return {
+        "_comment": "Generated by `python -m tools.npu_contract --snapshot`; "
+                    "do not edit. Op schemas come from torch_npu/lib/libtorch_npu.so, Python "
+                    "signatures from torch_npu/npu/*.py (annotations dropped).",
+        "torch_npu_version": contract["torch_npu_version"],
+        "wheel": contract["wheel"],
+        "sha256": contract["sha256"],
+        "ops": picked,
+        "missing_ops": [o for o in ops if o not in present],
+        "yaml_mismatch": [n for n in contract["yaml_mismatch"] if n.split(".")[0] in ops],
+        "python_api": {a: contract["python_api"][a] for a in apis if a in contract["python_api"]},
+        "missing_apis": [a for a in apis if a not in contract["python_api"]],
+        "npu_all": sorted(contract["npu_all"]),
+    }
+
+
+def snapshot_path(directory: str | os.PathLike, version: str) -> Path:
+    return Path(directory) / SNAPSHOT_NAME.format(version=version)
+
+
+def load(path: str | os.PathLike) -> dict:
+    return json.loads(Path(path).read_text())
+
+
+def dump(data: dict, path: str | os.PathLike) -> None:
+    Path(path).write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+
+
+def diff_contracts(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Readable differences between two contract dicts (empty: equal)."""
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            lines += diff_contracts(a, b, f"{prefix}{key}.")
+        elif a != b:
+            lines.append(f"{prefix}{key}:\n  snapshot: {a!r}\n  wheel:    {b!r}")
+    return lines
+
