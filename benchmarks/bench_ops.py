@@ -174,7 +174,7 @@ def bench_ops(args, timer: Timer, device: torch.device, dtype: torch.dtype, copy
 
 def bench_decode_step(args, timer: Timer, device: torch.device,
                       dtype: torch.dtype) -> tuple[list[dict], dict[str, str]]:
-    from ascend_dspark.models.kv_cache import PagedKVCache
+    from ascend_dspark.cache import PagedKVCache
     from ascend_dspark.models import DecoderModel, ModelConfig
     from ops import registry
 

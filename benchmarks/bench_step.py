@@ -62,7 +62,7 @@ def forward_ms(platform, target, width: int, context: int, reps: int = 50) -> fl
     """One target forward of `width` tokens at `context`, replayed from a CUDA graph."""
     import torch
 
-    from ascend_dspark.models.kv_cache import PagedKVCache
+    from ascend_dspark.cache import PagedKVCache
 
     cfg, dev = target.config, platform.device
     cache = PagedKVCache.contiguous(cfg.num_layers, 1, context + width, cfg.num_kv_heads, cfg.head_dim,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .context import ForwardContext
 from .registry import dispatching
 
 
@@ -28,9 +29,10 @@ def build_attention_mask(query_positions: torch.Tensor, kv_limit: torch.Tensor, 
 
 @dispatching("attention")
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-              mask: torch.Tensor, scale: float) -> torch.Tensor:
+              mask: torch.Tensor, scale: float, ctx: ForwardContext | None = None) -> torch.Tensor:
     """q [B, T, Hq, D] over keys 0..S-1 of each row's blocks; caches [blocks, block_size, Hkv, D],
-    block_table [B, nb] (nb * block_size >= S), mask [B, 1, T, S].
+    block_table [B, nb] (nb * block_size >= S), mask [B, 1, T, S]. `ctx`: the forward's
+    host facts (ops/context.py), for kernels that want them; the reference needs none.
 
     The reference gathers each row's blocks into a contiguous [B, S, Hkv, D] copy; table
     entries past a request's blocks point at the never-written null block (finite zeros)."""

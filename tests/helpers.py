@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from ascend_dspark.models.kv_cache import PagedKVCache
+from ascend_dspark.cache import PagedKVCache
 from ascend_dspark.models import DecoderModel, ModelConfig
 
 ARCHS = ("llama", "qwen3", "gemma3")
@@ -174,3 +174,14 @@ def hf_greedy(hf_model, prompt: list[int], max_new_tokens: int) -> list[int]:
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=max_new_tokens)
     return out[0, len(prompt):].tolist()
+
+
+def cache_rows(tables, slot: int) -> torch.Tensor:
+    """Flat cache rows of positions 0.. of a slot's owned blocks (block * block_size + offset)."""
+    blocks = torch.tensor(tables.owned[slot], dtype=torch.long)
+    return (blocks.unsqueeze(1) * tables.block_size + torch.arange(tables.block_size)).flatten().to(tables.device)
+
+
+def slot_positions(cache: PagedKVCache, tensor: torch.Tensor, slot: int) -> torch.Tensor:
+    """A copy of one layer's K or V of a slot as [positions, Hkv, D]."""
+    return tensor.view(-1, *tensor.shape[2:]).index_select(0, cache_rows(cache.tables, slot))

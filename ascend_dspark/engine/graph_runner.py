@@ -7,11 +7,13 @@ drafter's observe) is captured once per batch-size bucket and replayed with one 
 
 - Static inputs: the rows' sequence slots, their verify lengths and sampling tensors are
   copied into fixed buffers before a replay; rows past the real batch point at the
-  engine's padding slots (one per row, each with its own blocks, lengths reset by the
+  runner's padding slots (one per row, each with its own blocks, lengths reset by the
   step), so a padded row never touches a request's cache and no two rows write one
   cache row (Ascend's scatter leaves duplicates undefined).
-- Shapes are fixed per bucket: attention reads every block-table column (`set_view(None)`),
-  so nothing in the step depends on a value read back from the device.
+- Shapes are fixed per bucket: attention reads every block-table column (a forward context
+  with `num_keys=None`), so nothing in the step depends on a value read back from the device.
+  The context also carries the graph being captured (Ascend's attention registers its
+  updatable task with it) and the attention hints, updated in place before every replay.
 - Sampling's host flags (all greedy, which filters run) choose code paths, so each graph
   is keyed by (bucket, flags); the common keys (all greedy, plain temperature) are captured
   at start-up with a progress bar, others on first use.
@@ -27,8 +29,8 @@ import logging
 import torch
 from tqdm.auto import tqdm
 
-from ascend_dspark.platform.interface import AttentionHints, attention_hints
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
+from ops.context import AttentionHints, ForwardContext
 
 logger = logging.getLogger(__name__)
 
@@ -60,11 +62,13 @@ class _Captured:
 
 
 class StepGraphRunner:
-    def __init__(self, engine, buckets: list[int], pad_slots: list[int]) -> None:
-        self.engine = engine
-        self.platform = engine.platform
+    """The step graphs of one model runner (runner.py): it replays `runner.verify_core`."""
+
+    def __init__(self, runner, buckets: list[int]) -> None:
+        self.runner = runner
+        self.platform = runner.platform
         self.buckets = sorted(buckets)
-        self.pad_slots = pad_slots
+        self.pad_slots = runner.pad_slots
         self.graphs: dict[tuple, _Captured] = {}
         self.pool = self.platform.graph_pool()        # this runner's graphs only: engines come and go
         self.graph_bytes = 0
@@ -75,7 +79,7 @@ class StepGraphRunner:
     def capture_startup(self, progress: bool = True) -> None:
         keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
         for bucket, params in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
-            self._capture(bucket, SamplingBatch([params] * bucket, self.engine.device))
+            self._capture(bucket, SamplingBatch([params] * bucket, self.runner.device))
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 
@@ -100,7 +104,7 @@ class StepGraphRunner:
         inputs = (identity, tuple(slots), tuple(verify_lens))
         captured = self._last if self._last is not None and self._last_inputs == inputs else None
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
-            dev = self.engine.device
+            dev = self.runner.device
             sampling = SamplingBatch(params + [params[0]] * pad, dev)      # padding rows copy row 0's flags
             captured = self.graphs.get((bucket, _flags(sampling))) or self._capture(bucket, sampling)
             captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
@@ -108,13 +112,13 @@ class StepGraphRunner:
             for name in SamplingBatch.TENSORS:
                 getattr(captured.sampling, name).copy_(getattr(sampling, name))
             self._last, self._last_inputs = captured, inputs
-        captured.hints.update(reach + [self.engine.reserve] * pad)
+        captured.hints.update(reach + [self.runner.reserve] * pad)
         captured.graph.replay()
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
 
     def _capture(self, bucket: int, sampling: SamplingBatch) -> _Captured:
-        dev = self.engine.device
+        dev = self.runner.device
         slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
         static = SamplingBatch.__new__(SamplingBatch)
@@ -123,11 +127,10 @@ class StepGraphRunner:
             setattr(static, name, getattr(sampling, name).clone())
         graph = self.platform.graph(self.pool)
         before = self.platform.memory_stats()["allocated_bytes"]
-        self.engine.tables.set_view(None)
         # Hints with the padding slot's reach; updated to the real rows' before every replay.
-        hints = AttentionHints([self.engine.reserve] * bucket, kind="explicit")
-        with attention_hints(hints):
-            outputs = graph.capture(lambda: self.engine._verify_core(slots, verify_lens, static, want_logprobs=None))
+        hints = AttentionHints([self.runner.reserve] * bucket, kind="explicit")
+        ctx = ForwardContext(num_keys=None, hints=hints, graph=graph)
+        outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, static, None, ctx))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
         captured = _Captured(graph, slots, verify_lens, static, hints, outputs)
         self.graphs[(bucket, _flags(sampling))] = captured

@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from ascend_dspark.models.kv_cache import BlockAllocator, BlockTables
+from ascend_dspark.cache import BlockAllocator, BlockTables
 
 from .request import Request, Status
 
@@ -49,12 +49,13 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, tables: BlockTables, max_model_len: int, reserve: int, max_prefill_tokens: int,
-                 num_slots: int | None = None) -> None:
+                 num_slots: int | None = None, num_blocks: int | None = None) -> None:
         """`reserve`: positions one verify step writes from the anchor on (max(K + 1, lookahead)).
-        `num_slots`: the sequence slots requests may use (the default: every table row); rows
-        past it belong to the engine (a graph runner's padding slot) and keep their blocks."""
+        `num_slots`: the sequence slots requests may use (the default: every table row);
+        `num_blocks`: the blocks 0..num_blocks-1 it hands out (the default: all). Rows and
+        blocks past them belong to the model runner (a graph bucket's padding slots)."""
         self.tables = tables
-        self.allocator = BlockAllocator(tables.num_blocks)
+        self.allocator = BlockAllocator(tables.num_blocks if num_blocks is None else num_blocks)
         self.max_model_len = max_model_len
         self.reserve = reserve
         self.max_prefill_tokens = max_prefill_tokens
@@ -196,18 +197,5 @@ class Scheduler:
     # -- accounting -----------------------------------------------------------------------------
     @property
     def num_used_blocks(self) -> int:
-        """Blocks held by requests (not by the engine's own rows)."""
-        return sum(len(self.tables.owned[s]) for s in range(self.num_slots))
-
-    def check(self) -> None:
-        """Exact accounting (tests): blocks are free xor owned, slots free xor held."""
-        self.allocator.check(self.tables.owned)
-        held = [r.slot for r in [*self.prefilling.values(), *self.running.values()]]
-        if None in held or len(set(held)) != len(held) or set(held) & set(self.free_slots) \
-                or len(held) + len(self.free_slots) != self.num_slots:
-            raise AssertionError(f"slots: held {held}, free {self.free_slots}")
-        for slot in range(self.num_slots):
-            if slot not in held and self.tables.owned[slot]:
-                raise AssertionError(f"slot {slot} is free but owns blocks")
-        if any(r.slot is not None for r in self.waiting):
-            raise AssertionError("a waiting request holds a slot")
+        """Blocks held by requests (not by the runner's own rows)."""
+        return self.allocator.num_used

@@ -11,10 +11,11 @@ import torch
 from torch import nn
 
 import ops
+from ascend_dspark.cache import PagedKVCache, StepMeta
+from ops.context import ForwardContext
 
 from .base import ForwardOutput
 from .config import ModelConfig
-from .kv_cache import PagedKVCache, StepMeta
 from .rope import inverse_frequencies
 
 
@@ -57,7 +58,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
         ops.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = ops.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale)
+        out = ops.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale, meta.ctx)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -145,9 +146,9 @@ class DecoderModel(nn.Module):
     # -- forward ----------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache,
                 slot_ids: torch.Tensor, valid: torch.Tensor,
-                capture_layers: tuple[int, ...] = ()) -> ForwardOutput:
+                capture_layers: tuple[int, ...] = (), ctx: ForwardContext | None = None) -> ForwardOutput:
         cfg = self.config
-        meta = cache.address(slot_ids, positions, valid)
+        meta = cache.address(slot_ids, positions, valid, ctx)
         x = self.embed(input_ids)
         dtype = x.dtype
         rope = {t: self.rotary(positions, t, dtype) for t in set(cfg.layer_types)}

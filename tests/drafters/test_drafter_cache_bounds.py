@@ -21,6 +21,7 @@ import torch
 from drafter_helpers import SoftmaxSampling, make_target, random_features, scramble
 
 from ascend_dspark.drafters import create_drafter
+from tests.helpers import cache_rows, slot_positions
 
 KINDS = ["eagle3", "dflash", "dspark"]
 ANCHOR = 9
@@ -63,7 +64,7 @@ def written_positions(before, drafter, slot):
     cache = drafter.cache
     changed = torch.zeros(cache.capacity, dtype=torch.bool)
     for old, new in zip(before, cache.k + cache.v):
-        changed |= (cache.positions(old, slot) != cache.positions(new, slot)).flatten(1).any(1)
+        changed |= (slot_positions(cache, old, slot) != slot_positions(cache, new, slot)).flatten(1).any(1)
     return changed.nonzero().flatten().tolist()
 
 
@@ -87,7 +88,7 @@ def test_tight_poisoned_cache_gives_the_roomy_clean_proposal(tiny, kind):
     for k in range(1, roomy.max_draft_tokens + 1):
         tight, _, _ = observed(kind, tiny, capacity=ANCHOR + roomy.lookahead)
         gen = torch.Generator().manual_seed(k)
-        stale = tight.cache.tables.rows_of(1)[ANCHOR:]
+        stale = cache_rows(tight.cache.tables, 1)[ANCHOR:]
         for t in tight.cache.k + tight.cache.v:                        # stale past the length
             flat = t.view(-1, *t.shape[2:])
             flat[stale] = 1e3 * torch.randn(flat[stale].shape, generator=gen, dtype=torch.float64).to(t.dtype)

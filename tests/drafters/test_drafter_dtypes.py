@@ -16,6 +16,7 @@ from drafter_helpers import make_target
 
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
+from tests.helpers import cache_rows
 
 KINDS = ["eagle3", "dflash", "dspark"]
 CPU = torch.device("cpu")
@@ -67,7 +68,7 @@ def test_a_bfloat16_block_draft_stores_bfloat16_keys_in_a_float32_cache(kind, ta
     run_calls(drafter, [features[0], features[1][:, :4]], target32.config.vocab_size)
     cache = drafter.cache
     for slot, length in ((0, 7), (1, 8)):                  # prefill 6 + 1, 5 + 3 positions
-        rows = cache.tables.rows_of(slot)[:length]
+        rows = cache_rows(cache.tables, slot)[:length]
         for k in cache.k:
             keys = k.view(-1, *k.shape[2:])[rows]
             assert keys.dtype == torch.float32 and keys.abs().sum() > 0

@@ -6,6 +6,7 @@ import torch
 from drafter_helpers import SoftmaxSampling, greedy, random_features, scramble
 
 from ascend_dspark.drafters import create_drafter
+from tests.helpers import slot_positions
 
 
 def dspark(target, **overrides):
@@ -163,9 +164,9 @@ def test_eagle3_is_causal_in_observe(target):
     feats = random_features(drafter, 1, 6)
     nxt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(1))
     drafter.observe(torch.tensor([0]), feats[:, :4], torch.arange(4).unsqueeze(0), nxt[:, :4], torch.tensor([4]))
-    k_before = drafter.cache.positions(drafter.cache.k[0], 0)[:4]
+    k_before = slot_positions(drafter.cache, drafter.cache.k[0], 0)[:4]
     drafter.observe(torch.tensor([1]), feats, torch.arange(6).unsqueeze(0), nxt, torch.tensor([6]))
-    torch.testing.assert_close(drafter.cache.positions(drafter.cache.k[0], 1)[:4], k_before, rtol=0, atol=0)
+    torch.testing.assert_close(slot_positions(drafter.cache, drafter.cache.k[0], 1)[:4], k_before, rtol=0, atol=0)
 
 
 def test_eagle3_propose_keeps_state(target):

@@ -25,7 +25,7 @@ import torch
 
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.drafters.base import Drafter, DraftProposal
-from ascend_dspark.models.kv_cache import PagedKVCache
+from ascend_dspark.cache import PagedKVCache
 from tests.helpers import tiny_target
 
 KINDS = ("eagle3", "dflash", "dspark")
@@ -101,11 +101,11 @@ class _Wrapper(Drafter):
     def reset(self, slot_ids):
         self.inner.reset(slot_ids)
 
-    def observe(self, slot_ids, features, positions, next_tokens, counts):
-        self.inner.observe(slot_ids, features, positions, next_tokens, counts)
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
+        self.inner.observe(slot_ids, features, positions, next_tokens, counts, ctx)
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
-        return self.inner.propose(slot_ids, anchors, anchor_positions, num_tokens, sampling)
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
+        return self.inner.propose(slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx)
 
 
 class ReferenceDrafter(_Wrapper):
@@ -134,11 +134,11 @@ class ReferenceDrafter(_Wrapper):
             self.told[s] = {}
         super().reset(slot_ids)
 
-    def observe(self, slot_ids, features, positions, next_tokens, counts):
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
         for b, s in enumerate(slot_ids.tolist()):
             for i in range(int(counts[b])):
                 self.told[s][int(positions[b, i]) + 1] = int(next_tokens[b, i])
-        super().observe(slot_ids, features, positions, next_tokens, counts)
+        super().observe(slot_ids, features, positions, next_tokens, counts, ctx)
 
     def _reference_for(self, told: dict[int, int]) -> list[int] | None:
         for ref in self.references:
@@ -146,8 +146,8 @@ class ReferenceDrafter(_Wrapper):
                 return ref
         return None
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
-        proposal = super().propose(slot_ids, anchors, anchor_positions, num_tokens, sampling)
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
+        proposal = super().propose(slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx)
         self.raw_proposals.append(proposal)
         tokens, probs = proposal.tokens.clone(), proposal.probs.clone()
         for b, s in enumerate(slot_ids.tolist()):
@@ -193,7 +193,7 @@ class RecordingDrafter(_Wrapper):
             self.episodes.append(episode)
         super().reset(slot_ids)
 
-    def observe(self, slot_ids, features, positions, next_tokens, counts):
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
         assert slot_ids.dim() == 1 and counts.shape == slot_ids.shape
         for b, s in enumerate(slot_ids.tolist()):
             ep = self._live[s]
@@ -222,9 +222,9 @@ class RecordingDrafter(_Wrapper):
             ep["next_obs"] = pos[-1] + 1
             ep["proposal"] = None
             ep["observes"] += 1
-        super().observe(slot_ids, features, positions, next_tokens, counts)
+        super().observe(slot_ids, features, positions, next_tokens, counts, ctx)
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
         assert num_tokens == self.num_tokens and 1 <= num_tokens <= self.max_draft_tokens
         for b, s in enumerate(slot_ids.tolist()):
             ep = self._live[s]
@@ -233,7 +233,7 @@ class RecordingDrafter(_Wrapper):
             assert a_pos == ep["next_obs"], f"slot {s}: anchor at {a_pos}, observed up to {ep['next_obs'] - 1}"
             assert ep["told"].get(a_pos) == anchor, \
                 f"slot {s}: anchor {anchor} at {a_pos}, but the engine told it {ep['told'].get(a_pos)} there"
-        proposal = super().propose(slot_ids, anchors, anchor_positions, num_tokens, sampling)
+        proposal = super().propose(slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx)
         assert proposal.tokens.shape == (len(slot_ids), num_tokens)
         for b, s in enumerate(slot_ids.tolist()):
             ep = self._live[s]
@@ -255,3 +255,23 @@ class RecordingDrafter(_Wrapper):
             want = target_features(target, seq, self.target_layer_ids)
             got = torch.stack([ep["features"][p] for p in range(len(seq) - 1)])
             torch.testing.assert_close(got, want[: len(seq) - 1], rtol=0, atol=1e-9)
+
+
+class Launches:
+    """Counts the steps an engine launches, and how many of them were chained (launched
+    with `ahead`, before the previous step was read): a spy on Engine._launch."""
+
+    def __init__(self, engine) -> None:
+        self.launched = self.chained = 0
+        launch = engine._launch
+
+        def counted(plan, ahead=0):
+            self.launched += 1
+            self.chained += bool(ahead)
+            return launch(plan, ahead)
+
+        engine._launch = counted
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        return self.launched, self.chained

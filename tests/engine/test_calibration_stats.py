@@ -48,7 +48,7 @@ class PlantingDrafter:
     def observe(self, *args):
         pass
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
         tokens = torch.zeros(len(slot_ids), num_tokens, dtype=torch.long)
         conf = torch.zeros(len(slot_ids), num_tokens)
         for b, (slot, pos) in enumerate(zip(slot_ids.tolist(), anchor_positions.tolist())):

@@ -19,7 +19,8 @@ import random
 
 import pytest
 import torch
-from engine_doubles import greedy_reference, make_target, one_thread, real_drafter  # noqa: F401
+from accounting import check_accounting
+from engine_doubles import Launches, greedy_reference, make_target, one_thread, real_drafter  # noqa: F401
 
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingParams
@@ -34,8 +35,11 @@ def target():
 
 
 def make_engine(target, kind, k=3, **kwargs):
+    """An engine whose launches are counted (`engine.launches`, for check_overlap_ran)."""
     drafter = real_drafter(kind, target) if kind else None
-    return Engine(target, drafter, num_speculative_tokens=k, **{"max_model_len": 64, "max_batch_size": 4, **kwargs})
+    engine = Engine(target, drafter, num_speculative_tokens=k, **{"max_model_len": 64, "max_batch_size": 4, **kwargs})
+    engine.launches = Launches(engine)
+    return engine
 
 
 _ALONE: dict[tuple, list[int]] = {}
@@ -71,7 +75,7 @@ def serve(engine, arrivals: dict[int, list[tuple[str, list[int], SamplingParams]
             engine.abort(rid)
         for delta in engine.step():
             out[delta.request_id] += delta.new_token_ids
-        engine.scheduler.check()
+        check_accounting(engine.scheduler)
         if engine._pending is None:               # with a step in flight the device is ahead
             check_device_state(engine)
         step += 1
@@ -82,8 +86,8 @@ def check_device_state(engine) -> None:
     """Every decoding request's device state is its host state: the anchor slot holds its
     last committed token and the cache length is the anchor's position."""
     for r in engine.scheduler.running.values():
-        assert int(engine.anchors[r.slot]) == r.output[-1], r.request_id
-        assert int(engine.cache.lengths[r.slot]) == r.num_cached == len(r.prompt_ids) + len(r.output) - 1
+        assert int(engine.runner.anchors[r.slot]) == r.output[-1], r.request_id
+        assert int(engine.runner.cache.lengths[r.slot]) == r.num_cached == len(r.prompt_ids) + len(r.output) - 1
 
 
 PARAMS = {
@@ -98,7 +102,7 @@ OVERLAP = [pytest.param(False, id="sync"), pytest.param(True, id="overlap")]
 
 def check_overlap_ran(engine, overlap: bool) -> None:
     """The overlap variants really launched steps ahead (else they test nothing new)."""
-    assert (engine.chained_steps > 0) == overlap, (engine.chained_steps, engine.launched_steps)
+    assert (engine.launches.chained > 0) == overlap, engine.launches.counts
 
 
 @pytest.mark.parametrize("overlap", OVERLAP)
@@ -168,7 +172,7 @@ def test_abort_frees_the_slot_and_blocks_at_once(target, overlap):
     delta = engine.abort("a")
     assert delta.finish_reason == "abort" and delta.request_id == "a"
     assert 0 < engine.scheduler.num_used_blocks < held
-    engine.scheduler.check()
+    check_accounting(engine.scheduler)
     assert engine.abort("a") is None                       # unknown now: nothing happens
     while engine.has_unfinished():
         engine.step()

@@ -1,14 +1,15 @@
 """The attention hints of a prefill: what the engine promises kernels that take host lengths.
 
 Ascend's fused attention reads sequence lengths from the host instead of the mask
-(platform/interface.py, AttentionHints); CPU and CUDA kernels ignore them, so a wrong hint
+(ops/context.py, the forward context's AttentionHints); CPU and CUDA kernels ignore them, so a wrong hint
 passes every CPU test and only corrupts attention on an NPU. A prefill forward (the
 target's, and the drafter's observe in the same step) runs its chunks causally: row b's
 queries are its chunk c.start..c.end - 1, its keys 0..c.end - 1, so the hint is
 kv_lengths [c.end], query_lengths [c.end - c.start], kind "causal"; a target with sliding
 windows (Gemma3) promises only "explicit" (the mask is passed in full). Expected hints are
 worked out here from the chunk plan (budget 8 tokens: prompts 3 + 4 in one padded forward,
-then 11 tokens as 8 + 3), and recorded inside the target's forward and the drafter's observe.
+then 11 tokens as 8 + 3), and recorded from the context each target forward and drafter
+observe is handed.
 """
 
 from __future__ import annotations
@@ -18,15 +19,14 @@ from engine_doubles import _Wrapper, make_target, one_thread, real_drafter  # no
 from torch import nn
 
 from ascend_dspark.engine.engine import Engine
-from ascend_dspark.platform.interface import current_attention_hints
 from ascend_dspark.spec.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2], list(range(20, 31))]
 
 
-def seen() -> tuple | None:
-    h = current_attention_hints()
-    return None if h is None else (h.kind, h.kv_lengths, h.query_lengths)
+def seen(ctx) -> tuple | None:
+    h = None if ctx is None else ctx.hints
+    return None if h is None else (h.kind, list(h.kv_lengths), h.query_lengths and list(h.query_lengths))
 
 
 class HintSpyTarget(nn.Module):
@@ -42,9 +42,9 @@ class HintSpyTarget(nn.Module):
     def rotary(self, *args):
         return self.inner.rotary(*args)
 
-    def forward(self, *args, **kwargs):
-        self.hints.append(seen())
-        return self.inner(*args, **kwargs)
+    def forward(self, input_ids, positions, cache, slot_ids, valid, capture_layers=(), ctx=None):
+        self.hints.append(seen(ctx))
+        return self.inner(input_ids, positions, cache, slot_ids, valid, capture_layers, ctx)
 
 
 class HintSpyDrafter(_Wrapper):
@@ -54,9 +54,9 @@ class HintSpyDrafter(_Wrapper):
         super().__init__(inner)
         self.hints = []
 
-    def observe(self, *args):
-        self.hints.append(seen())
-        super().observe(*args)
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
+        self.hints.append(seen(ctx))
+        super().observe(slot_ids, features, positions, next_tokens, counts, ctx)
 
 
 @pytest.mark.parametrize("arch, kind", [("qwen3", "causal"), ("gemma3", "explicit")])

@@ -24,6 +24,7 @@ from torch import nn
 
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingParams
+from tests.helpers import cache_rows
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8], [60, 61, 62, 63, 64]]
 MAX_TOKENS = [14, 9, 12]
@@ -50,7 +51,7 @@ class PoisoningSpyTarget(nn.Module):
         self.log.append([(s, int(positions[b, 0]), int(valid[b].sum()), n)
                          for b, (s, n) in enumerate(zip(slot_ids.tolist(), lengths))])
         for s, n in zip(slot_ids.tolist(), lengths):
-            tail = cache.tables.rows_of(s)[n:]
+            tail = cache_rows(cache.tables, s)[n:]
             for t in cache.k + cache.v:
                 flat = t.view(-1, *t.shape[2:])
                 flat[tail] = POISON * torch.randn(flat[tail].shape, generator=self.gen, dtype=torch.float64).to(t.dtype)
@@ -99,4 +100,4 @@ def test_next_write_starts_at_the_length_and_nothing_past_it_is_seen(target, ref
             anchors[s] += steps[s].pop(0)                  # accepted drafts + the bonus/correction
     assert next(admitted, None) is None and not any(steps.values())
     # After the last step the length is the last anchor's position of each slot's last request.
-    assert engine.cache.lengths.tolist() == [anchors[0], anchors[1]]
+    assert engine.runner.cache.lengths.tolist() == [anchors[0], anchors[1]]

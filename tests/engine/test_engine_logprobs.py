@@ -12,7 +12,7 @@ import torch
 from engine_doubles import make_target, one_thread, real_drafter  # noqa: F401
 
 from ascend_dspark.engine.engine import Engine
-from ascend_dspark.models.kv_cache import PagedKVCache
+from ascend_dspark.cache import PagedKVCache
 from ascend_dspark.spec.sampling import SamplingParams
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8]]

@@ -166,7 +166,7 @@ class MixingDrafter:
     def reset(self, slot_ids):
         self.gen[slot_ids] = -1
 
-    def observe(self, slot_ids, features, positions, next_tokens, counts):
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
         index = positions + 1 - len(PROMPT)                                  # generated-token index
         told = (torch.arange(positions.shape[1]) < counts.unsqueeze(1)) & (index >= 0)
         rows = slot_ids.unsqueeze(1).expand_as(index)
@@ -183,7 +183,7 @@ class MixingDrafter:
             out = torch.where((depth == d).unsqueeze(1), table[code], out)
         return out
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
         depth = anchor_positions + 1 - len(PROMPT)                           # generated tokens so far
         context = torch.cat([self.gen[slot_ids], torch.full((len(slot_ids), num_tokens), -1)], dim=1)
         tokens, probs = [], []

@@ -21,7 +21,7 @@ from engine_doubles import make_target, one_thread  # noqa: F401  (autouse: sing
 import ops
 from ascend_dspark.drafters.base import DraftProposal
 from ascend_dspark.engine.engine import Engine
-from ascend_dspark.models.kv_cache import PagedKVCache
+from ascend_dspark.cache import PagedKVCache
 from ascend_dspark.spec.sampling import SamplingParams, Stream
 
 BOS = 1
@@ -83,12 +83,12 @@ class ContextDrafter:
         for s in slot_ids.tolist():
             self.told[s] = {0: BOS}
 
-    def observe(self, slot_ids, features, positions, next_tokens, counts):
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
         for b, s in enumerate(slot_ids.tolist()):
             for i in range(int(counts[b])):
                 self.told[s][int(positions[b, i]) + 1] = int(next_tokens[b, i])
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
         tokens = torch.zeros(len(slot_ids), num_tokens, dtype=torch.long)
         probs = torch.zeros(len(slot_ids), num_tokens, self.target.config.vocab_size)
         for b, s in enumerate(slot_ids.tolist()):

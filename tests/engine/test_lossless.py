@@ -108,8 +108,8 @@ class OracleDrafter(torch.nn.Module):
     def observe(self, *args):
         self.inner.observe(*args)
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
-        proposal = self.inner.propose(slot_ids, anchors, anchor_positions, num_tokens, sampling)
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
+        proposal = self.inner.propose(slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx)
         tokens = proposal.tokens.clone()
         for b, (slot, pos) in enumerate(zip(slot_ids.tolist(), anchor_positions.tolist())):
             seq = self.sequences[slot]

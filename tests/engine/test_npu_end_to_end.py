@@ -239,7 +239,7 @@ def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
     capture() replays once, and each later replay first re-issues the fused attention with
     the hints' current lengths (graph task update), then re-runs the recorded torch_npu tasks
     on the captured buffers (new data copied in) -- equal to the same step run eagerly."""
-    from ascend_dspark.platform.interface import AttentionHints, attention_hints
+    from ops.context import AttentionHints, ForwardContext
 
     backend = use_npu(npu, monkeypatch)
     heads, kv_heads, dim, hidden, block = 4, 2, 64, 96, 128
@@ -263,15 +263,16 @@ def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
     cos, sin = ops.rotary_cos_sin(inv_freq, positions, 1.0, dt)
     norm_w = torch.ones(hidden, dtype=dt)
 
-    def step():
-        with attention_hints(hints):
-            h = ops.rms_norm(x, norm_w, 1e-6)
-            q, k = ops.apply_rotary(q_in, cos, sin), ops.apply_rotary(k_in, cos, sin)
-            ops.kv_write(k_cache, v_cache, k, v_in, slot_mapping)
-            attn = ops.attention(q, k_cache, v_cache, table, mask, dim ** -0.5)
-            return h, ops.silu_and_mul(attn, attn)
-
     graph = platform.current_platform().graph()
+    ctx = ForwardContext(hints=hints, graph=graph)
+
+    def step():
+        h = ops.rms_norm(x, norm_w, 1e-6)
+        q, k = ops.apply_rotary(q_in, cos, sin), ops.apply_rotary(k_in, cos, sin)
+        ops.kv_write(k_cache, v_cache, k, v_in, slot_mapping)
+        attn = ops.attention(q, k_cache, v_cache, table, mask, dim ** -0.5, ctx)
+        return h, ops.silu_and_mul(attn, attn)
+
     captured = graph.capture(step)
     assert all(t.isfinite().all() for t in captured), "capture() must replay: captured outputs start as garbage"
     recorded = {str(r.func) for r in graph._graph._records}
@@ -306,6 +307,6 @@ def test_whole_step_npu_graphs_give_the_reference_tokens(npu, monkeypatch):
     backend = use_npu_in_float32(npu, monkeypatch)
     engine = Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=2,
                     kv_block_size=128, graphs=True)
-    assert engine.graph_runner is not None
+    assert engine.runner.graph_runner is not None
     outputs = engine.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outputs] == expected

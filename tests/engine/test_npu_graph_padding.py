@@ -22,13 +22,13 @@ def test_padding_rows_verify_from_position_0_at_every_step(npu, monkeypatch):  #
     use_npu_in_float32(npu, monkeypatch)
     engine = Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=4,
                     kv_block_size=128, graphs=True)
-    pads = engine.pad_slots
-    assert len(pads) == 4 and engine.cache.lengths[pads].tolist() == [0] * 4
+    pads = engine.runner.pad_slots
+    assert len(pads) == 4 and engine.runner.cache.lengths[pads].tolist() == [0] * 4
     for i, prompt in enumerate(PROMPTS):
         engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))
     steps = 0
     while engine.has_unfinished():
         engine.step()
         steps += 1
-        assert engine.cache.lengths[pads].tolist() == [0] * 4, steps
-    assert (4, ) in {key[:1] for key in engine.graph_runner.graphs}       # the padded bucket replayed
+        assert engine.runner.cache.lengths[pads].tolist() == [0] * 4, steps
+    assert (4, ) in {key[:1] for key in engine.runner.graph_runner.graphs}       # the padded bucket replayed

@@ -18,9 +18,11 @@ scheduler.py:
 
 from __future__ import annotations
 
+from accounting import check_accounting
+
 from ascend_dspark.engine.request import Request, Status
 from ascend_dspark.engine.scheduler import Scheduler
-from ascend_dspark.models.kv_cache import BlockTables
+from ascend_dspark.cache import BlockTables
 from ascend_dspark.spec.sampling import SamplingParams
 
 BLOCK = 4
@@ -57,7 +59,7 @@ def step(sched: Scheduler, accepted: dict[str, int] | None = None):
             sched.prefill_done(c.request)
             if not c.request.output:
                 c.request.output.append(5)
-    sched.check()
+    check_accounting(sched)
     return summary
 
 

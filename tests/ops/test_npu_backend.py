@@ -37,7 +37,7 @@ import torch
 import ops
 from ascend_dspark import platform
 from ascend_dspark.platform.cpu import CpuPlatform
-from ascend_dspark.platform.interface import AttentionHints, attention_hints
+from ops.context import AttentionHints, ForwardContext
 from ops import registry
 from tests.fakes import fake_torch_npu
 
@@ -235,7 +235,7 @@ def test_rotary_fallbacks(npu):
 # -- paged KV cache ------------------------------------------------------------------------
 @dataclass
 class Paged:
-    """A paged cache as the engine lays it out (ascend_dspark/models/kv_cache.py): allocatable
+    """A paged cache as the engine lays it out (ascend_dspark/cache/): allocatable
     blocks 0..N-1 handed out in scrambled order, the never-written null block N (zeros) that
     table entries past a request's blocks point at, then scratch rows for padding tokens."""
 
@@ -427,8 +427,7 @@ def test_attention_with_host_hints(npu, shape, kind, monkeypatch):
     hint_kind = "explicit" if facts["window"] else HINT_KINDS[kind]
     hints = AttentionHints(facts["kv_lengths"], facts["query_lengths"], kind=hint_kind)
     seen = spy(npu, monkeypatch, "npu_fused_infer_attention_score")
-    with attention_hints(hints):
-        out = npu.attention(*args)
+    out = npu.attention(*args, ForwardContext(hints=hints))
     ref = ops.attention.reference(*args)
     valid = facts["valid"]
     close(out[valid], ref[valid], dtype)
@@ -485,10 +484,10 @@ def test_attention_with_small_blocks_gathers_or_pages_by_branch(npu, kind, monke
 
 def test_attention_hints_must_fit_the_call(npu):
     args, facts = attention_case(SHAPES[1], "verify", torch.bfloat16)
-    with attention_hints(AttentionHints(facts["kv_lengths"][:2])), pytest.raises(ValueError, match="do not fit"):
-        npu.attention(*args)
-    with attention_hints(AttentionHints([10_000] * 3)), pytest.raises(ValueError, match="do not fit"):
-        npu.attention(*args)
+    with pytest.raises(ValueError, match="do not fit"):
+        npu.attention(*args, ForwardContext(hints=AttentionHints(facts["kv_lengths"][:2])))
+    with pytest.raises(ValueError, match="do not fit"):
+        npu.attention(*args, ForwardContext(hints=AttentionHints([10_000] * 3)))
 
 
 @pytest.mark.parametrize("kind", ["prefill", "decode"])
@@ -545,14 +544,10 @@ def test_attention_in_a_graph_refreshes_its_lengths_before_each_replay(npu, npu_
     hints = AttentionHints(facts["kv_lengths"], facts["query_lengths"], kind="causal")
     q_static = q.clone()
 
-    def step():
-        with attention_hints(hints):
-            return npu.attention(q_static, k_cache, v_cache, table, mask, scale)
-
     graph = npu_graph_platform.graph()
-    out = graph.capture(step)
-    with attention_hints(hints):
-        close(out, npu.attention(*args), torch.bfloat16)
+    ctx = ForwardContext(hints=hints, graph=graph)
+    out = graph.capture(lambda: npu.attention(q_static, k_cache, v_cache, table, mask, scale, ctx))
+    close(out, npu.attention(*args, ForwardContext(hints=hints)), torch.bfloat16)
     tasks = graph._tasks
     assert len(tasks) == 1
     recorded = [r.func._schema.name for r in graph._graph._records]
@@ -565,8 +560,8 @@ def test_attention_in_a_graph_refreshes_its_lengths_before_each_replay(npu, npu_
     new_kv = [n - 1 for n in facts["kv_lengths"]]                  # e.g. after a rollback
     hints.update(new_kv, facts["query_lengths"])
     graph.replay()
-    with attention_hints(AttentionHints(new_kv, facts["query_lengths"], kind="causal")):
-        eager = npu.attention(new_q, k_cache, v_cache, table, mask, scale)
+    eager = npu.attention(new_q, k_cache, v_cache, table, mask, scale,
+                          ForwardContext(hints=AttentionHints(new_kv, facts["query_lengths"], kind="causal")))
     assert torch.equal(out, eager)
     events = [e[0] for e in graph._graph.events]
     assert events == ["capture_begin", "capture_end", "task_update", "replay", "task_update", "replay"]

@@ -14,12 +14,7 @@ import torch
 import ops
 from ascend_dspark import platform
 from ascend_dspark.platform import npu as npu_platform
-from ascend_dspark.platform.interface import (
-    AttentionHints,
-    Platform,
-    attention_hints,
-    current_attention_hints,
-)
+from ascend_dspark.platform.interface import Platform
 from ops import registry
 from tests.fakes import fake_torch_npu
 
@@ -111,28 +106,6 @@ def test_soc_profile_table():
     assert unknown.dtype == torch.float16 and not unknown.fused_ops and unknown.family == "unknown Ascend SoC"
 
 
-# -- attention hints (interface) ------------------------------------------------------------
-def test_attention_hints_context_and_validation():
-    assert current_attention_hints() is None
-    h = AttentionHints([5, 9], [2, 3], kind="causal")
-    with attention_hints(h):
-        assert current_attention_hints() is h
-        with attention_hints(None):
-            assert current_attention_hints() is None
-        assert current_attention_hints() is h
-    assert current_attention_hints() is None
-    h.update([6, 10], [1, 1])
-    assert h.kv_lengths == [6, 10] and h.query_lengths == [1, 1] and h.kind == "causal"
-    with pytest.raises(ValueError, match="captured with 2"):
-        h.update([6])
-    with pytest.raises(ValueError, match="1..kv_length"):
-        AttentionHints([3, 4], [4, 1])
-    with pytest.raises(ValueError, match=">= 1"):
-        AttentionHints([0])
-    with pytest.raises(ValueError, match="kind"):
-        AttentionHints([3], kind="sliding")
-
-
 # -- graph task update ----------------------------------------------------------------------
 def test_graph_refreshes_its_tasks_before_every_replay(install):
     """NpuGraph.capture_task: the launch runs in a task group inside the capture and is
@@ -159,7 +132,7 @@ def test_graph_refreshes_its_tasks_before_every_replay(install):
                 q, k, k, actual_seq_lengths_kv=list(lengths), num_heads=4, num_key_value_heads=2, scale=0.125,
                 input_layout="BSND", out=[out, lse])
 
-        npu_platform.capturing_graph().capture_task(launch)
+        g.capture_task(launch)
         return out
 
     g = p.graph()

@@ -54,7 +54,7 @@ class GreedyOracle:
     def reset(self, slot_ids):
         pass
 
-    def observe(self, slot_ids, features, positions, next_tokens, counts):
+    def observe(self, slot_ids, features, positions, next_tokens, counts, ctx=None):
         for b, slot in enumerate(slot_ids.tolist()):
             if int(positions[b, 0]) == 0:                        # prefill: tokens 1..n of the prompt + first
                 n = int(counts[b])
@@ -62,7 +62,7 @@ class GreedyOracle:
                 self.current[slot] = next(full for prompt, full in self.table
                                           if len(prompt) == n and prompt[1:] == seen)
 
-    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling):
+    def propose(self, slot_ids, anchors, anchor_positions, num_tokens, sampling, ctx=None):
         tokens = torch.zeros(len(slot_ids), num_tokens, dtype=torch.long)
         conf = torch.zeros(len(slot_ids), num_tokens)
         for b, (slot, pos) in enumerate(zip(slot_ids.tolist(), anchor_positions.tolist())):
@@ -145,7 +145,7 @@ def test_strict_json_markdown_and_plots(report, tmp_path):
                         parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
     assert len(loaded["results"]) == 4
     table = (tmp_path / "eval.md").read_text().splitlines()
-    assert table[0].startswith("| dataset | drafter | T | samples | tau | acc@0")
+    assert table[0].startswith("| dataset | drafter | T | samples | tau | tau 95% CI | acc@0")
     assert sum(line.startswith("| toy-") for line in table) == 4
     pngs = {"acceptance_toy-a.png", "acceptance_toy-b.png", "reliability_oracle.png"}
     assert {p.name for p in paths} == {"eval.json", "eval.md", *pngs}

@@ -19,11 +19,12 @@ bf16 matmul) use exact fp32 products.
 from __future__ import annotations
 
 import os
-import weakref
 
 import torch
 import triton
 import triton.language as tl
+
+from ops.context import ForwardContext
 
 from ._common import device_guard, floats, needs_autograd, next_pow2
 
@@ -101,26 +102,17 @@ def _paged_attention_kernel(q_ptr, kc_ptr, vc_ptr, table_ptr, mask_ptr, reach_pt
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-_last_reach: tuple = (None, None)       # (weakref to a mask, its reach): one per forward, all layers
-
-
 def query_reach(mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] int32: 1 + the last key each query may see (0 when it sees none). The layers of
-    one forward share their mask, so it is computed once per mask."""
-    global _last_reach
-    ref, reach = _last_reach
-    if ref is not None and ref() is mask:
-        return reach
+    """[B, T] int32: 1 + the last key each query may see (0 when it sees none)."""
     keys = torch.arange(1, mask.shape[-1] + 1, dtype=torch.int32, device=mask.device)
-    reach = torch.where(mask[:, 0], keys, 0).amax(-1).to(torch.int32)
-    _last_reach = (weakref.ref(mask), reach)
-    return reach
+    return torch.where(mask[:, 0], keys, 0).amax(-1).to(torch.int32)
 
 
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-              mask: torch.Tensor, scale: float) -> torch.Tensor:
+              mask: torch.Tensor, scale: float, ctx: ForwardContext | None = None) -> torch.Tensor:
     """`ops.attention`: q [B, T, Hq, D] over the paged caches [blocks, page, Hkv, D] through
-    block_table [B, nb], with mask [B, 1, T, S]."""
+    block_table [B, nb], with mask [B, 1, T, S]. The layers of one forward share their mask:
+    with a forward context its reach is computed once per forward, not once per layer."""
     bsz, t, hq, d = q.shape
     hkv = k_cache.shape[2]
     if (k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != d or hq % hkv
@@ -129,14 +121,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
             or not k_cache.is_contiguous() or not v_cache.is_contiguous()
             or not floats(q, k_cache, v_cache) or needs_autograd(q, k_cache, v_cache)):
         from ops.attention import attention as ref
-        return ref.reference(q, k_cache, v_cache, block_table, mask, scale)
+        return ref.reference(q, k_cache, v_cache, block_table, mask, scale, ctx)
     out = torch.empty_like(q)
     if out.numel() == 0:
         return out
     page = k_cache.shape[1]
     group = hq // hkv
     kc, vc = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
-    reach = query_reach(mask)
+    reach = query_reach(mask) if ctx is None else ctx.derived(mask, query_reach)
     block_d = max(next_pow2(d), 16)
     block_m = min(max(next_pow2(t * group), 16), 64)
     block_n = 64 if block_d <= 128 else 32

@@ -1,0 +1,296 @@
+"""The model runner: everything on the device, nothing about requests' lives.
+
+The engine decides what runs (engine.py, scheduler.py); the runner owns the device state
+and runs it:
+
+    block tables, the target's paged KV cache (the drafter's sits on the same tables), each
+    slot's anchor (its last committed token, not yet in the cache), the padding slots of
+    the graph buckets;
+    prefill       prompt chunks in one padded forward; a request's last chunk samples its
+                  first token; the drafter observes every chunk's target features;
+    verify        draft + verify + rollback for the decoding rows, replayed from a captured
+                  graph (graph_runner.py) where one fits, else eagerly;
+    HostCopy      the one device -> host copy per step.
+
+Every forward gets an explicit `ForwardContext` (ops/context.py): how many key columns
+attention reads, the rows' attention lengths for kernels that take host integers, and the
+graph being captured, if any.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ascend_dspark.cache import BlockTables, PagedKVCache
+from ascend_dspark.platform import Platform
+from ascend_dspark.spec.sampling import SamplingBatch, Stream
+from ascend_dspark.spec.verify import verify
+from ops.context import AttentionHints, ForwardContext
+
+from .graph_runner import StepGraphRunner, default_buckets
+from .request import Request
+from .scheduler import PrefillChunk
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    """The target and drafter on one device, with their caches and captured step graphs.
+
+    `max_batch_size` slots hold requests; with graphs, one padding slot per row of the
+    largest bucket follows them, each owning blocks for one step's reach (their lengths are
+    reset to 0 every step), so no two rows of a step ever write the same cache row.
+    `num_kv_blocks` (the requests' blocks) defaults to enough for every slot to reach
+    `max_model_len` or, on a device that reports its memory, as many as fit in
+    `kv_cache_fraction` of it next to what is already allocated, if that is fewer."""
+
+    def __init__(self, target, drafter, platform: Platform, num_speculative_tokens: int, max_model_len: int,
+                 max_batch_size: int, num_kv_blocks: int | None, kv_block_size: int | None,
+                 kv_cache_fraction: float, max_prefill_tokens: int, graphs: bool | None,
+                 graph_buckets: list[int] | None) -> None:
+        self.platform = platform
+        self.target = target
+        self.drafter = drafter
+        self.num_speculative_tokens = num_speculative_tokens
+        self.capture_layers = tuple(drafter.target_layer_ids) if drafter is not None else ()
+        cfg = target.config
+        self._sliding = any(cfg.window(i) is not None for i in range(cfg.num_layers))
+        param = next(target.parameters())
+        self.dtype, self.device = param.dtype, param.device
+        # From an anchor, verification writes K + 1 target positions (the drafter observes the
+        # same ones) and a proposal writes `lookahead` scratch positions into the drafter's
+        # cache: every request's blocks cover the larger past its anchor. The highest anchor
+        # sits at max_model_len - 2 (a request whose next token would reach max_model_len has
+        # finished).
+        self.reserve = max(num_speculative_tokens + 1, drafter.lookahead if drafter is not None else 0)
+        kv_block_size = kv_block_size or platform.kv_block_size
+        per_seq = -(-(max_model_len - 2 + self.reserve) // kv_block_size)
+        if num_kv_blocks is None:
+            num_kv_blocks = self._fitting_blocks(per_seq * max_batch_size, kv_block_size, kv_cache_fraction)
+        self.num_kv_blocks = num_kv_blocks
+        graphs = self._use_graphs(graphs)
+        buckets = sorted(graph_buckets or default_buckets(max_batch_size)) if graphs else []
+        self.pad_slots = list(range(max_batch_size, max_batch_size + (buckets[-1] if graphs else 0)))
+        pad_blocks = -(-self.reserve // kv_block_size)
+        num_seqs = max_batch_size + len(self.pad_slots)
+        scratch = max(max_prefill_tokens, max_batch_size * self.reserve)
+        self.tables = BlockTables(num_seqs, per_seq, num_kv_blocks + len(self.pad_slots) * pad_blocks,
+                                  kv_block_size, self.device, scratch)
+        # The padding slots own the blocks past the requests' (the scheduler allocates below).
+        for i, slot in enumerate(self.pad_slots):
+            first = num_kv_blocks + i * pad_blocks
+            self.tables.extend(slot, list(range(first, first + pad_blocks)))
+        self.tables.flush()
+        self.cache = PagedKVCache(cfg.num_layers, self.tables, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if drafter is not None:
+            drafter.attach(self.tables, self.dtype)
+        self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
+        self.graph_runner = StepGraphRunner(self, buckets) if graphs else None
+        self._sampling_key: tuple | None = None
+        self._sampling: SamplingBatch | None = None
+
+    def capture_graphs(self, progress: bool) -> None:
+        """Capture the start-up step graphs (a no-op without graphs)."""
+        if self.graph_runner is not None:
+            with torch.inference_mode():
+                self.graph_runner.capture_startup(progress)
+
+    def _fitting_blocks(self, wanted: int, block_size: int, fraction: float) -> int:
+        """`wanted` blocks, or as many as fit in `fraction` of the device's memory."""
+        if not self.platform.kv_cache_from_memory:
+            return wanted
+        stats = self.platform.memory_stats()
+        cfg = self.target.config
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        if self.drafter is not None:
+            per_block += self.drafter.kv_bytes_per_block(block_size, self.dtype)
+        room = int(fraction * stats["total_bytes"]) - stats["reserved_bytes"]
+        fits = max(room // per_block, 0)
+        if fits < wanted:
+            logger.info("KV cache: %d blocks of %d positions fit in %.0f%% of %s memory (%d would let every slot "
+                        "reach max_model_len): requests wait for blocks when they run out",
+                        fits, block_size, 100 * fraction, self.platform.name, wanted)
+        if fits < 1:
+            raise MemoryError(f"no room for a KV cache in {fraction:.0%} of the device's memory "
+                              f"({stats['reserved_bytes'] / 2**30:.1f} GiB already reserved)")
+        return min(wanted, fits)
+
+    def _use_graphs(self, wanted: bool | None) -> bool:
+        """Graphs where the platform has them (default); asking for them elsewhere warns once.
+        A model on another device than the platform's (a CPU model on a GPU machine) runs eagerly."""
+        if self.device.type != self.platform.device.type:
+            if wanted:
+                logger.warning("graph replay needs the model on %s, it is on %s: steps run eagerly",
+                               self.platform.device, self.device)
+            return False
+        if wanted is None:
+            if self.platform.supports_graphs and not self.platform.graph_steps:
+                logger.info("%s: whole-step graph replay is not enabled on this platform yet; steps run eagerly",
+                            self.platform.name)
+            return self.platform.graph_steps
+        if wanted and not self.platform.supports_graphs:
+            logger.warning("graph replay is not available on %s: steps run eagerly", self.platform.name)
+            return False
+        return wanted
+
+    # -- prefill -----------------------------------------------------------------------------
+    def prefill(self, chunks: list[PrefillChunk]) -> dict[str, torch.Tensor]:
+        """One padded forward over the chunks; returns each row's sampled next token (used
+        for rows that finish a fresh prompt) and, if asked for, its logprobs."""
+        dev = self.device
+        reqs = [c.request for c in chunks]
+        width = max(c.end - c.start for c in chunks)
+        ids, nxt = [], []
+        for c in chunks:
+            tokens = c.request.tokens
+            chunk = tokens[c.start:c.end]
+            follow = tokens[c.start + 1:c.end + 1]                 # the token after each position, where known
+            ids.append(chunk + [0] * (width - len(chunk)))
+            nxt.append(follow + [0] * (width - len(follow)))
+        host = torch.tensor([[c.start, c.end - c.start, c.request.slot,
+                              c.is_last and not c.request.output, c.is_last,
+                              c.request.output[-1] if c.request.output else 0] for c in chunks])
+        ids, nxt, host = torch.tensor(ids).to(dev), torch.tensor(nxt).to(dev), host.to(dev)
+        starts, lens, slots = host[:, 0], host[:, 1], host[:, 2]
+        samples_first, is_last, resumed_anchor = host[:, 3].bool(), host[:, 4].bool(), host[:, 5]
+        fresh = [c.request.slot for c in chunks if c.start == 0]
+        if fresh:
+            fresh = torch.tensor(fresh).to(dev)
+            self.cache.reset(fresh)
+            if self.drafter is not None:
+                self.drafter.reset(fresh)
+        positions = starts.unsqueeze(1) + torch.arange(width, device=dev)
+        valid = torch.arange(width, device=dev).unsqueeze(0) < lens.unsqueeze(1)
+        # Every attention of a prefill (the target's, Eagle3's observe) is causal over the
+        # chunk: kernels that take host lengths (Ascend's) may skip the mask.
+        ctx = ForwardContext(num_keys=max(c.end for c in chunks),
+                             hints=AttentionHints([c.end for c in chunks], [c.end - c.start for c in chunks],
+                                                  "explicit" if self._sliding else "causal"))
+        out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers, ctx)
+        hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
+        last = self.target.logits(hidden)                                       # [B, 1, V]
+        sampling = SamplingBatch([r.params for r in reqs], dev)
+        first = sampling.sample(sampling.probs(last), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
+        self.cache.set_lengths(slots, starts + lens)
+        # A fresh prompt's last position is followed by the token just sampled.
+        last_col = (lens - 1).unsqueeze(1)
+        nxt.scatter_(1, last_col, torch.where(samples_first.unsqueeze(1), first.unsqueeze(1), nxt.gather(1, last_col)))
+        if self.drafter is not None:
+            self.drafter.observe(slots, out.features, positions, nxt, lens, ctx)
+        # The anchor of a request that finished its prefill: the sampled token, or (after a
+        # preemption) its last committed token, which the prefill did not put in the cache.
+        anchor = torch.where(samples_first, first, resumed_anchor)
+        self.anchors[slots] = torch.where(is_last, anchor, self.anchors[slots])
+        out = {"first": first}
+        want_logprobs = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+        if want_logprobs is not None:
+            out.update(logprobs(want_logprobs, last[:, 0], first, "first_"))
+        return out
+
+    # -- draft + verify ----------------------------------------------------------------------
+    def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0) -> dict[str, torch.Tensor]:
+        """One draft + verify + rollback step for the decoding requests: replayed from a
+        captured graph where one fits, else run eagerly over the columns the rows reach.
+        `ahead`: positions the rows may have committed beyond what the host knows (a step
+        launched before the last one was read)."""
+        slots = [r.slot for r in requests]
+        reach = [r.num_cached + ahead + self.reserve for r in requests]
+        want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
+        if self.graph_runner is not None and want_logprobs is None:
+            out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests],
+                                        tuple(r.arrival for r in requests), reach)
+            if out is not None:
+                return out
+        # The step mixes causal (target, Eagle3) and block-bidirectional (DFlash/DSpark) masks:
+        # explicit masks, with each row's reach as its key-length bound.
+        ctx = ForwardContext(num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
+        dev = self.device
+        return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev),
+                                self._sampling_for(requests), want_logprobs, ctx)
+
+    def verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, sampling: SamplingBatch,
+                    want_logprobs: int | None, ctx: ForwardContext) -> dict[str, torch.Tensor]:
+        """The device work of a verify step, graph-capturable (no host reads, fixed shapes).
+
+        The anchor (the last committed token, not yet in the cache) sits at the slot's cache
+        length: the length is where this step's writes start, and the causal masks built from
+        these positions let every query see exactly the committed prefix plus this step's
+        tokens. Rolling back the rejected tail is therefore only lowering the length."""
+        dev = self.device
+        k = self.num_speculative_tokens
+        anchors = self.anchors[slots]
+        anchor_pos = self.cache.lengths[slots]
+        batch = slots.shape[0]
+        if self.drafter is not None:
+            proposal = self.drafter.propose(slots, anchors, anchor_pos, k, sampling, ctx)
+            draft_tokens, draft_probs, confidence = proposal.tokens, proposal.probs, proposal.confidence
+        else:
+            confidence = None
+            draft_tokens = anchors.new_zeros(batch, 0)
+            draft_probs = torch.empty(batch, 0, self.target.config.vocab_size, device=dev)
+        inputs = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)
+        positions = anchor_pos.unsqueeze(1) + torch.arange(k + 1, device=dev)
+        valid = torch.ones_like(inputs, dtype=torch.bool)
+        out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers, ctx)
+        logits = self.target.logits(out.hidden)
+        result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
+        num_accepted = result.num_accepted
+        self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)
+        if self.drafter is not None:
+            self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1, ctx)
+        self.anchors[slots] = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
+        if self.pad_slots:
+            self.cache.lengths[self.pad_slots[0]:].zero_()       # padding rows always verify at 0..K
+        out = {"num_accepted": num_accepted, "tokens": result.tokens}
+        if confidence is not None:
+            out["confidence"] = confidence
+        if want_logprobs is not None:
+            out.update(logprobs(want_logprobs, logits, result.tokens.clamp(min=0), ""))
+        return out
+
+    def _sampling_for(self, requests: list[Request]) -> SamplingBatch:
+        """The decoding batch's sampling tensors, rebuilt only when its membership changes."""
+        key = tuple(r.request_id for r in requests)
+        if key != self._sampling_key:
+            self._sampling_key, self._sampling = key, SamplingBatch([r.params for r in requests], self.device)
+        return self._sampling
+
+
+def logprobs(n: int, logits: torch.Tensor, tokens: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
+    """The target's log-probabilities (before temperature and filters, as OpenAI reports them)
+    of `tokens`, and the top-n alternatives."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    out = {prefix + "logprob": logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)}
+    if n:
+        top = logp.topk(n, dim=-1)
+        out[prefix + "top_ids"], out[prefix + "top_logprobs"] = top.indices, top.values
+    return out
+
+
+class HostCopy:
+    """The one device -> host copy per step: every tensor the step produced, in one int64
+    tensor, copied without waiting (into pinned memory on an accelerator), with an event to
+    wait for. float32 tensors travel bit-cast to int32 (exact, no float64, which NPUs lack);
+    the host casts the bits back."""
+
+    def __init__(self, parts: dict[str, torch.Tensor], platform: Platform) -> None:
+        self.layout = [(name, t.shape, t.is_floating_point()) for name, t in parts.items()]
+        flat = [(t.float().contiguous().view(torch.int32) if t.is_floating_point() else t).long().reshape(-1)
+                for t in parts.values()]
+        self.host = torch.cat(flat).to("cpu", non_blocking=True) if flat else None
+        self.event = platform.event()
+        self.event.record()
+
+    def receive(self) -> dict[str, list]:
+        """Wait for the copy; each tensor as nested lists."""
+        self.event.synchronize()
+        flat = self.host.tolist() if self.host is not None else []
+        out, i = {}, 0
+        for name, shape, is_float in self.layout:
+            n = shape.numel()
+            values = torch.tensor(flat[i: i + n], dtype=torch.long).view(shape)
+            i += n
+            out[name] = (values.to(torch.int32).view(torch.float32) if is_float else values).tolist()
+        return out
