@@ -29,7 +29,9 @@ SERVE_ARGS ?=
 serve: install
 	$(BIN)/ascend-dspark serve $(SERVE_ARGS)
 
+# The import layers first (pyproject.toml [tool.importlinter], ARCHITECTURE.md), then the suite.
 test: install
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # The whole suite with the CUDA tests required (they fail instead of skipping without a GPU).
