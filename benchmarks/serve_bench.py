@@ -6,8 +6,8 @@ or one this script starts (`--launch`).
         --out benchmarks/results/serving/h200.json -- --device cuda --max-num-seqs 64
     python benchmarks/serve_bench.py --url http://127.0.0.1:8000 --plain-url http://127.0.0.1:8001
 
-Everything after `--` goes to `ascend-dspark serve` (started as `python -m ascend_dspark.cli
-serve` from this checkout, on a free loopback port, with this environment: fastapi and
+Everything after `--` goes to `ascend-dspark serve` (started as `python -m serving.cli serve`
+from this checkout, on a free loopback port, with this environment: fastapi and
 uvicorn may come from a `pip install --target` directory on PYTHONPATH; the server's log
 goes beside --out). `--plot JSON PNG` redraws a plot from a results file, `--combine A.json
 B.json --out C.json` joins the results of several runs (e.g. one mode each).
@@ -316,7 +316,7 @@ def launch(server_args: list[str], log_path: Path, timeout: float) -> tuple[subp
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     env["PYTHONUNBUFFERED"] = "1"
-    cmd = [sys.executable, "-m", "ascend_dspark.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+    cmd = [sys.executable, "-m", "serving.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--log-level", "warning", *server_args]
     print("launching:", " ".join(cmd), f"(log: {log_path})", file=sys.stderr)
     log = open(log_path, "wb")
