@@ -1,4 +1,4 @@
-"""NVIDIA CUDA platform: bf16, CUDA streams and events, CUDA-graph capture and replay."""
+"""NVIDIA CUDA platform: torch.cuda behind the shared Accelerator surface, CUDA-graph capture and replay."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ from typing import Callable
 
 import torch
 
-from .interface import Graph, Platform
+from .accelerator import Accelerator
+from .interface import Graph
 
 
 class CudaGraph(Graph):
@@ -41,65 +42,14 @@ class CudaGraph(Graph):
         self._fn = None
 
 
-class CudaPlatform(Platform):
+class CudaPlatform(Accelerator):
     name = "cuda"
     dist_backend = "nccl"
     op_backend = "triton"
-    supports_graphs = True
-    graph_steps = True
-    overlap_steps = True
-    kv_cache_from_memory = True
-    supports_bf16_autocast = True
+    graph_type = CudaGraph
 
     def __init__(self, index: int = 0) -> None:
-        super().__init__(index)
-        self._pool = None
-
-    @property
-    def device(self) -> torch.device:
-        return torch.device("cuda", self.index)
+        super().__init__(index, torch.cuda)
 
     def describe(self) -> str:
         return f"cuda:{self.index} ({torch.cuda.get_device_name(self.index)}, torch {torch.__version__})"
-
-    def synchronize(self) -> None:
-        torch.cuda.synchronize(self.index)
-
-    def stream(self):
-        return torch.cuda.Stream(self.index)
-
-    def current_stream(self):
-        return torch.cuda.current_stream(self.index)
-
-    def stream_context(self, stream):
-        return torch.cuda.stream(stream)
-
-    def event(self, enable_timing: bool = False):
-        return torch.cuda.Event(enable_timing=enable_timing)
-
-    def graph(self, pool=None) -> Graph:
-        if pool is None:
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            pool = self._pool
-        return CudaGraph(pool)
-
-    def graph_pool(self):
-        return torch.cuda.graph_pool_handle()
-
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        torch.cuda.manual_seed_all(seed)
-
-    def memory_stats(self) -> dict[str, int]:
-        free, total = torch.cuda.mem_get_info(self.index)
-        return {
-            "allocated_bytes": torch.cuda.memory_allocated(self.index),
-            "reserved_bytes": torch.cuda.memory_reserved(self.index),
-            "peak_allocated_bytes": torch.cuda.max_memory_allocated(self.index),
-            "total_bytes": total,
-            "free_bytes": free,
-        }
-
-    def empty_cache(self) -> None:
-        torch.cuda.empty_cache()

@@ -1,4 +1,4 @@
-"""Huawei Ascend NPU platform via torch_npu: SoC-dependent dtype and ops, NPU streams, NPUGraph.
+"""Huawei Ascend NPU platform via torch_npu: SoC-dependent dtype and ops, NPUGraph with task updates.
 
 torch_npu is imported lazily and guarded: without Huawei's CANN runtime the import raises
 ImportError (missing libhccl.so and friends), OSError or RuntimeError. Any of those means
@@ -31,6 +31,7 @@ from typing import Callable
 
 import torch
 
+from .accelerator import Accelerator
 from .interface import Graph, Platform
 
 logger = logging.getLogger(__name__)
@@ -227,23 +228,18 @@ def missing_graph_apis() -> list[str]:
     return [name for name in GRAPH_APIS if not hasattr(torch.npu, name)]
 
 
-class NpuPlatform(Platform):
+class NpuPlatform(Accelerator):
     name = "npu"
     dist_backend = "hccl"
     op_backend = "npu"
-    supports_graphs = True
-    graph_steps = True
-    overlap_steps = True
-    supports_bf16_autocast = True
-    kv_cache_from_memory = True
+    graph_type = NpuGraph
     kv_block_size = 128     # FIA's paged form needs a multiple of 128 in [128, 512] for Q_S > 1
 
     def __init__(self, index: int = 0) -> None:
         reason = npu_unavailable_reason()
         if reason is not None:
             raise RuntimeError(f"Ascend NPU requested but unavailable: {reason}")
-        super().__init__(index)
-        self._pool = None
+        super().__init__(index, torch.npu)
         missing = missing_graph_apis()
         if missing:
             self.supports_graphs = self.graph_steps = False
@@ -266,55 +262,9 @@ class NpuPlatform(Platform):
     def default_dtype(self) -> torch.dtype:
         return self.soc.dtype
 
-    @property
-    def device(self) -> torch.device:
-        return torch.device("npu", self.index)
-
     def describe(self) -> str:
         return (f"npu:{self.index} ({torch.npu.get_device_name(self.index)}, {self.soc.family}, "
                 f"{_dtype_name(self.soc.dtype)}, {self.op_backend} ops, torch {torch.__version__})")
-
-    def synchronize(self) -> None:
-        torch.npu.synchronize(self.index)
-
-    def stream(self):
-        return torch.npu.Stream(self.index)
-
-    def current_stream(self):
-        return torch.npu.current_stream(self.index)
-
-    def stream_context(self, stream):
-        return torch.npu.stream(stream)
-
-    def event(self, enable_timing: bool = False):
-        return torch.npu.Event(enable_timing=enable_timing)
-
-    def graph(self, pool=None) -> Graph:
-        if pool is None:
-            if self._pool is None:
-                self._pool = torch.npu.graph_pool_handle()
-            pool = self._pool
-        return NpuGraph(pool)
-
-    def graph_pool(self):
-        return torch.npu.graph_pool_handle()
-
-    def manual_seed(self, seed: int) -> None:
-        torch.manual_seed(seed)
-        torch.npu.manual_seed_all(seed)
-
-    def memory_stats(self) -> dict[str, int]:
-        free, total = torch.npu.mem_get_info(self.index)
-        return {
-            "allocated_bytes": torch.npu.memory_allocated(self.index),
-            "reserved_bytes": torch.npu.memory_reserved(self.index),
-            "peak_allocated_bytes": torch.npu.max_memory_allocated(self.index),
-            "total_bytes": total,
-            "free_bytes": free,
-        }
-
-    def empty_cache(self) -> None:
-        torch.npu.empty_cache()
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

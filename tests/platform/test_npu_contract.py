@@ -174,6 +174,19 @@ def test_checker_covers_the_graph_task_update_and_soc_query(contract):
     assert "get_soc_version" not in contract["npu_all"], "reachable, but not in torch_npu.npu.__all__"
 
 
+def test_checker_reads_the_accelerator_as_torch_npu(tmp_path, contract):
+    """NpuPlatform's streams, events, pools and memory calls live in the accelerator base class,
+    as `self.device_module.<api>(...)`: the checker binds them as torch.npu calls."""
+    accelerator = ROOT / "ascend_dspark" / "platform" / "accelerator.py"
+    stats: dict = {}
+    assert npu_contract.check_calls([accelerator], contract, stats) == []
+    assert stats["calls"] >= 12, f"the accelerator's torch.npu calls were not found: {stats}"
+    drifted = tmp_path / "accelerator.py"
+    drifted.write_text(accelerator.read_text().replace("Event(enable_timing=", "Event(timing=", 1))
+    (violation,) = npu_contract.check_calls([drifted], contract)
+    assert violation.target == "torch.npu.Event" and "unknown keyword 'timing'" in violation.message
+
+
 def test_checker_catches_drift(tmp_path, contract):
     sample = tmp_path / "drift.py"
     sample.write_text(DRIFT_SAMPLE)

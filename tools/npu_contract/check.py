@@ -2,7 +2,8 @@
 
 It checks what the real binder would: the name exists (and the op overload), positional
 arity, keywords, required arguments. Imports are followed (`import torch_npu as t`,
-`from torch_npu import npu_swiglu`).
+`from torch_npu import npu_swiglu`); the NPU platform's inherited accelerator calls are
+read as torch.npu (DEVICE_MODULE).
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ class Violation:
         return f"{self.path}:{self.line}: {self.target}: {self.message}"
 
 
+# The platform's accelerator base class (ascend_dspark/platform/accelerator.py) calls its
+# device module as `self.device_module`; on NpuPlatform that is torch.npu, so those calls are
+# checked as torch.npu calls.
+DEVICE_MODULE = ("self", "device_module")
 # torch_npu attributes that are modules or metadata, not ops.
 _TORCH_NPU_NON_OPS = {"npu", "contrib", "profiler", "utils", "dynamo", "distributed", "optim",
                       "testing", "version", "op_plugin", "asd", "onnx", "jit", "_C", "_inductor"}
@@ -110,9 +115,14 @@ class _Checker(ast.NodeVisitor):
         while isinstance(node, ast.Attribute):
             parts.append(node.attr)
             node = node.value
-        if not isinstance(node, ast.Name) or node.id not in self.aliases:
+        if not isinstance(node, ast.Name):
             return None
-        return self.aliases[node.id].split(".") + parts[::-1]
+        parts.reverse()
+        if (node.id, *parts[:1]) == DEVICE_MODULE:
+            return ["torch", "npu", *parts[1:]]
+        if node.id not in self.aliases:
+            return None
+        return self.aliases[node.id].split(".") + parts
 
     def _classify(self, dotted: list[str]):
         """('op', name, overload) / ('api', name, rest) / None for unrelated code."""
