@@ -216,7 +216,7 @@ def bench_decode_step(args, timer: Timer, device: torch.device,
             rows.append(result)
             print(f"decode step batch {batch} x {tokens} tok: triton {result['triton_ms']:.2f} ms  "
                   f"reference {result['reference_ms']:.2f} ms  (x{result['speedup']:.2f})", flush=True)
-    return rows, registry.chosen()
+    return rows, registry.DEVICE_DEFAULTS.chosen()
 
 
 # -- report ------------------------------------------------------------------------------------

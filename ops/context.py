@@ -1,7 +1,8 @@
 """What the ops of one forward need to know from their caller, handed down explicitly.
 
-A forward's attention kernels may want host facts the tensors do not carry: how many key
-columns to read, each row's sequence lengths as host integers (Ascend's fused attention
+A forward's ops need to know which implementation runs them (the platform's op registry),
+and attention kernels may want host facts the tensors do not carry: how many key columns to
+read, each row's sequence lengths as host integers (Ascend's fused attention
 bakes them into a captured graph), and whether the forward is being captured into a
 device graph (an op whose host arguments change between replays registers itself with
 that graph). The model runner builds one `ForwardContext` per forward and passes it down
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol, Sequence
 
 import torch
+
+from .registry import DEVICE_DEFAULTS, OpRegistry
 
 ATTENTION_KINDS = ("explicit", "causal", "prefix")
 
@@ -87,6 +90,8 @@ class CapturingGraph(Protocol):
 class ForwardContext:
     """The host-side facts of one forward.
 
+    ops        the op registry of the platform running it (`ctx.ops.rms_norm(...)`);
+               DEVICE_DEFAULTS (each device type's own backend) when no platform says.
     num_keys   key positions attention spans per row (rounded up to whole blocks by the
                cache); None: the block table's full width, as a captured graph needs, since
                its shapes cannot follow the rows' lengths.
@@ -94,6 +99,7 @@ class ForwardContext:
     graph      the graph this forward is being captured into, or None when it runs eagerly.
     """
 
+    ops: OpRegistry = DEVICE_DEFAULTS
     num_keys: int | None = None
     hints: AttentionHints | None = None
     graph: CapturingGraph | None = None

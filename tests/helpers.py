@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ascend_dspark.cache import PagedKVCache
+from ops.context import ForwardContext
 from ascend_dspark.models import DecoderModel, ModelConfig
 
 ARCHS = ("llama", "qwen3", "gemma3")
@@ -132,8 +133,9 @@ def new_cache(model: DecoderModel, num_slots: int = 1, capacity: int = 64) -> Pa
 
 
 def run_batch(model: DecoderModel, cache: PagedKVCache, tokens: list[list[int]], starts: list[int],
-              slots: list[int] | None = None, capture_layers: tuple[int, ...] = ()):
+              slots: list[int] | None = None, capture_layers: tuple[int, ...] = (), registry=None):
     """One right-padded ragged forward: row b holds tokens[b] at positions starts[b]...
+    (`registry`: a platform's op registry; default: each device type's own backend).
 
     Returns (logits [B, T, V], features or None, valid [B, T]). Padding rows use position 0
     and valid=False, so their K/V land in the scratch row.
@@ -149,8 +151,9 @@ def run_batch(model: DecoderModel, cache: PagedKVCache, tokens: list[list[int]],
         valid[i, :len(row)] = True
     slot_ids = torch.tensor(slots if slots is not None else list(range(b)))
     with torch.inference_mode():
+        ctx = ForwardContext(registry) if registry is not None else None
         out = model(ids.to(device), positions.to(device), cache, slot_ids.to(device), valid.to(device),
-                    capture_layers=capture_layers)
+                    capture_layers=capture_layers, ctx=ctx)
         return model.logits(out.hidden), out.features, valid
 
 
@@ -185,3 +188,13 @@ def cache_rows(tables, slot: int) -> torch.Tensor:
 def slot_positions(cache: PagedKVCache, tensor: torch.Tensor, slot: int) -> torch.Tensor:
     """A copy of one layer's K or V of a slot as [positions, Hkv, D]."""
     return tensor.view(-1, *tensor.shape[2:]).index_select(0, cache_rows(cache.tables, slot))
+
+
+def select_rows(batch, rows: torch.Tensor, params: list):
+    """The SamplingBatch of `rows` of `batch` (`params`: the matching SamplingParams)."""
+    from ascend_dspark.spec.sampling import SamplingBatch
+
+    sub = SamplingBatch(params, batch.device, batch.ops)
+    for name in SamplingBatch.TENSORS:
+        setattr(sub, name, getattr(batch, name).index_select(0, rows))
+    return sub

@@ -21,7 +21,7 @@ def lint(tree: Path) -> subprocess.CompletedProcess:
 
 
 def copy_tree(dest: Path) -> Path:
-    for name in ("ascend_dspark", "ops", "serving"):
+    for name in ("ascend_dspark", "ops", "serving", "tools"):
         shutil.copytree(ROOT / name, dest / name, ignore=shutil.ignore_patterns("*.safetensors", "__pycache__"))
     shutil.copy(ROOT / "pyproject.toml", dest / "pyproject.toml")
     return dest

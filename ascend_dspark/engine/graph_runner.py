@@ -79,7 +79,7 @@ class StepGraphRunner:
     def capture_startup(self, progress: bool = True) -> None:
         keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
         for bucket, params in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
-            self._capture(bucket, SamplingBatch([params] * bucket, self.runner.device))
+            self._capture(bucket, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 
@@ -105,7 +105,7 @@ class StepGraphRunner:
         captured = self._last if self._last is not None and self._last_inputs == inputs else None
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
             dev = self.runner.device
-            sampling = SamplingBatch(params + [params[0]] * pad, dev)      # padding rows copy row 0's flags
+            sampling = SamplingBatch(params + [params[0]] * pad, dev, self.platform.ops)      # padding rows copy row 0's flags
             captured = self.graphs.get((bucket, _flags(sampling))) or self._capture(bucket, sampling)
             captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
             captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
@@ -129,7 +129,7 @@ class StepGraphRunner:
         before = self.platform.memory_stats()["allocated_bytes"]
         # Hints with the padding slot's reach; updated to the real rows' before every replay.
         hints = AttentionHints([self.runner.reserve] * bucket, kind="explicit")
-        ctx = ForwardContext(num_keys=None, hints=hints, graph=graph)
+        ctx = ForwardContext(self.platform.ops, num_keys=None, hints=hints, graph=graph)
         outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, static, None, ctx))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
         captured = _Captured(graph, slots, verify_lens, static, hints, outputs)

@@ -12,8 +12,8 @@ and runs it:
                   graph (graph_runner.py) where one fits, else eagerly;
     HostCopy      the one device -> host copy per step.
 
-Every forward gets an explicit `ForwardContext` (ops/context.py): how many key columns
-attention reads, the rows' attention lengths for kernels that take host integers, and the
+Every forward gets an explicit `ForwardContext` (ops/context.py): the platform's op registry,
+how many key columns attention reads, the rows' attention lengths for kernels that take host integers, and the
 graph being captured, if any.
 """
 
@@ -165,13 +165,13 @@ class ModelRunner:
         valid = torch.arange(width, device=dev).unsqueeze(0) < lens.unsqueeze(1)
         # Every attention of a prefill (the target's, Eagle3's observe) is causal over the
         # chunk: kernels that take host lengths (Ascend's) may skip the mask.
-        ctx = ForwardContext(num_keys=max(c.end for c in chunks),
+        ctx = ForwardContext(self.platform.ops, num_keys=max(c.end for c in chunks),
                              hints=AttentionHints([c.end for c in chunks], [c.end - c.start for c in chunks],
                                                   "explicit" if self._sliding else "causal"))
         out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers, ctx)
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden)                                       # [B, 1, V]
-        sampling = SamplingBatch([r.params for r in reqs], dev)
+        sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
         first = sampling.sample(sampling.probs(last), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
         self.cache.set_lengths(slots, starts + lens)
         # A fresh prompt's last position is followed by the token just sampled.
@@ -205,7 +205,7 @@ class ModelRunner:
                 return out
         # The step mixes causal (target, Eagle3) and block-bidirectional (DFlash/DSpark) masks:
         # explicit masks, with each row's reach as its key-length bound.
-        ctx = ForwardContext(num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
+        ctx = ForwardContext(self.platform.ops, num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
         dev = self.device
         return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev),
                                 self._sampling_for(requests), want_logprobs, ctx)
@@ -254,7 +254,8 @@ class ModelRunner:
         """The decoding batch's sampling tensors, rebuilt only when its membership changes."""
         key = tuple(r.request_id for r in requests)
         if key != self._sampling_key:
-            self._sampling_key, self._sampling = key, SamplingBatch([r.params for r in requests], self.device)
+            self._sampling_key = key
+            self._sampling = SamplingBatch([r.params for r in requests], self.device, self.platform.ops)
         return self._sampling
 
 

@@ -13,6 +13,7 @@ from torch import nn
 import ops
 from ascend_dspark.cache import PagedKVCache, StepMeta
 from ops.context import ForwardContext
+from ops.registry import DEVICE_DEFAULTS, OpRegistry
 
 from .base import ForwardOutput
 from .config import ModelConfig
@@ -26,12 +27,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.offset = offset
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps, self.offset)
+    def forward(self, x: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
+        return registry.rms_norm(x, self.weight, self.eps, self.offset)
 
-    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor,
+                     registry: OpRegistry = DEVICE_DEFAULTS) -> tuple[torch.Tensor, torch.Tensor]:
         """(norm(x + residual), x + residual) in one fused op."""
-        return ops.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
+        return registry.add_rms_norm(x, residual, self.weight, self.eps, self.offset)
 
 
 class Attention(nn.Module):
@@ -51,14 +53,15 @@ class Attention(nn.Module):
                 v_cache: torch.Tensor, meta: StepMeta, mask: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
         hd = self.cfg.head_dim
+        reg = meta.ctx.ops
         q = self.q_proj(x).view(b, t, -1, hd)
         k = self.k_proj(x).view(b, t, -1, hd)
         v = self.v_proj(x).view(b, t, -1, hd)
         if self.cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ops.apply_rotary(q, cos, sin), ops.apply_rotary(k, cos, sin)
-        ops.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = ops.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale, meta.ctx)
+            q, k = self.q_norm(q, reg), self.k_norm(k, reg)
+        q, k = reg.apply_rotary(q, cos, sin), reg.apply_rotary(k, cos, sin)
+        reg.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = reg.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale, meta.ctx)
         return self.o_proj(out.reshape(b, t, -1))
 
 
@@ -69,14 +72,14 @@ class GatedMLP(nn.Module):
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         if cfg.hidden_act in ("silu", "swish"):
-            self.act = ops.silu_and_mul
+            self.act = "silu_and_mul"
         elif cfg.hidden_act in ("gelu_pytorch_tanh", "gelu_tanh"):
-            self.act = ops.gelu_tanh_and_mul
+            self.act = "gelu_tanh_and_mul"
         else:
             raise ValueError(f"unsupported hidden activation {cfg.hidden_act!r}")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x), self.up_proj(x)))
+    def forward(self, x: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
+        return self.down_proj(getattr(registry, self.act)(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -93,12 +96,13 @@ class DecoderLayer(nn.Module):
         self.sandwich = cfg.sandwich_norm
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, mask)
+        reg = meta.ctx.ops
+        attn = self.self_attn(self.input_layernorm(x, reg), cos, sin, k_cache, v_cache, meta, mask)
         if self.sandwich:
-            normed, x = self.pre_feedforward_layernorm.add_and_norm(self.post_attention_layernorm(attn), x)
-            return x + self.post_feedforward_layernorm(self.mlp(normed))
-        normed, x = self.post_attention_layernorm.add_and_norm(attn, x)
-        return x + self.mlp(normed)
+            normed, x = self.pre_feedforward_layernorm.add_and_norm(self.post_attention_layernorm(attn, reg), x, reg)
+            return x + self.post_feedforward_layernorm(self.mlp(normed, reg), reg)
+        normed, x = self.post_attention_layernorm.add_and_norm(attn, x, reg)
+        return x + self.mlp(normed, reg)
 
 
 class _Backbone(nn.Module):
@@ -163,4 +167,4 @@ class DecoderModel(nn.Module):
             if i in capture_layers:
                 captured[i] = x
         features = torch.cat([captured[j] for j in capture_layers], dim=-1) if capture_layers else None
-        return ForwardOutput(hidden=self.model.norm(x), features=features)
+        return ForwardOutput(hidden=self.model.norm(x, meta.ctx.ops), features=features)

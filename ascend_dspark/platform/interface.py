@@ -8,9 +8,12 @@ or `torch_npu`.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
+
+from ops.registry import OpRegistry
 
 
 class Graph:
@@ -62,6 +65,12 @@ class Platform:
     @property
     def device(self) -> torch.device:
         raise NotImplementedError
+
+    @functools.cached_property
+    def ops(self) -> OpRegistry:
+        """The ops of this platform: tensors on its device run its `op_backend` (fixed once the
+        platform is built), handed to models through their forward context."""
+        return OpRegistry(self.device.type, self.op_backend)
 
     def default_dtype(self) -> torch.dtype:
         return torch.bfloat16

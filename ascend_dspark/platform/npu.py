@@ -122,14 +122,6 @@ class GraphTask:
     launch: Callable[[], object]
 
 
-_capturing: "NpuGraph | None" = None
-
-
-def capturing_graph() -> "NpuGraph | None":
-    """The platform graph being captured right now (ops register updatable kernels with it)."""
-    return _capturing
-
-
 class NpuGraph(Graph):
     """`torch.npu.NPUGraph` behind the `Graph` surface.
 
@@ -139,8 +131,8 @@ class NpuGraph(Graph):
 
     torch_npu's fused attention takes sequence lengths as host integers that a captured
     graph bakes in. ops/backends/npu.py therefore captures each attention call in its own
-    task group (`capture_task`) and, before every replay, this graph re-issues those calls
-    with the current lengths through the documented graph task update (torch_npu 2.13,
+    task group (`capture_task`, reached through the forward context's `graph`) and, before
+    every replay, this graph re-issues those calls with the current lengths through the documented graph task update (torch_npu 2.13,
     test/npu/test_aclgraph_update.py; shared/reference/ascend.md 1.3):
 
         capture:  event.wait(stream); event.reset(stream)           ExternalEvent
@@ -161,30 +153,28 @@ class NpuGraph(Graph):
         self._pool = pool
         self._tasks: list[GraphTask] = []
         self._update_stream = None
+        self._capturing = False
 
     def capture(self, fn: Callable[[], object], warmup: int = 2) -> object:
-        global _capturing
         side = torch.npu.Stream()
         side.wait_stream(torch.npu.current_stream())
         with torch.npu.stream(side):
             for _ in range(warmup):
                 fn()
         torch.npu.current_stream().wait_stream(side)
-        if _capturing is not None:
-            raise RuntimeError("another NPU graph is being captured")
-        _capturing = self
+        self._capturing = True
         try:
             with torch.npu.graph(self._graph, pool=self._pool):
                 out = fn()
         finally:
-            _capturing = None
+            self._capturing = False
         self._fn = fn
         self.replay()          # capture computed nothing: the outputs are garbage until a replay
         return out
 
     def capture_task(self, launch: Callable[[], object]) -> None:
         """Issue `launch()` now, inside the capture, as an updatable task group (see above)."""
-        if _capturing is not self or not torch.npu.is_current_stream_capturing():
+        if not self._capturing or not torch.npu.is_current_stream_capturing():
             raise RuntimeError("NpuGraph.capture_task() is only valid while this graph is capturing")
         stream = torch.npu.current_stream()
         event = torch.npu.ExternalEvent()

@@ -23,7 +23,7 @@ from enum import IntEnum
 
 import torch
 
-import ops
+from ops.registry import DEVICE_DEFAULTS, OpRegistry
 from ops.sampling import _to_unit  # noqa: F401  (the noise maths lives in ops.sampling)
 
 
@@ -79,20 +79,22 @@ class SamplingParams:
         return self.temperature < 1e-5
 
 
-def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
+def uniform(seeds: torch.Tensor, positions: torch.Tensor, stream: int,
+            registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
     """One U(0,1) per (request, position): shape of `positions`."""
-    return ops.counter_uniform(seeds, positions, int(stream))
+    return registry.counter_uniform(seeds, positions, int(stream))
 
 
-def uniform_vocab(seeds: torch.Tensor, positions: torch.Tensor, stream: int, vocab: int) -> torch.Tensor:
+def uniform_vocab(seeds: torch.Tensor, positions: torch.Tensor, stream: int, vocab: int,
+                  registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
     """U(0,1) per (request, position, token): shape [*positions.shape, vocab]."""
-    return ops.counter_uniform_vocab(seeds, positions, int(stream), vocab)
+    return registry.counter_uniform_vocab(seeds, positions, int(stream), vocab)
 
 
 def exponential_race(weights: torch.Tensor, seeds: torch.Tensor, positions: torch.Tensor,
-                     stream: int) -> torch.Tensor:
+                     stream: int, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
     """Sample argmax(w / E), E ~ Exp(1): a draw from w / sum(w) (w >= 0, unnormalised ok)."""
-    return ops.exponential_race(weights, uniform_vocab(seeds, positions, stream, weights.shape[-1]))
+    return registry.exponential_race(weights, uniform_vocab(seeds, positions, stream, weights.shape[-1], registry))
 
 
 class SamplingBatch:
@@ -100,14 +102,17 @@ class SamplingBatch:
 
     Greedy rows carry temperature 1 and top_k 1 in the tensors: their distribution is
     replaced by a one-hot anyway, and top-1 keeps `top_k_bounds` inside the range that
-    fused top-k kernels accept (torch_npu: 1..1024).
+    fused top-k kernels accept (torch_npu: 1..1024). `ops`: the platform's op registry
+    (its sampling and verification kernels).
     """
 
     TENSORS = ("greedy", "temperature", "top_k", "top_p", "min_p", "seeds")   # one row per request
 
-    def __init__(self, params: list[SamplingParams], device: torch.device) -> None:
+    def __init__(self, params: list[SamplingParams], device: torch.device,
+                 ops: OpRegistry = DEVICE_DEFAULTS) -> None:
         self.size = len(params)
         self.device = device
+        self.ops = ops
         self.greedy = torch.tensor([p.greedy for p in params], dtype=torch.bool, device=device)
         self.temperature = torch.tensor([1.0 if p.greedy else p.temperature for p in params],
                                         dtype=torch.float32, device=device)
@@ -129,26 +134,16 @@ class SamplingBatch:
         ks = [1 if p.greedy else p.top_k for p in params]
         self.top_k_bounds = (min(ks), max(ks)) if ks else None   # (min, max) of the top_k tensor
 
-    def select(self, rows: torch.Tensor, params: list[SamplingParams]) -> "SamplingBatch":
-        """The sub-batch of `rows` (params: the matching SamplingParams, for host flags)."""
-        sub = SamplingBatch.__new__(SamplingBatch)
-        sub.__dict__.update(self.__dict__)
-        for name in self.TENSORS:
-            setattr(sub, name, getattr(self, name).index_select(0, rows))
-        sub.size = rows.numel()
-        sub._set_host_flags(params)
-        return sub
-
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         """Distribution to sample from, float32 [B, ..., V]; one-hot for greedy rows."""
         if self.all_greedy:
             return _one_hot_argmax(logits)
-        scaled = ops.apply_temperature_top_k_top_p(
+        scaled = self.ops.apply_temperature_top_k_top_p(
             logits, self.temperature, self.top_k if self.use_top_k else None,
             self.top_p if self.use_top_p else None, top_k_bounds=self.top_k_bounds)
         probs = torch.softmax(scaled, dim=-1)
         if self.use_min_p:
-            probs = ops.apply_min_p(probs, self.min_p)
+            probs = self.ops.apply_min_p(probs, self.min_p)
         if self.any_greedy:
             greedy = self.greedy.view(-1, *([1] * (logits.dim() - 1)))
             probs = torch.where(greedy, _one_hot_argmax(logits), probs)
@@ -158,7 +153,7 @@ class SamplingBatch:
         """Draw one token per (row, position) from probs [B, ..., V]; positions [B, ...]."""
         if self.all_greedy:
             return probs.argmax(-1)
-        return exponential_race(probs, self.seeds, positions, stream)
+        return exponential_race(probs, self.seeds, positions, stream, self.ops)
 
 
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:

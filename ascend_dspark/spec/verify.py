@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-import ops
 # The two rules live with the verification op. They are attributes of this module too and
 # `verify` passes them to the op by name, so patching them here takes effect.
 from ops.verify import RESIDUAL_EPS, acceptance_probability, residual_distribution  # noqa: F401
@@ -67,16 +66,16 @@ def verify(target_logits: torch.Tensor, draft_tokens: torch.Tensor, draft_probs:
     is the argmax. An all-greedy batch takes a path with no random numbers at all.
     """
     if sampling.all_greedy:
-        num_accepted, tokens = ops.verify_chain_greedy(target_logits, draft_tokens, verify_lens)
+        num_accepted, tokens = sampling.ops.verify_chain_greedy(target_logits, draft_tokens, verify_lens)
         return VerifyResult(num_accepted=num_accepted, tokens=tokens)
 
     k_max = draft_tokens.shape[1]
     first_position = first_position.long()
     p = sampling.probs(target_logits)                                              # [B, K+1, V]
     positions = first_position.unsqueeze(1) + torch.arange(k_max, device=draft_tokens.device)
-    coin = uniform(sampling.seeds, positions, Stream.ACCEPT)                       # [B, K]
+    coin = uniform(sampling.seeds, positions, Stream.ACCEPT, sampling.ops)         # [B, K]
     # The residual / bonus token at stop index a uses Stream.TARGET noise at first_position + a.
-    num_accepted, tokens = ops.verify_chain(
+    num_accepted, tokens = sampling.ops.verify_chain(
         p, draft_tokens, draft_probs, verify_lens, coin, sampling.seeds, first_position, int(Stream.TARGET),
         sampling.greedy if sampling.any_greedy else None,
         acceptance=acceptance_probability, residual=residual_distribution)

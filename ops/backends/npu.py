@@ -54,11 +54,10 @@ import torch_npu
 # Registers the sampling ops' "npu" implementations. A plain `import` (not `from . import`)
 # so that it really re-imports when the module was unloaded (tests) but the package attribute stays.
 import ops.backends.npu_sampling  # noqa: E402,F401
-from ascend_dspark.platform import npu as npu_platform
-from ascend_dspark.platform.interface import AttentionHints, current_attention_hints
 from ops.activation import silu_and_mul as _silu_and_mul_entry
 from ops.attention import attention as _attention_entry
 from ops.backends.npu_caps import Capabilities
+from ops.context import AttentionHints, ForwardContext
 from ops.kv_cache import kv_write as _kv_write_entry
 from ops.norm import add_rms_norm as _add_rms_norm_entry
 from ops.norm import rms_norm as _rms_norm_entry
@@ -324,7 +323,7 @@ def attention_modes() -> dict[str, int]:
 
 @register("attention", BACKEND)
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
-              mask: torch.Tensor, scale: float) -> torch.Tensor:
+              mask: torch.Tensor, scale: float, ctx: ForwardContext | None = None) -> torch.Tensor:
     """torch_npu.npu_fused_infer_attention_score over the paged cache -> (out, lse); returns out.
 
     Query layout "BSND" ([B, T, Hq, D] as is), num_heads = Hq, num_key_value_heads = Hkv
@@ -341,8 +340,8 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     without paging ("gathered", logged once per reason).
 
     Lengths and masks. The kernel wants host ints per row; reading the mask back would be
-    a device sync. The caller's `AttentionHints` (ascend_dspark.platform.interface) give
-    them when known; otherwise every row attends over all S = mask.shape[-1] keys and the
+    a device sync. The forward context's `AttentionHints` (ops/context.py) give them when
+    known; otherwise every row attends over all S = mask.shape[-1] keys and the
     mask hides the rest (table entries past a request's blocks point at the zeroed null
     block, so nothing non-finite is read). Per hint kind:
       none / "explicit": atten_mask = ~mask [B, 1, T, S] (torch_npu masks OUT where True),
@@ -353,18 +352,18 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
       "causal" with Q_S == 1, "prefix": no mask, actual_seq_lengths_kv alone.
     actual_seq_lengths_kv = the hints' kv_lengths, else [S] * B.
 
-    Inside an NPU graph capture the call goes through the capturing platform graph's
+    Inside an NPU graph capture the call goes through the capturing graph's (`ctx.graph`)
     `capture_task` as npu_fused_infer_attention_score.out(..., workspace=, out=[out, lse])
     with a workspace from _npu_fused_infer_attention_score_get_max_workspace (same
     arguments); the graph re-issues it with the hints' current lengths before every replay.
     """
     why = _attention_guard(q, k_cache, v_cache, block_table, mask)
     if why:
-        return _reference("attention", why, q, k_cache, v_cache, block_table, mask, scale)
+        return _reference("attention", why, q, k_cache, v_cache, block_table, mask, scale, ctx)
     b, t, heads, dim = q.shape
     num_blocks, block_size, kv_heads, _ = k_cache.shape
     kv_len = mask.shape[-1]
-    hints = _checked_hints(current_attention_hints(), b, t, kv_len)
+    hints = _checked_hints(ctx.hints if ctx is not None else None, b, t, kv_len)
     kind = "explicit" if hints is None else hints.kind
     if kind == "causal" and t == 1:
         kind = "prefix"                         # one query per row: causal = every key before it
@@ -423,10 +422,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
             inner_precise=INNER_PRECISE, block_size=paged_block)
         return out
 
-    graph = npu_platform.capturing_graph()
+    graph = ctx.graph if ctx is not None else None
     if graph is None:
-        raise RuntimeError("attention captured outside Platform.graph(): the fused kernel's sequence lengths "
-                           "are host values that NpuGraph must refresh before each replay")
+        raise RuntimeError("attention captured without its graph in the forward context (ForwardContext.graph): "
+                           "the fused kernel's sequence lengths are host values that NpuGraph must refresh "
+                           "before each replay")
     workspace = torch_npu._npu_fused_infer_attention_score_get_max_workspace(
         query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
         actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),

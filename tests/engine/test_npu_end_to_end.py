@@ -99,19 +99,19 @@ def npu(monkeypatch):
     monkeypatch.setattr(platform, "_current", platform._current)     # restored at teardown
     fake_torch_npu.patch_npu_platform(monkeypatch)
     with fake_torch_npu.install() as fake:
-        registry._reset_for_tests("npu")
+        fake_torch_npu.unload_backend("npu")
         from ascend_dspark.platform.npu import NpuPlatform
 
         fake.platform = NpuPlatform()
         fake.calls = {}
         yield fake
-    registry._reset_for_tests("npu")
+    fake_torch_npu.unload_backend("npu")
     assert "ops.backends.npu" not in sys.modules
 
 
 def use_npu(fake, monkeypatch):
     """Make the NPU platform current, count kernel calls; return the (imported) backend module."""
-    registry._reset_for_tests("npu")                       # forget the reference run's choices
+    fake_torch_npu.unload_backend("npu")                       # forget the reference run's choices
     platform.set_platform(fake.platform)
     backend = importlib.import_module("ops.backends.npu")
     for name in COUNTED:
@@ -147,7 +147,7 @@ def test_speculative_generate_on_npu_equals_reference(npu, monkeypatch, arch):
 
     assert [o.token_ids for o in outputs] == expected
     assert [len(o.token_ids) for o in outputs] == [GREEDY.max_tokens] * 2
-    chosen = registry.chosen()
+    chosen = npu.platform.ops.chosen()
     assert {op: chosen.get(op) for op in OUR_OPS} == dict.fromkeys(OUR_OPS, "npu")
     assert all(chosen[op] == "npu" for op in FUSED_OPS if op in chosen), chosen
     assert all(npu.calls.get(k, 0) > 0 for k in ("npu_rms_norm", "npu_rotary_mul", "npu_swiglu")), npu.calls
@@ -184,14 +184,14 @@ def test_910a_generates_the_reference_tokens_without_torch_npu_kernels(monkeypat
     monkeypatch.setattr(platform, "_current", platform._current)
     fake_torch_npu.patch_npu_platform(monkeypatch)
     with fake_torch_npu.install(soc_version=102):
-        registry._reset_for_tests("npu")
+        fake_torch_npu.unload_backend("npu")
         from ascend_dspark.platform.npu import NpuPlatform
 
         npu_platform = platform.set_platform(NpuPlatform())
         assert npu_platform.default_dtype() == torch.float16 and npu_platform.op_backend == "reference"
         outputs = _engine(target, drafter).generate(PROMPTS, GREEDY)
-        assert set(registry.chosen().values()) == {"reference"}
-    registry._reset_for_tests("npu")
+        assert set(npu_platform.ops.chosen().values()) == {"reference"}
+    fake_torch_npu.unload_backend("npu")
     assert [o.token_ids for o in outputs] == expected
 
 
@@ -211,7 +211,7 @@ def test_bf16_runs_every_kernel_and_is_as_accurate_as_the_reference(npu, monkeyp
 
     # teacher-forced: one ragged forward over prompt + generated tokens
     rows = [p + o.token_ids for p, o in zip(PROMPTS, outputs)]
-    npu_logits, _, valid = run_batch(target, new_cache(target, 2, 64), rows, [0, 0])
+    npu_logits, _, valid = run_batch(target, new_cache(target, 2, 64), rows, [0, 0], registry=npu.platform.ops)
     monkeypatch.setenv(registry.ENV_VAR, "reference")
     ref_logits, _, _ = run_batch(target, new_cache(target, 2, 64), rows, [0, 0])
     exact = copy.deepcopy(target).to(torch.float64)
@@ -224,13 +224,15 @@ def test_bf16_runs_every_kernel_and_is_as_accurate_as_the_reference(npu, monkeyp
 
 def test_ops_resolve_to_npu_only_on_the_platform_device(npu, monkeypatch):
     use_npu(npu, monkeypatch)
+    reg = npu.platform.ops
     x, w = torch.randn(2, 8, dtype=torch.bfloat16), torch.ones(8, dtype=torch.bfloat16)
-    ops.rms_norm(x, w, 1e-6)
-    ops.gelu_tanh_and_mul(x, x)
-    assert registry.chosen()["rms_norm"] == "npu" and registry.chosen()["gelu_tanh_and_mul"] == "reference"
-    assert registry.resolve("rms_norm", torch.device("meta")) is ops.rms_norm.reference  # not the NPU device
+    reg.rms_norm(x, w, 1e-6)
+    reg.gelu_tanh_and_mul(x, x)
+    assert reg.chosen()["rms_norm"] == "npu" and reg.chosen()["gelu_tanh_and_mul"] == "reference"
+    assert reg.resolve("rms_norm", torch.device("meta")) is ops.rms_norm.reference  # not the NPU device
+    assert ops.rms_norm(x, w, 1e-6) is not None and registry.DEVICE_DEFAULTS.chosen()["rms_norm"] == "reference"
     monkeypatch.setenv(registry.ENV_VAR, "reference")
-    assert registry.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
+    assert reg.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
 
 
 def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
@@ -263,15 +265,16 @@ def test_graph_capture_and_replay_rerun_the_npu_kernels(npu, monkeypatch):
     cos, sin = ops.rotary_cos_sin(inv_freq, positions, 1.0, dt)
     norm_w = torch.ones(hidden, dtype=dt)
 
-    graph = platform.current_platform().graph()
-    ctx = ForwardContext(hints=hints, graph=graph)
+    graph = npu.platform.graph()
+    reg = npu.platform.ops
+    ctx = ForwardContext(reg, hints=hints, graph=graph)
 
     def step():
-        h = ops.rms_norm(x, norm_w, 1e-6)
-        q, k = ops.apply_rotary(q_in, cos, sin), ops.apply_rotary(k_in, cos, sin)
-        ops.kv_write(k_cache, v_cache, k, v_in, slot_mapping)
-        attn = ops.attention(q, k_cache, v_cache, table, mask, dim ** -0.5, ctx)
-        return h, ops.silu_and_mul(attn, attn)
+        h = reg.rms_norm(x, norm_w, 1e-6)
+        q, k = reg.apply_rotary(q_in, cos, sin), reg.apply_rotary(k_in, cos, sin)
+        reg.kv_write(k_cache, v_cache, k, v_in, slot_mapping)
+        attn = reg.attention(q, k_cache, v_cache, table, mask, dim ** -0.5, ctx)
+        return h, reg.silu_and_mul(attn, attn)
 
     captured = graph.capture(step)
     assert all(t.isfinite().all() for t in captured), "capture() must replay: captured outputs start as garbage"

@@ -47,6 +47,23 @@ SNAPSHOT_PATH = npu_contract.snapshot_path(SNAPSHOT_DIR, npu_contract.NEWEST)
 _MISSING = object()
 
 
+def unload_backend(backend: str) -> None:
+    """Forget a backend's module and what it registered, so that the next registry which
+    wants it re-imports it against whatever `torch_npu` is installed now. Its companion
+    modules (`ops.backends.npu_sampling`, `ops.backends.triton_kernels.*`: names extending
+    the backend module's) go too, since they register on import."""
+    from ops import registry
+
+    for impls in registry.IMPLS.values():
+        impls.pop(backend, None)
+    module = registry.BACKEND_MODULES[backend]
+    for loaded in [m for m in sys.modules if m == module or m.startswith((module + "_", module + "."))]:
+        del sys.modules[loaded]
+        parent, _, name = loaded.rpartition(".")
+        if parent in sys.modules and name in vars(sys.modules[parent]):
+            delattr(sys.modules[parent], name)
+
+
 def load_snapshot(release: str | None = None) -> dict:
     return json.loads(npu_contract.snapshot_path(SNAPSHOT_DIR, release or npu_contract.NEWEST).read_text())
 
@@ -147,9 +164,7 @@ class FakeTorchNpu:
             platform._current = self._saved_platform
         backend = sys.modules.get("ops.backends.npu")
         if backend is not None and getattr(backend, "torch_npu", None) is self.module:
-            from ops import registry
-
-            registry._reset_for_tests("npu")
+            unload_backend("npu")
 
     def uninstall(self) -> None:
         if self._saved is None:

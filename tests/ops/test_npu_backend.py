@@ -88,7 +88,7 @@ def npu(monkeypatch):
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.setattr(platform, "_current", CpuPlatform())
     with fake_torch_npu.install() as fake:
-        registry._reset_for_tests("npu")
+        fake_torch_npu.unload_backend("npu")
         module = importlib.import_module("ops.backends.npu")
         assert module.torch_npu is fake.module and fake.module.__test_double__
         yield module
@@ -183,10 +183,10 @@ def test_silu_and_mul(npu, shape, dtype):
 
 
 def test_gelu_tanh_and_mul_has_no_npu_kernel(npu):
-    assert "npu" not in registry._impls["gelu_tanh_and_mul"]
+    assert "npu" not in registry.IMPLS["gelu_tanh_and_mul"]
     for op in ("rms_norm", "add_rms_norm", "silu_and_mul", "apply_rotary", "kv_write", "attention"):
-        assert registry._impls[op]["npu"] is getattr(npu, op)
-    assert registry._impls["top_k_top_p"]["npu"].__module__ == "ops.backends.npu_sampling"  # loaded along
+        assert registry.IMPLS[op]["npu"] is getattr(npu, op)
+    assert registry.IMPLS["top_k_top_p"]["npu"].__module__ == "ops.backends.npu_sampling"  # loaded along
 
 
 # -- rotary --------------------------------------------------------------------------------
@@ -572,6 +572,6 @@ def test_attention_in_a_graph_refreshes_its_lengths_before_each_replay(npu, npu_
 def test_attention_captured_outside_the_platform_graph_is_refused(npu, npu_graph_platform):
     args, _ = attention_case(SHAPES[1], "verify", torch.bfloat16)
     npu.attention(*args)                                          # eager first, as a warmup would
-    with pytest.raises(RuntimeError, match="outside Platform.graph"):
+    with pytest.raises(RuntimeError, match="without its graph in the forward context"):
         with torch.npu.graph(torch.npu.NPUGraph()):
             npu.attention(*args)

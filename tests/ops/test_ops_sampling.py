@@ -393,7 +393,7 @@ def test_markov_confidence_step_matches_formula(dtype):
 @pytest.fixture
 def npu_sampling():
     """ops.backends.npu_sampling imported against the fake torch_npu; registry restored after."""
-    saved = dict(registry._impls["top_k_top_p"])
+    saved = dict(registry.IMPLS["top_k_top_p"])
     with fake_torch_npu.install() as fake:
         sys.modules.pop("ops.backends.npu_sampling", None)
         module = importlib.import_module("ops.backends.npu_sampling")
@@ -411,7 +411,7 @@ def npu_sampling():
         finally:
             fake.module.npu_top_k_top_p = real
             sys.modules.pop("ops.backends.npu_sampling", None)
-            registry._impls["top_k_top_p"] = saved
+            registry.IMPLS["top_k_top_p"] = saved
 
 
 NPU_CASES = {                     # shape -> top_k per row (None: _filter_case's, 0 and > V included)
@@ -487,12 +487,10 @@ def test_sampling_batch_gives_npu_valid_top_k_bounds(npu_sampling, monkeypatch):
     assert batch.top_k_bounds == (1, 20) and batch.top_k.tolist() == [1, 20, 5]
     logits = torch.randn(3, 4, 5000, generator=_gen(9))
     reference = batch.probs(logits)
-    monkeypatch.setitem(registry._impls["top_k_top_p"], "npu", npu_sampling.apply_temperature_top_k_top_p_npu)
-    monkeypatch.setattr(registry, "wanted_backend", lambda device: "npu")
-    monkeypatch.setitem(registry._loaded, "npu", None)                  # as if ops.backends.npu had loaded
-    monkeypatch.setattr(registry, "_announced", set(registry._announced))
-    monkeypatch.setattr(registry, "_resolved", {})                       # forget memoised choices
-    on_npu = batch.probs(logits)
+    monkeypatch.setitem(registry.IMPLS["top_k_top_p"], "npu", npu_sampling.apply_temperature_top_k_top_p_npu)
+    npu_ops = registry.OpRegistry("cpu", "npu")             # CPU tensors stand in for the NPU's
+    npu_ops._unavailable["npu"] = None                      # as if ops.backends.npu had loaded
+    on_npu = SamplingBatch(params, torch.device("cpu"), npu_ops).probs(logits)
     assert len(npu_sampling.calls) == 1
     assert torch.allclose(on_npu, reference, atol=1e-6, rtol=0)
 

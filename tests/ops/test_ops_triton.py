@@ -290,26 +290,25 @@ def test_backend_module_registers_every_kernel(device):
     assert set(backend.OPS) == {"rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul",
                                 "kv_write", "attention"}
     for op, fn in backend.OPS.items():
-        assert registry._impls[op]["triton"] is fn, op
+        assert registry.IMPLS[op]["triton"] is fn, op
 
 
 
 @pytest.mark.cuda
 def test_registry_routes_cuda_tensors_to_triton(monkeypatch):
-    import ascend_dspark.platform as platform_mod
     from ascend_dspark.platform import make_platform
     from ops import registry
     from ops.backends import triton_kernels
 
-    monkeypatch.setattr(platform_mod, "_current", make_platform("cuda"))
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     cuda = torch.device("cuda")
-    for op in ("rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul", "kv_write",
-               "attention"):
-        assert registry.resolve(op, cuda) is getattr(triton_kernels, op), op
-    assert registry.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
+    for reg in (make_platform("cuda").ops, registry.DEVICE_DEFAULTS):      # the platform's, and no platform's
+        for op in ("rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul", "kv_write",
+                   "attention"):
+            assert reg.resolve(op, cuda) is getattr(triton_kernels, op), op
+        assert reg.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
     monkeypatch.setenv(registry.ENV_VAR, "reference")
-    assert registry.resolve("rms_norm", cuda) is ops.rms_norm.reference
+    assert make_platform("cuda").ops.resolve("rms_norm", cuda) is ops.rms_norm.reference
 
 
 @pytest.mark.cuda

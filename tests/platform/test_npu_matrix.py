@@ -169,7 +169,7 @@ def npu_backend(request, monkeypatch):
     monkeypatch.delenv(registry.ENV_VAR, raising=False)
     monkeypatch.setattr(platform, "_current", CpuPlatform())
     with fake_torch_npu.install(release=release) as fake:
-        registry._reset_for_tests("npu")
+        fake_torch_npu.unload_backend("npu")
         backend = importlib.import_module("ops.backends.npu")
         sampling = importlib.import_module("ops.backends.npu_sampling")
         assert backend.torch_npu is fake.module and fake.module.__version__ == release
@@ -239,4 +239,4 @@ def test_platform_graphs_follow_the_graph_task_api(monkeypatch, caplog, release)
         assert not p.supports_graphs and not p.graph_steps
         message = " ".join(r.getMessage() for r in caplog.records if r.name == npu_platform.__name__)
         assert release in message and "graph_task_update_begin" in message
-    registry._reset_for_tests("npu")
+    fake_torch_npu.unload_backend("npu")

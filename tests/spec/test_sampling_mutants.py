@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
+from tests.helpers import select_rows
 
 CPU = torch.device("cpu")
 
@@ -49,7 +50,7 @@ def test_select_keeps_the_size_and_the_rows():
     params = [SamplingParams(temperature=0.5 + i, top_k=i, seed=100 + i) for i in range(5)]
     batch = SamplingBatch(params, CPU)
     rows = torch.tensor([4, 1])
-    sub = batch.select(rows, [params[4], params[1]])
+    sub = select_rows(batch, rows, [params[4], params[1]])
     assert sub.size == 2
     assert sub.seeds.tolist() == [104, 101]
     assert sub.top_k.tolist() == [4, 1]

@@ -14,6 +14,7 @@ from scipy import stats
 from ascend_dspark.spec import verify as verify_mod
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream, exponential_race
 from ascend_dspark.spec.verify import acceptance_probability, residual_distribution, verify
+from tests.helpers import select_rows
 
 CPU = torch.device("cpu")
 ALPHA = 1e-3   # significance level: a correct rule fails ~0.1% of seeds, a wrong one must fail
@@ -193,7 +194,7 @@ def test_two_token_joint_across_rounds():
     t1, t2 = res.tokens[:, 0].clone(), res.tokens[:, 1].clone()
 
     again = (res.num_accepted == 0).nonzero().squeeze(1)
-    sub = sampling.select(again, [params[i] for i in again.tolist()])
+    sub = select_rows(sampling, again, [params[i] for i in again.tolist()])
     prev = t1[again]
     pos = torch.ones(again.numel(), dtype=torch.long)
     y = exponential_race(q2.float()[prev], sub.seeds, pos, Stream.DRAFT)
@@ -313,7 +314,7 @@ def test_mixed_greedy_and_sampled_rows():
     # Sampled rows give exactly what they give in a batch of their own.
     odd = (~greedy).nonzero().squeeze(1)
     alone = verify(logits[odd], drafts[odd], q[odd], lens[odd],
-                   sampling.select(odd, [params[i] for i in odd.tolist()]), first[odd])
+                   select_rows(sampling, odd, [params[i] for i in odd.tolist()]), first[odd])
     assert torch.equal(res.tokens[odd], alone.tokens)
     assert torch.equal(res.num_accepted[odd], alone.num_accepted)
     assert (res.tokens[odd] != _expected_greedy_tokens(path, first_miss)[odd]).any()
