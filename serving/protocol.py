@@ -47,7 +47,8 @@ class _GenerationFields(_Strict):
     presence_penalty: float | None = Field(None, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, description="only 0 is supported")
     num_speculative_tokens: int | None = Field(
-        None, ge=0, le=64, description="extension: at most this many draft tokens verified per step; 0 = no speculation")
+        None, description="extension: at most this many draft tokens drafted and verified per step (the server's "
+                          "K at most); 0 = no speculation. Checked where sampling parameters are (SamplingParams)")
 
     @field_validator("stop")
     @classmethod

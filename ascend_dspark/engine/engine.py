@@ -295,6 +295,7 @@ class Engine:
 
     # -- host bookkeeping ----------------------------------------------------------------------
     def _verify_len(self, request: Request) -> int:
+        """The drafts this request's rows propose and verify: its cap, at most the engine's K."""
         cap = request.params.num_speculative_tokens
         return self.num_speculative_tokens if cap is None else min(cap, self.num_speculative_tokens)
 

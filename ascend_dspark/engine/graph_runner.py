@@ -14,9 +14,10 @@ drafter's observe) is captured once per batch-size bucket and replayed with one 
   with `num_keys=None`), so nothing in the step depends on a value read back from the device.
   The context also carries the graph being captured (Ascend's attention registers its
   updatable task with it) and the attention hints, updated in place before every replay.
-- Sampling's host flags (all greedy, which filters run) choose code paths, so each graph
-  is keyed by (bucket, flags); the common keys (all greedy, plain temperature) are captured
-  at start-up with a progress bar, others on first use.
+- Sampling's host flags (all greedy, which filters run) choose code paths and the draft
+  depth (the batch's largest per-request cap, K by default) sets shapes, so each graph is
+  keyed by (bucket, draft depth, flags); the common keys (K drafts, all greedy or plain
+  temperature) are captured at start-up with a progress bar, others on first use.
 - The runner's graphs share one memory pool of their own (an engine's graphs die with it);
   the bytes it takes are measured.
 A batch above the largest bucket runs eagerly, announced once.
@@ -78,8 +79,9 @@ class StepGraphRunner:
 
     def capture_startup(self, progress: bool = True) -> None:
         keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
+        k = self.runner.num_speculative_tokens
         for bucket, params in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
-            self._capture(bucket, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
+            self._capture(bucket, k, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 
@@ -91,7 +93,7 @@ class StepGraphRunner:
                            batch, self.buckets[-1])
         return bucket
 
-    def run(self, slots: list[int], verify_lens: list[int], params: list[SamplingParams],
+    def run(self, slots: list[int], verify_lens: list[int], num_drafts: int, params: list[SamplingParams],
             identity: tuple, reach: list[int]) -> dict | None:
         """Replay the step for these rows; None when the batch needs the eager path.
         `identity` names the rows' requests uniquely (never reused): while it and the verify
@@ -106,7 +108,8 @@ class StepGraphRunner:
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
             dev = self.runner.device
             sampling = SamplingBatch(params + [params[0]] * pad, dev, self.platform.ops)      # padding rows copy row 0's flags
-            captured = self.graphs.get((bucket, _flags(sampling))) or self._capture(bucket, sampling)
+            captured = (self.graphs.get((bucket, num_drafts, _flags(sampling)))
+                        or self._capture(bucket, num_drafts, sampling))
             captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
             captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
             for name in SamplingBatch.TENSORS:
@@ -117,7 +120,7 @@ class StepGraphRunner:
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
 
-    def _capture(self, bucket: int, sampling: SamplingBatch) -> _Captured:
+    def _capture(self, bucket: int, num_drafts: int, sampling: SamplingBatch) -> _Captured:
         dev = self.runner.device
         slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
@@ -130,8 +133,8 @@ class StepGraphRunner:
         # Hints with the padding slot's reach; updated to the real rows' before every replay.
         hints = AttentionHints([self.runner.reserve] * bucket, kind="explicit")
         ctx = ForwardContext(self.platform.ops, num_keys=None, hints=hints, graph=graph)
-        outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, static, None, ctx))
+        outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, num_drafts, static, None, ctx))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
         captured = _Captured(graph, slots, verify_lens, static, hints, outputs)
-        self.graphs[(bucket, _flags(sampling))] = captured
+        self.graphs[(bucket, num_drafts, _flags(sampling))] = captured
         return captured

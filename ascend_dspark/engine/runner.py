@@ -193,13 +193,16 @@ class ModelRunner:
     def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
         captured graph where one fits, else run eagerly over the columns the rows reach.
+        `verify_lens[b]`: the drafts row b verifies (its request's cap); the drafter proposes
+        as many as the largest of them, so a batch capped at 0 runs no drafter at all.
         `ahead`: positions the rows may have committed beyond what the host knows (a step
         launched before the last one was read)."""
         slots = [r.slot for r in requests]
+        num_drafts = max(verify_lens)
         reach = [r.num_cached + ahead + self.reserve for r in requests]
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if self.graph_runner is not None and want_logprobs is None:
-            out = self.graph_runner.run(slots, verify_lens, [r.params for r in requests],
+            out = self.graph_runner.run(slots, verify_lens, num_drafts, [r.params for r in requests],
                                         tuple(r.arrival for r in requests), reach)
             if out is not None:
                 return out
@@ -207,23 +210,24 @@ class ModelRunner:
         # explicit masks, with each row's reach as its key-length bound.
         ctx = ForwardContext(self.platform.ops, num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
         dev = self.device
-        return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev),
+        return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev), num_drafts,
                                 self._sampling_for(requests), want_logprobs, ctx)
 
-    def verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, sampling: SamplingBatch,
+    def verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, num_drafts: int, sampling: SamplingBatch,
                     want_logprobs: int | None, ctx: ForwardContext) -> dict[str, torch.Tensor]:
-        """The device work of a verify step, graph-capturable (no host reads, fixed shapes).
+        """The device work of a verify step, graph-capturable (no host reads, fixed shapes):
+        `num_drafts` tokens drafted (0: none, a plain decode step), `verify_lens` of them verified.
 
         The anchor (the last committed token, not yet in the cache) sits at the slot's cache
         length: the length is where this step's writes start, and the causal masks built from
         these positions let every query see exactly the committed prefix plus this step's
         tokens. Rolling back the rejected tail is therefore only lowering the length."""
         dev = self.device
-        k = self.num_speculative_tokens
+        k = num_drafts
         anchors = self.anchors[slots]
         anchor_pos = self.cache.lengths[slots]
         batch = slots.shape[0]
-        if self.drafter is not None:
+        if self.drafter is not None:       # proposing 0 tokens costs nothing (an empty proposal)
             proposal = self.drafter.propose(slots, anchors, anchor_pos, k, sampling, ctx)
             draft_tokens, draft_probs, confidence = proposal.tokens, proposal.probs, proposal.confidence
         else:

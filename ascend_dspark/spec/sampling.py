@@ -51,7 +51,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
-    num_speculative_tokens: int | None = None   # cap on the drafts verified per step; 0 = no speculation
+    # This request's cap on the tokens drafted and verified per step (the engine's K at most;
+    # None: K). 0: no speculation. Checked here only: the server passes it through.
+    num_speculative_tokens: int | None = None
     logprobs: int | None = None   # report the target's logprob of each token, and this many top alternatives
 
     def __post_init__(self) -> None:
