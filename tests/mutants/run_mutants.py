@@ -1,8 +1,9 @@
 """`make mutants`: mutation testing of the lossless core with mutmut 3 (not part of CI).
 
 What it mutates (TARGETS below): verification and sampling (`ascend_dspark/spec/{verify,
-sampling}.py`, `ops/{verify,sampling}.py`, every function), the engine's step (prefill,
-verify, commit) and the scheduler's plan (growth, admission, chunking, preemption),
+sampling}.py`, `ops/{verify,sampling}.py`, every function), the engine's step (the
+engine's launch / finish / chain, the model runner's prefill and verify, the output
+processor's commit) and the scheduler's plan (growth, admission, chunking, preemption),
 and the drafters' propose / observe. What it runs against them: per mutant, the tests
 tests/mutants/scope.py picks for its module, in its order, `-x` (verification and sampling:
 their unit tests; the scheduler: its host-level plan tests, then a subset of the engine
@@ -67,7 +68,10 @@ TARGETS: dict[str, list[str]] = {
     "ops/verify.py": ["*"],
     "ops/sampling.py": ["*"],
     "ascend_dspark/engine/engine.py": [f"x{SEP}Engine{SEP}{name}__mutmut_*" for name in (
-        "step", "_launch", "_finish", "_chain", "_prefill", "_verify_core", "_commit")],
+        "step", "_launch", "_finish", "_chain")],
+    "ascend_dspark/engine/runner.py": [f"x{SEP}ModelRunner{SEP}{name}__mutmut_*" for name in (
+        "prefill", "verify", "verify_core")],
+    "ascend_dspark/engine/output_processor.py": [f"x{SEP}OutputProcessor{SEP}commit__mutmut_*"],
     "ascend_dspark/engine/scheduler.py": [f"x{SEP}Scheduler{SEP}{name}__mutmut_*" for name in (
         "_grow_running", "grow_ahead", "_fill_prefill", "_chunk", "_preempt")],
     "ascend_dspark/drafters/dspark.py": [f"x{SEP}DSparkDrafter{SEP}propose__mutmut_*"],

@@ -52,6 +52,7 @@ ENGINE_TESTS = [
     E + "test_engine_kv_rollback.py::test_next_write_starts_at_the_length_and_nothing_past_it_is_seen[dspark-7]",
     E + "test_engine_kv_rollback.py",
     E + "test_engine_overlap.py",
+    E + "test_draft_caps.py",
     E + "test_engine_logprobs.py::test_logprobs_of_token_zero_are_its_own",
     E + "test_engine_logprobs.py",
     E + "test_engine_devices.py::test_generate_computes_with_no_tensor_made_without_a_device[None]",
@@ -94,7 +95,7 @@ SCHEDULER_TESTS = [ENGINE_TESTS[0]] + [BATCHING + t for t in (
 SCOPES: list[tuple[tuple[str, ...], list[str]]] = [
     (("ops.", "ascend_dspark.spec."), UNIT_TESTS),
     (("ascend_dspark.engine.scheduler.",), SCHEDULER_TESTS),
-    ((f"ascend_dspark.engine.engine.x{SEP}Engine{SEP}_verify_core",), ENGINE_TESTS + GRAPH_TESTS),
+    ((f"ascend_dspark.engine.runner.x{SEP}ModelRunner{SEP}verify_core",), ENGINE_TESTS + GRAPH_TESTS),
     (("ascend_dspark.engine.",), ENGINE_TESTS),
     (("ascend_dspark.drafters.",), ["tests/drafters/", *ENGINE_TESTS]),
 ]
