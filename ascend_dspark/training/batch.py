@@ -22,7 +22,7 @@ def target_outputs(target, input_ids: torch.Tensor, lengths: torch.Tensor, layer
     """(features [B, T, m*H], last_hidden [B, T, H]) of the frozen target over right-padded
     rows, computed online through a scratch KV cache sized for this batch (no_grad, not
     inference_mode: the drafter's graph keeps these tensors as inputs)."""
-    from ascend_dspark.models.kv_cache import PagedKVCache
+    from ascend_dspark.cache import PagedKVCache
 
     cfg = target.config
     b, t = input_ids.shape

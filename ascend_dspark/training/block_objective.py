@@ -101,11 +101,10 @@ def block_draft_logits(drafter: BlockDrafter, features: torch.Tensor, input_ids:
     return logits, confidence_logit, labels, label_pos
 
 
-def block_objective(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int, decay: float,
-                    row_seeds: list[int], loss_weights: dict[str, float]
-                    ) -> tuple[dict[str, losses.Term], dict[str, torch.Tensor]]:
-    """(loss terms by name, metrics) for one batch. `loss_weights` names which terms to build
-    (ce, tv, conf); a term with weight 0 is skipped (metrics still report 1 - TV)."""
+def _teacher_forced(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int, row_seeds: list[int]):
+    """Everything both the loss and the validation metrics read: (logits [B, A, D, V],
+    confidence logits or None, labels, label positions, supervised [B, A, D] bool,
+    p_target [B, A, D, V] (no grad))."""
     ids, mask = batch.input_ids, batch.loss_mask
     t = ids.shape[1]
     anchors, anchor_ok = sample_anchors(mask, num_anchors, row_seeds)
@@ -113,12 +112,21 @@ def block_objective(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int,
     flat = label_pos.clamp(max=t - 1).flatten(1)
     supervised = torch.cumprod((mask.gather(1, flat).view_as(label_pos) & (label_pos < t)).long(), -1).bool()
     supervised &= anchor_ok.unsqueeze(-1)
-    weight = losses.position_weights(label_pos.shape[-1], decay, ids.device) * supervised
-
     with torch.no_grad():
         hidden_at = batch.last_hidden.gather(1, (label_pos - 1).clamp(max=t - 1).flatten(1).unsqueeze(-1)
                                              .expand(-1, -1, batch.last_hidden.shape[-1]))
         p_target = torch.softmax(drafter.target.logits(hidden_at), dim=-1).view_as(logits)
+    return logits, confidence_logit, labels, label_pos, supervised, p_target
+
+
+def block_objective(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int, decay: float,
+                    row_seeds: list[int], loss_weights: dict[str, float]
+                    ) -> tuple[dict[str, losses.Term], dict[str, torch.Tensor]]:
+    """(loss terms by name, metrics) for one batch. `loss_weights` names which terms to build
+    (ce, tv, conf); a term with weight 0 is skipped (metrics still report 1 - TV)."""
+    logits, confidence_logit, labels, label_pos, supervised, p_target = _teacher_forced(
+        drafter, batch, num_anchors, row_seeds)
+    weight = losses.position_weights(label_pos.shape[-1], decay, logits.device) * supervised
     p_draft = torch.softmax(logits, dim=-1)
     l1 = losses.l1_distance(p_draft, p_target)
     accept = 1 - l1 / 2
@@ -134,6 +142,35 @@ def block_objective(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int,
         terms["conf"] = losses.confidence_bce(confidence_logit, accept, weight)
     metrics = _acceptance_metrics(accept.detach().flatten(0, 1), supervised.flatten(0, 1))
     return terms, metrics
+
+
+@torch.no_grad()
+def block_validation_sums(drafter: BlockDrafter, batch: TargetBatch, num_anchors: int, row_seeds: list[int]
+                          ) -> dict[str, torch.Tensor]:
+    """Per-slot sums over one batch's supervised block slots (teacher forced), to pool over
+    batches: "accept" (1 - TV, the T=1 acceptance of the slot), "argmax" (the draft's argmax
+    is the target's: the T=0 acceptance of the slot) and "count"; each [D] float64 on the CPU."""
+    logits, _, _, _, supervised, p_target = _teacher_forced(drafter, batch, num_anchors, row_seeds)
+    accept = 1 - losses.l1_distance(torch.softmax(logits.float(), dim=-1), p_target) / 2
+    agree = (logits.argmax(-1) == p_target.argmax(-1)).float()
+    valid = supervised.float()
+    dims = tuple(range(valid.dim() - 1))
+    return {"accept": (accept * valid).sum(dims).double().cpu(), "argmax": (agree * valid).sum(dims).double().cpu(),
+            "count": valid.sum(dims).double().cpu()}
+
+
+def validation_metrics(sums: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Pooled per-slot rates from summed `block_validation_sums`: accept@k / argmax@k (1-based
+    slots, conditional on a teacher-forced prefix) and the expected accepted lengths they give
+    at T=1 (tau_prob: 1 + sum_k prod_{i<=k} accept@i, DeepSpec's) and at T=0 (tau_argmax)."""
+    count = sums["count"].clamp(min=1)
+    accept, agree = sums["accept"] / count, sums["argmax"] / count
+    out = {f"accept@{k + 1}": float(accept[k]) for k in range(accept.numel())}
+    out.update({f"argmax@{k + 1}": float(agree[k]) for k in range(agree.numel())})
+    out["tau_prob"] = float(1 + torch.cumprod(accept, 0).sum())
+    out["tau_argmax"] = float(1 + torch.cumprod(agree, 0).sum())
+    out["slots"] = float(sums["count"].sum())
+    return out
 
 
 def _acceptance_metrics(accept: torch.Tensor, valid: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -54,6 +54,13 @@ class TrainConfig:
     position_decay: float = 4.0        # block slots: exp(-k / 4) (DeepSpec loss_decay_gamma)
     num_anchors: int = 64              # blocks per sequence (DFlash / DSpark)
     ttt_step_decay: float = 0.8        # Eagle3 TTT step weights 0.8^j
+    # validation: a fixed share of the prompts (split.py), measured every val_every steps
+    val_fraction: float = 0.02
+    val_every: int = 200
+    val_batches: int = 8               # at most this many batches of batch_size validation samples
+    # weights-only continuation (init from a draft with train_progress.json): the optimiser
+    # starts empty, so the learning rate ramps up again over this many steps
+    rewarm_steps: int = 20
     # bookkeeping
     seed: int = 0
     checkpoint_every: int = 200
@@ -65,9 +72,14 @@ class TrainConfig:
             raise ValueError(f"algorithm {self.algorithm!r}: expected one of {', '.join(ALGORITHMS)}")
         if self.precision not in ("bf16", "fp32"):
             raise ValueError(f"precision {self.precision!r}: expected bf16 or fp32")
-        for name in ("steps", "batch_size", "max_len", "num_anchors", "checkpoint_every", "log_every"):
+        for name in ("steps", "batch_size", "max_len", "num_anchors", "checkpoint_every", "log_every", "val_every",
+                     "val_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.rewarm_steps < 0:
+            raise ValueError(f"rewarm_steps must be >= 0, got {self.rewarm_steps}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         self.betas = tuple(float(b) for b in self.betas)

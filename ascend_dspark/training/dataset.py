@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from .regen import read_records
+from .shards import base_prompt_id, iter_shard_records, prompt_key
 
 logger = logging.getLogger(__name__)
 
@@ -32,16 +33,31 @@ class Sample:
     input_ids: torch.Tensor      # [T] long: prompt_ids + response_ids (truncated to max_len)
     loss_mask: torch.Tensor      # [T] bool: True on response tokens
     id: str = ""
+    prompt_id: str = ""          # the prompt it answers (several samples share one; the split goes by it)
+    prompt_key: str = ""         # hash of the normalised prompt text (shards.prompt_key)
 
     def __len__(self) -> int:
         return self.input_ids.numel()
 
 
+def iter_records(path: str | Path):
+    """Records of a regeneration JSONL file, a shard file (`.npz`) or a directory of shards."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"training data not found: {path} (create it with `ascend-dspark regen`)")
+    if path.is_dir() or path.suffix == ".npz":
+        return iter_shard_records(path)
+    return iter(read_records(path))
+
+
 def load_samples(paths: str | Path | Iterable[str | Path], max_len: int) -> list[Sample]:
-    """Samples of one or more regeneration files, in file order, each cut to `max_len` tokens.
+    """Samples of regeneration files (JSONL, shard files or shard directories), in file order,
+    each cut to `max_len` tokens.
 
     A record whose response falls entirely beyond `max_len` is dropped (nothing to learn);
-    an id seen in an earlier file is dropped too. Both are counted in one log line.
+    an id seen in an earlier file is dropped too (the same record packed twice). Several
+    samples of one prompt have ids of their own (`<prompt id>#<k>`) and are all kept. Both
+    drops are counted in one log line.
     """
     if max_len < 2:
         raise ValueError(f"max_len must be >= 2, got {max_len}")
@@ -50,9 +66,7 @@ def load_samples(paths: str | Path | Iterable[str | Path], max_len: int) -> list
     seen: set[str] = set()
     no_response = duplicates = 0
     for path in paths:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"training data not found: {path} (create it with `ascend-dspark regen`)")
-        for rec in read_records(path):
+        for rec in iter_records(path):
             if rec["id"] in seen:
                 duplicates += 1
                 continue
@@ -64,7 +78,8 @@ def load_samples(paths: str | Path | Iterable[str | Path], max_len: int) -> list
                 continue
             mask = torch.zeros(len(ids), dtype=torch.bool)
             mask[len(prompt):] = True
-            samples.append(Sample(torch.tensor(ids, dtype=torch.long), mask, rec["id"]))
+            key = rec.get("prompt_key") or (prompt_key(rec["prompt"]) if "prompt" in rec else "")
+            samples.append(Sample(torch.tensor(ids, dtype=torch.long), mask, rec["id"], base_prompt_id(rec), key))
     if no_response or duplicates:
         logger.warning("load_samples: dropped %d records with no response token within max_len=%d and "
                        "%d repeated ids", no_response, max_len, duplicates)

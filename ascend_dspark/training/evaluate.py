@@ -37,7 +37,7 @@ from pathlib import Path
 from ascend_dspark.engine.outputs import RequestOutput, merge_stats
 from ascend_dspark.spec.sampling import SamplingParams
 
-from . import metrics
+from . import bootstrap, metrics
 
 PROTOCOL = ("DeepSpec: first user turn under the chat template; T=0 greedy, T>0 sampling seeded per sample "
             "(seed + index); full-block proposals; tau = committed tokens / rounds pooled over a dataset "
@@ -71,10 +71,17 @@ def generate_dataset(engine, ids: Sequence[list[int]], temperature: float, max_n
     return outputs, seconds
 
 
-def summarize(outputs: list[RequestOutput]) -> dict:
-    """Every metric of one (dataset, drafter, temperature) cell."""
+def summarize(outputs: list[RequestOutput], seed: int = 0) -> dict:
+    """Every metric of one (dataset, drafter, temperature) cell, with per-prompt committed
+    tokens and rounds (DeepSpec's convention) and tau's bootstrap interval over prompts."""
     stats = merge_stats([o.stats for o in outputs])
+    per_prompt = [metrics.rounds(o.stats) for o in outputs]
+    committed = [sum(r.committed for r in rs) for rs in per_prompt]
+    rounds_ = [len(rs) for rs in per_prompt]
+    lo, hi = bootstrap.tau_interval(committed, rounds_, seed=seed)
     return {"num_samples": len(outputs), "rounds": stats.num_steps, "tau": metrics.tau(stats),
+            "tau_ci": [lo, hi], "ci_level": bootstrap.LEVEL,
+            "per_prompt": {"committed": committed, "rounds": rounds_},
             "verify_rate": metrics.verify_rate(stats), "draft_tokens_per_round": metrics.mean_proposal_length(stats),
             "accept_rate": metrics.accept_rates(stats), "conditional_acceptance": metrics.conditional_acceptance(stats),
             "output_tokens": sum(len(o.token_ids) for o in outputs), "calibration": metrics.calibration(stats)}
@@ -102,7 +109,7 @@ def evaluate(llm_or_engine, tokenizer=None, prompts: Iterable = (), temperatures
         for t in temperatures:
             outputs, seconds = generate_dataset(engine, ids, float(t), max_new_tokens, batch_size, seed)
             row = {"dataset": dataset, "drafter": name, "temperature": float(t),
-                   "num_speculative_tokens": engine.num_speculative_tokens, **summarize(outputs),
+                   "num_speculative_tokens": engine.num_speculative_tokens, **summarize(outputs, seed),
                    "elapsed_s": seconds}
             row["tokens_per_s"] = row["output_tokens"] / seconds if seconds else None
             rows.append(row)
@@ -116,21 +123,50 @@ def evaluate(llm_or_engine, tokenizer=None, prompts: Iterable = (), temperatures
 def evaluate_drafters(target, tokenizer, drafters: dict[str, object], prompts: Sequence, *,
                       temperatures: Sequence[float] = (0.0, 1.0), max_new_tokens: int = 256, batch_size: int = 1,
                       seed: int = 0, num_speculative_tokens: int | None = None, platform=None,
-                      on_row: Callable[[dict], None] | None = None) -> dict:
+                      on_row: Callable[[dict], None] | None = None, graph_buckets: list[int] | None = None) -> dict:
     """Every drafter (name -> drafter on the target's device, or None for plain decoding) on
     one loaded target; one report with all rows. K defaults to each drafter's own block."""
     from ascend_dspark.engine.engine import Engine
 
     longest = max(len(prompt_ids(tokenizer, p)) for p in prompts)
+    buckets = sorted(b for b in graph_buckets or () if b <= batch_size) or None     # None: the engine's own
     report: dict = {}
     for name, drafter in drafters.items():
         k = num_speculative_tokens or (drafter.max_draft_tokens if drafter is not None else 1)
         engine = Engine(target, drafter, tokenizer, k, max_model_len=longest + max_new_tokens + 1,
-                        max_batch_size=batch_size, platform=platform)
+                        max_batch_size=batch_size, platform=platform,
+                        graph_buckets=buckets)
         part = evaluate(engine, tokenizer, prompts, temperatures, max_new_tokens, batch_size, seed, name, on_row)
         report = part if not report else {**report, "results": report["results"] + part["results"]}
         del engine
     return report
+
+
+def tau_ratios(report: dict, pairs: Sequence[tuple[str, str]], seed: int = 0) -> list[dict]:
+    """tau(a) / tau(b) with its paired bootstrap interval, for every (a, b) in `pairs` and
+    every (dataset, temperature) both were evaluated on (same prompts, same seeds)."""
+    cells = {(r["dataset"], r["temperature"], r["drafter"]): r for r in report["results"]}
+    out = []
+    for a, b in pairs:
+        for (dataset, t, name), ra in cells.items():
+            rb = cells.get((dataset, t, b))
+            if name != a or rb is None:
+                continue
+            pa, pb = ra["per_prompt"], rb["per_prompt"]
+            r = bootstrap.ratio_interval((pa["committed"], pa["rounds"]), (pb["committed"], pb["rounds"]), seed=seed)
+            out.append({"dataset": dataset, "temperature": t, "numerator": a, "denominator": b, **r})
+    return out
+
+
+def parse_ratios(text: str | None) -> list[tuple[str, str]]:
+    """"dspark/dflash,new/old" -> [("dspark", "dflash"), ("new", "old")]."""
+    pairs = []
+    for item in (s.strip() for s in (text or "").split(",") if s.strip()):
+        a, sep, b = item.partition("/")
+        if not sep or not a.strip() or not b.strip():
+            raise ValueError(f"--ratios item {item!r}: expected NAME/NAME")
+        pairs.append((a.strip(), b.strip()))
+    return pairs
 
 
 # -- writing --------------------------------------------------------------------------------------
@@ -151,7 +187,7 @@ def markdown_table(report: dict) -> str:
     """dataset x drafter x temperature: tau, accept_rate@k, and calibration where there is one."""
     rows = report["results"]
     width = max((len(r["accept_rate"]) for r in rows), default=0)
-    head = (["dataset", "drafter", "T", "samples", "tau"] + [f"acc@{k}" for k in range(width)]
+    head = (["dataset", "drafter", "T", "samples", "tau", "tau 95% CI"] + [f"acc@{k}" for k in range(width)]
             + ["ECE", "AUROC", "Brier", "ECE(c_k)"])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -159,11 +195,20 @@ def markdown_table(report: dict) -> str:
         cal = r.get("calibration")
         survival = cal["survival"]["summary"] if cal else {}
         conditional = cal["conditional"]["summary"] if cal else {}
-        cells = ([r["dataset"], r["drafter"], f"{r['temperature']:g}", str(r["num_samples"]), _fmt(r["tau"], 2)]
+        ci = r.get("tau_ci") or [None, None]
+        cells = ([r["dataset"], r["drafter"], f"{r['temperature']:g}", str(r["num_samples"]), _fmt(r["tau"], 2),
+                  f"[{_fmt(ci[0], 2)}, {_fmt(ci[1], 2)}]"]
                  + acc + [_fmt(survival.get("ece"), 3), _fmt(survival.get("auroc"), 3),
                           _fmt(survival.get("brier"), 3), _fmt(conditional.get("ece"), 3)])
         lines.append("| " + " | ".join(cells) + " |")
-    note = ("tau: mean committed tokens per round incl. the bonus, pooled over rounds (DeepSpec). "
+    ratios = report.get("ratios") or []
+    if ratios:
+        lines += ["", "| dataset | T | ratio | tau ratio | 95% CI | P(ratio <= 1) |", "|---|---|---|---:|---|---:|"]
+        lines += [f"| {q['dataset']} | {q['temperature']:g} | {q['numerator']} / {q['denominator']} | "
+                  f"{_fmt(q['ratio'], 3)} | [{_fmt(q['lo'], 3)}, {_fmt(q['hi'], 3)}] | {_fmt(q['p_le_1'], 3)} |"
+                  for q in ratios]
+    note = ("tau 95% CI: percentile bootstrap over prompts (2000 replicates; ratios paired on the same prompts). "
+            "tau: mean committed tokens per round incl. the bonus, pooled over rounds (DeepSpec). "
             "acc@k: DeepSpec's accept_rate@k, 0-based (acc@0 = first draft), unconditional. "
             "ECE (20 bins) / AUROC / Brier: confidence head, prefix-survival view (DeepSpec); "
             "ECE(c_k): each c_k against its own acceptance at reached positions.")
@@ -224,6 +269,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
     p.add_argument("--out", default=None, help="directory for eval.json, eval.md and the plots")
+    p.add_argument("--graph-buckets", default=None,
+                   help="comma list of decode batch sizes captured as graphs (default: the engine's powers of two)")
+    p.add_argument("--ratios", default=None, metavar="A/B,...",
+                   help="tau ratios with paired bootstrap intervals between the named drafters, e.g. dspark/dflash")
     p.set_defaults(func=run_eval)
     return p
 
@@ -250,6 +299,10 @@ def run_eval(args: argparse.Namespace) -> int:
     if not prompts:
         raise ValueError("no prompts to evaluate")
     specs = parse_drafters(args.drafters)
+    pairs = parse_ratios(args.ratios)
+    unknown = sorted({n for pair in pairs for n in pair} - set(specs))
+    if unknown:
+        raise ValueError(f"--ratios names {', '.join(unknown)}, not among --drafters {', '.join(specs)}")
     temperatures = [float(t) for t in args.temperatures.split(",") if t.strip()]
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}: expected one of {', '.join(DTYPES)}")
@@ -270,7 +323,9 @@ def run_eval(args: argparse.Namespace) -> int:
             drafter.to(device=platform.device, dtype=dtype).eval()
         part = evaluate_drafters(target, tokenizer, {name: drafter}, prompts, temperatures=temperatures,
                                  max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, seed=args.seed,
-                                 num_speculative_tokens=args.num_speculative_tokens, platform=platform, on_row=show)
+                                 num_speculative_tokens=args.num_speculative_tokens, platform=platform, on_row=show,
+                                 graph_buckets=[int(b) for b in args.graph_buckets.split(",")] if args.graph_buckets
+                                 else None)
         report = part if report is None else {**report, "results": report["results"] + part["results"]}
         del drafter
         platform.empty_cache()
@@ -278,6 +333,7 @@ def run_eval(args: argparse.Namespace) -> int:
                             device=platform.describe(), dtype=str(dtype).removeprefix("torch."),
                             num_speculative_tokens=args.num_speculative_tokens,
                             elapsed_s=time.perf_counter() - started)
+    report["ratios"] = tau_ratios(report, pairs, seed=args.seed)
     paths = write_report(report, args.out)
     print(markdown_table(report))
     print("wrote " + ", ".join(str(p) for p in paths))

@@ -5,9 +5,16 @@ set are sampled from the target under its chat template, with the target's recom
 sampling parameters (DeepSpec: T=0.7, top-p 0.8, top-k 20, thinking off), through our own
 batched engine in plain decoding (no drafter).
 
-Output is an append-only JSONL file, one record per prompt:
+Output is an append-only JSONL file, one record per (prompt, sample):
 
-    {"id", "source", "prompt", "seed", "prompt_ids", "response_ids", "finish_reason"[, "response"]}
+    {"id", "prompt_id", "sample", "source", "prompt", "temperature", "seed", "prompt_ids", "response_ids",
+     "finish_reason"[, "response"]}
+
+Several samples per prompt (`samples_per_prompt` = n > 1) grow the data past the prompt
+sets' size: record k of prompt P has id `P#k`; sample 0 is greedy (the target's T=0
+answer, what a draft must match at T=0) and samples 1..n-1 are drawn at the regeneration
+temperature, each with its own seed, a hash of (run seed, `P#k`). With n = 1 the record
+id is the prompt id and its one sample is drawn at the temperature (the earlier format).
 
 `prompt_ids` is the chat-templated prompt (ending with the assistant header; thinking off);
 `response_ids` are the sampled tokens, ending with the end-of-turn token when
@@ -19,11 +26,13 @@ derived from its id (the sampling noise is a counter hash of (seed, position), i
 of the batch). Chunks are cut from the prompt list, not from what is left to do, so a run
 stopped by its time budget resumes into exactly the batches the uninterrupted run forms,
 and a killed run differs only in the chunk it was killed in. Records are then identical
-wherever the forward pass is deterministic (the CPU). On an H200 in bf16 they are not
+wherever the forward pass is deterministic (the CPU), and a sample's tokens depend only on
+(prompt, sample seed), not on which other samples or prompts share its batch. On an H200 in bf16 they are not
 bit-reproducible: the cuDNN SDPA backend is not run-to-run deterministic (the same batch
 of 256 twice: 168 identical responses; 256 with that backend disabled), and other batch
 shapes round differently. Either way every record is an exact sample of the target.
-Prompts whose normalised text was already seen (in this call or in the file) are skipped.
+Prompts whose normalised text was already seen (in this call or in the file, under another
+prompt id) are skipped.
 """
 
 from __future__ import annotations
@@ -109,9 +118,15 @@ def read_records(path: str | Path, repair: bool = False) -> list[dict]:
     return records
 
 
+def sample_id(prompt_id: str, sample: int, samples_per_prompt: int) -> str:
+    """The record id of sample `sample` of a prompt: the prompt id itself when there is one
+    sample per prompt, `<prompt id>#<sample>` otherwise."""
+    return prompt_id if samples_per_prompt == 1 else f"{prompt_id}#{sample}"
+
+
 def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *,
                temperature: float = TEMPERATURE, top_p: float = TOP_P, top_k: int = TOP_K,
-               min_p: float = 0.0, max_new_tokens: int = 384, seed: int = 0,
+               min_p: float = 0.0, max_new_tokens: int = 384, seed: int = 0, samples_per_prompt: int = 1,
                chunk_size: int | None = None, max_prompt_tokens: int | None = None,
                time_budget_s: float | None = None, with_text: bool = True,
                progress: bool = True) -> RegenStats:
@@ -123,7 +138,11 @@ def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *
     max_model_len - max_new_tokens) skips longer prompts rather than truncate a chat
     template. `time_budget_s` stops before a chunk that would likely overrun the budget
     (estimated from the slowest chunk so far; the first chunk of a call always runs).
+    `samples_per_prompt`: records per prompt (see the module docstring); a chunk counts
+    requests, and the samples of a prompt are neighbours in it.
     """
+    if samples_per_prompt < 1:
+        raise ValueError(f"samples_per_prompt must be >= 1, got {samples_per_prompt}")
     if engine.drafter is not None:
         raise ValueError("regeneration samples the target itself: build the Engine with drafter=None")
     limit = engine.max_model_len - max_new_tokens if max_prompt_tokens is None else max_prompt_tokens
@@ -135,7 +154,7 @@ def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *
     out_path.parent.mkdir(parents=True, exist_ok=True)
     existing = read_records(out_path, repair=True)
     done_ids = {r["id"] for r in existing}
-    file_keys = {normalize(r["prompt"]): r["id"] for r in existing if "prompt" in r}
+    file_keys = {normalize(r["prompt"]): r.get("prompt_id") or r["id"] for r in existing if "prompt" in r}
 
     # Chunks are cut from the deduplicated prompt list itself, *before* looking at the file,
     # so a run stopped at a chunk boundary resumes with exactly the batches the
@@ -149,42 +168,56 @@ def regenerate(engine, tokenizer, prompts: list[Prompt], out_path: str | Path, *
         else:
             seen.add(key)
             unique.append(p)
-    pending = []
+    n = samples_per_prompt
+    requests = []                                          # (prompt, sample index, record id)
     for p in unique:
-        if p.id in done_ids:
-            stats.existing += 1
-        elif file_keys.get(normalize(p.text), p.id) != p.id:
+        if file_keys.get(normalize(p.text), p.id) != p.id:
             stats.duplicates += 1                         # the file has this text under another id
-        else:
-            pending.append(p)
-    pending_ids = {p.id for p in pending}
-    chunks = [c for i in range(0, len(unique), chunk_size)
-              if (c := [p for p in unique[i:i + chunk_size] if p.id in pending_ids])]
+            continue
+        for k in range(n):
+            rid = sample_id(p.id, k, n)
+            if rid in done_ids:
+                stats.existing += 1
+            else:
+                requests.append((p, k, rid))
+    pending_ids = {rid for _, _, rid in requests}
+    every = [(p, k, sample_id(p.id, k, n)) for p in unique for k in range(n)]
+    chunks = [c for i in range(0, len(every), chunk_size)
+              if (c := [r for r in every[i:i + chunk_size] if r[2] in pending_ids])]
 
     t0 = time.perf_counter()
     slowest = 0.0
-    bar = tqdm(total=len(pending), desc="regen", unit="resp", disable=not progress)
+    bar = tqdm(total=len(requests), desc="regen", unit="resp", disable=not progress)
     with open(out_path, "a", encoding="utf-8") as out:
-        for n, chunk in enumerate(chunks):
+        for c, chunk in enumerate(chunks):
             elapsed = time.perf_counter() - t0
-            if time_budget_s is not None and n > 0 and elapsed + slowest > time_budget_s:
+            if time_budget_s is not None and c > 0 and elapsed + slowest > time_budget_s:
                 stats.stopped_early = True
                 break
             t_chunk = time.perf_counter()
-            ids = [chat_prompt_ids(tokenizer, p.messages) for p in chunk]
+            by_prompt: dict[str, list[int]] = {}
+            for p, _, _ in chunk:
+                if p.id not in by_prompt:
+                    by_prompt[p.id] = chat_prompt_ids(tokenizer, p.messages)
+            ids = [by_prompt[p.id] for p, _, _ in chunk]
             keep = sorted((i for i in range(len(chunk)) if len(ids[i]) <= limit), key=lambda i: len(ids[i]))
-            stats.too_long += len(chunk) - len(keep)
-            params = [SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, min_p=min_p,
-                                     seed=prompt_seed(chunk[i].id, seed), max_tokens=max_new_tokens)
-                      for i in keep]
+            stats.too_long += len({chunk[i][0].id for i in range(len(chunk))} - {chunk[i][0].id for i in keep})
+            params = []
+            for i in keep:
+                p, k, rid = chunk[i]
+                t = 0.0 if n > 1 and k == 0 else temperature
+                params.append(SamplingParams(temperature=t, top_p=top_p if t else 1.0, top_k=top_k if t else 0,
+                                             min_p=min_p if t else 0.0, seed=prompt_seed(rid, seed),
+                                             max_tokens=max_new_tokens))
             outputs = engine.generate([ids[i] for i in keep], params) if keep else []
             by_index = dict(zip(keep, zip(outputs, params)))
-            for i, p in enumerate(chunk):                 # the prompts' own order, not the sort's
+            for i, (p, k, rid) in enumerate(chunk):        # the prompts' own order, not the sort's
                 if i not in by_index:
                     continue
                 o, sp = by_index[i]
-                rec = {"id": p.id, "source": p.source, "prompt": p.text, "seed": sp.seed,
-                       "prompt_ids": ids[i], "response_ids": o.token_ids, "finish_reason": o.finish_reason}
+                rec = {"id": rid, "prompt_id": p.id, "sample": k, "source": p.source, "prompt": p.text,
+                       "temperature": sp.temperature, "seed": sp.seed, "prompt_ids": ids[i],
+                       "response_ids": o.token_ids, "finish_reason": o.finish_reason}
                 if with_text:
                     rec["response"] = tokenizer.decode(o.token_ids)
                 out.write(json.dumps(rec, ensure_ascii=False) + "\n")
@@ -225,6 +258,15 @@ def add_regen_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=TOP_P)
     p.add_argument("--top-k", type=int, default=TOP_K)
     p.add_argument("--seed", type=int, default=0, help="prompt subset and per-prompt sampling seeds")
+    p.add_argument("--samples-per-prompt", type=int, default=1,
+                   help="records per prompt: with n > 1, ids <prompt id>#k, sample 0 greedy, the rest sampled")
+    p.add_argument("--chunk-size", type=int, default=None,
+                   help="requests handed to the engine (and appended) at a time; default the batch size. A chunk "
+                        "several batches long keeps continuous batching full until its tail")
+    p.add_argument("--graph-buckets", default=None,
+                   help="comma list of decode batch sizes to capture as graphs (default: the engine's)")
+    p.add_argument("--shards", default=None, metavar="DIR",
+                   help="also pack --out into compact uint16 shards here (appending what is new; see shards.py)")
     p.add_argument("--time-budget-s", type=float, default=None, help="stop cleanly before overrunning this")
     p.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's; bf16 on GPUs)")
@@ -249,18 +291,27 @@ def run_regen(args: argparse.Namespace) -> int:
     if not args.out:
         raise ValueError("regen needs --out FILE.jsonl (or --prompts-out to only write the prompt mix)")
     max_model_len = args.max_model_len or max(2048, (args.max_prompt_tokens or 0) + args.max_new_tokens)
+    options = {}
+    if args.graph_buckets:
+        options["graph_buckets"] = [int(b) for b in args.graph_buckets.split(",") if b.strip()]
     llm = LLM(model=args.model, drafter="none", device=args.device, dtype=args.dtype,
-              max_model_len=max_model_len, max_batch_size=args.batch_size, seed=args.seed)
+              max_model_len=max_model_len, max_batch_size=args.batch_size, seed=args.seed,
+              progress=not args.no_progress, **options)
     stats = regenerate(llm.engine, llm.tokenizer, prompts, args.out, temperature=args.temperature,
                        top_p=args.top_p, top_k=args.top_k, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                       chunk_size=args.batch_size, max_prompt_tokens=args.max_prompt_tokens,
-                       time_budget_s=args.time_budget_s, progress=not args.no_progress)
+                       samples_per_prompt=args.samples_per_prompt, chunk_size=args.chunk_size or args.batch_size,
+                       max_prompt_tokens=args.max_prompt_tokens, time_budget_s=args.time_budget_s,
+                       progress=not args.no_progress)
     total = len(read_records(args.out))
     print(f"[{llm.platform.name}] regen: {stats.written} new records ({total} in {args.out}), "
           f"{stats.generated_tokens} tokens in {stats.elapsed_s:.1f} s ({stats.tokens_per_s:.0f} tokens/s) | "
           f"skipped {stats.existing} existing, {stats.duplicates} duplicates, {stats.too_long} too long"
           f"{' | stopped by the time budget' if stats.stopped_early else ''}")
     print(json.dumps({**asdict(stats), "tokens_per_s": stats.tokens_per_s}))
+    if args.shards:
+        from .shards import pack
+
+        print(json.dumps({"shards": args.shards, **pack([args.out], args.shards)}))
     return 0
 
 

@@ -205,3 +205,94 @@ def test_cli_entry_point(tiny, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["written"] == 0
     with pytest.raises(ValueError, match="--out"):
         main_regen(["--model", str(path), "--prompts", str(mix), "--device", "cpu"])
+
+
+# -- several samples per prompt (issue 19) ----------------------------------------------------------
+def _seed_oracle(record_id: str, seed: int) -> int:
+    """The documented per-sample seed: sha256("<run seed>:<record id>"), first 8 bytes little-endian, >> 1."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(f"{seed}:{record_id}".encode()).digest()[:8], "little") >> 1
+
+
+def test_several_samples_per_prompt(tiny, tmp_path):
+    """ids P#k; sample 0 is the greedy answer, the others sampled at the temperature with
+    their own seeds; a sample depends only on (prompt, sample seed): the same records come
+    from another batching, another chunking, and from a run over one prompt alone."""
+    _, model, tok = tiny
+    prompts = [p for p in _prompts() if p.id in ("t:0", "t:1", "t:6")]
+    kw = dict(temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=MAX_NEW, max_prompt_tokens=40, seed=3,
+              samples_per_prompt=3, progress=False)
+    full = tmp_path / "full.jsonl"
+    stats = regenerate(_engine(model, tok), tok, prompts, full, **kw)
+    recs = read_records(full)
+    assert [r["id"] for r in recs] == [f"{p.id}#{k}" for p in prompts for k in range(3)]
+    assert stats.written == 9 and stats.duplicates == 0
+    eos = tok.eos_token_ids
+    for r in recs:
+        prompt_id, k = r["id"].split("#")
+        assert (r["prompt_id"], r["sample"]) == (prompt_id, int(k))
+        assert r["seed"] == _seed_oracle(r["id"], 3)
+        assert r["temperature"] == (0.0 if k == "0" else 1.0)
+        if k == "0":
+            assert r["response_ids"] == greedy_decode(model, r["prompt_ids"], MAX_NEW, eos)
+    by = _by_id(full)
+    assert any(by[f"{p.id}#1"]["response_ids"] != by[f"{p.id}#2"]["response_ids"] for p in prompts)
+
+    other = tmp_path / "other.jsonl"
+    regenerate(_engine(model, tok, batch=2), tok, prompts, other, chunk_size=4, **kw)
+    assert _by_id(other) == by
+    alone = tmp_path / "alone.jsonl"
+    regenerate(_engine(model, tok, batch=1), tok, prompts[1:2], alone, **kw)
+    assert _by_id(alone) == {k: v for k, v in by.items() if k.startswith("t:1#")}
+
+
+def test_several_samples_resume_after_a_kill(tiny, tmp_path, monkeypatch):
+    _, model, tok = tiny
+    prompts = [p for p in _prompts() if p.id in ("t:0", "t:1", "t:2", "t:3")]
+    kw = dict(temperature=0.7, top_p=0.8, top_k=20, max_new_tokens=MAX_NEW, max_prompt_tokens=40, seed=1,
+              samples_per_prompt=2, chunk_size=3, progress=False)
+    full = tmp_path / "full.jsonl"
+    regenerate(_engine(model, tok), tok, prompts, full, **kw)
+    part = tmp_path / "part.jsonl"
+    eng = _engine(model, tok)
+    real, calls = eng.generate, []
+
+    def dying(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **k)
+
+    monkeypatch.setattr(eng, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        regenerate(eng, tok, prompts, part, **kw)
+    assert [r["id"] for r in read_records(part)] == ["t:0#0", "t:0#1", "t:1#0"]     # one chunk of 3 requests
+    resumed = regenerate(_engine(model, tok), tok, prompts, part, **kw)
+    assert resumed.existing == 3 and resumed.written == 5
+    assert _by_id(part) == _by_id(full)
+    # More samples later: only the new ones are generated, the old ones are kept.
+    more = regenerate(_engine(model, tok), tok, prompts, part, **{**kw, "samples_per_prompt": 3})
+    assert more.written == 4 and more.existing == 8
+    assert {k: v for k, v in _by_id(part).items() if not k.endswith("#2")} == _by_id(full)
+
+
+def test_cli_several_samples_and_shards(tiny, tmp_path, capsys):
+    from ascend_dspark.training.dataset import load_samples
+    from ascend_dspark.training.prompts import save_prompts
+
+    path, _, _ = tiny
+    mix = tmp_path / "mix.jsonl"
+    save_prompts([p for p in _prompts() if p.id in ("t:0", "t:1")], mix)
+    out, shards = tmp_path / "cli.jsonl", tmp_path / "shards"
+    argv = ["--model", str(path), "--prompts", str(mix), "--out", str(out), "--max-new-tokens", "3",
+            "--max-model-len", "64", "--batch-size", "4", "--samples-per-prompt", "2", "--shards", str(shards),
+            "--device", "cpu", "--dtype", "float32", "--no-progress"]
+    assert main_regen(argv) == 0
+    packed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert packed["records"] == 4 and packed["files"] == 1
+    a, b = load_samples([out], 64), load_samples([shards], 64)
+    assert [s.id for s in a] == [s.id for s in b] == ["t:0#0", "t:0#1", "t:1#0", "t:1#1"]
+    assert all(torch.equal(x.input_ids, y.input_ids) and torch.equal(x.loss_mask, y.loss_mask) for x, y in zip(a, b))
+    assert [s.prompt_id for s in b] == ["t:0", "t:0", "t:1", "t:1"]
+    assert [s.prompt_key for s in a] == [s.prompt_key for s in b] and all(s.prompt_key for s in b)
