@@ -24,7 +24,6 @@ from enum import IntEnum
 import torch
 
 from ops.registry import DEVICE_DEFAULTS, OpRegistry
-from ops.sampling import _to_unit  # noqa: F401  (the noise maths lives in ops.sampling)
 
 
 MAX_LOGPROBS = 20

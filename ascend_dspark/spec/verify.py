@@ -37,9 +37,9 @@ import torch
 
 # The two rules live with the verification op. They are attributes of this module too and
 # `verify` passes them to the op by name, so patching them here takes effect.
-from ops.verify import RESIDUAL_EPS, acceptance_probability, residual_distribution  # noqa: F401
+from ops.verify import acceptance_probability, residual_distribution
 
-from .sampling import SamplingBatch, Stream, exponential_race, uniform  # noqa: F401  (re-exported)
+from .sampling import SamplingBatch, Stream, uniform
 
 
 @dataclass

@@ -35,7 +35,7 @@ import torch
 from engine_doubles import one_thread  # noqa: F401  (autouse: single-threaded)
 from scipy.stats import chisquare
 
-import ascend_dspark.engine.engine as engine_module
+import ascend_dspark.engine.runner as runner_module
 from ascend_dspark.drafters.base import DraftProposal
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingParams, Stream
@@ -280,7 +280,7 @@ def test_plain_verifier_of_this_file_passes(models, monkeypatch):
     target, hf = models
     params = PARAMS["plain"]
     tables = conditional_tables(hf, params)
-    monkeypatch.setattr(engine_module, "verify", plain_verifier(params))
+    monkeypatch.setattr(runner_module, "verify", plain_verifier(params))
     observed, _ = sample_joint(target, tables, params, k=1)
     assert chi_square_p(observed, exact_joint(tables)) > ALPHA
 
@@ -290,7 +290,7 @@ def test_broken_verifiers_are_caught(models, monkeypatch, bug):
     target, hf = models
     params = PARAMS["plain"]
     tables = conditional_tables(hf, params)
-    monkeypatch.setattr(engine_module, "verify", plain_verifier(params, bug))
+    monkeypatch.setattr(runner_module, "verify", plain_verifier(params, bug))
     observed, _ = sample_joint(target, tables, params, k=1)
     p = chi_square_p(observed, exact_joint(tables))
     assert p < 1e-6, f"{bug}: chi-square p = {p:.2e}, the test cannot see this bug"

@@ -209,7 +209,7 @@ def test_exponential_race_per_row_weights():
 
 def test_uniform_never_reaches_zero_or_one():
     """The extreme hashes map strictly inside (0, 1) (1.0 once made a zero-weight token win)."""
-    from ascend_dspark.spec.sampling import _to_unit
+    from ops.sampling import _to_unit
 
     extremes = _to_unit(torch.tensor([0, 0xFFFFFFFF], dtype=torch.long))
     assert 0.0 < extremes[0] < extremes[1] < 1.0

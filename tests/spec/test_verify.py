@@ -277,7 +277,6 @@ def test_all_greedy_follows_argmax_without_noise(monkeypatch):
     def boom(*a, **kw):
         raise AssertionError("greedy batch must not draw random numbers")
     monkeypatch.setattr(verify_mod, "uniform", boom)
-    monkeypatch.setattr(verify_mod, "exponential_race", boom)
     logits, path, drafts, q, first_miss = _greedy_case()
     sampling, _ = _batch(len(drafts), temperature=0.0)
     res = verify(logits, drafts, q, torch.full((len(drafts),), 4), sampling, torch.zeros(len(drafts), dtype=torch.long))
