@@ -11,8 +11,8 @@ Tensor names map by identity (no prefix): `fc.weight`, `hidden_norm.weight`, `no
 `layers.{i}.*`, `markov_head.markov_w{1,2}.weight` (+ `markov_head.gate_proj.*` for the gated
 head, `markov_head.joint_proj.*` for the RNN head: `markov_head_type`, case-insensitive),
 `confidence_head.proj.{weight,bias}`, plus `embed_tokens.weight` / `lm_head.weight`. Loading
-is strict: every tensor's shape is checked against what the config implies, and a missing or
-unexpected tensor is an error.
+is `draft_dir.load_draft_dir`'s, strict like every format's: every tensor's shape is checked
+against what the config implies, and a missing or unexpected tensor is an error.
 
 Embedding and LM head: DeepSpec stores frozen copies of the target's. The drafter always
 uses the **target's** modules (the protocol shares them), so the stored copies are only
@@ -24,8 +24,6 @@ when the draft was trained against a different revision of the target).
 
 from __future__ import annotations
 
-import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -35,19 +33,12 @@ from torch import nn
 from ascend_dspark.models.config import ModelConfig
 
 from .base import Drafter
-from .checkpoint import (_placement, build_drafter, check_shapes, expected_shapes, read_tensors, tensor_shapes,
-                         weight_files)
 from .config import MARKOV_HEAD_TYPES, DrafterConfig
+from .draft_dir import load_draft_dir, transformers_fields
 
 DSPARK_ARCHS = ("Qwen3DSparkModel",)
 EAGLE3_ARCHS = ("Qwen3Eagle3Model", "Eagle3DraftModel")
 GEMMA4_ARCHS = ("Gemma4DSparkModel", "Gemma4Eagle3Model")
-SHARED = ("embed_tokens.weight", "lm_head.weight")
-
-
-def is_deepspec_config(raw: dict[str, Any]) -> bool:
-    archs = raw.get("architectures") or []
-    return bool(archs) and archs[0] in DSPARK_ARCHS + EAGLE3_ARCHS + GEMMA4_ARCHS
 
 
 def deepspec_drafter_config(raw: dict[str, Any], source: str = "config.json") -> DrafterConfig:
@@ -65,14 +56,8 @@ def deepspec_drafter_config(raw: dict[str, Any], source: str = "config.json") ->
                          f"{', '.join(DSPARK_ARCHS + EAGLE3_ARCHS + GEMMA4_ARCHS)}")
     if "target_layer_ids" not in raw:
         raise ValueError(f"{source}: missing \"target_layer_ids\"")
-    mc = ModelConfig.from_dict(raw)        # transformers defaults for missing keys; both RoPE spellings
-    common: dict[str, Any] = dict(
-        hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_layers=mc.num_layers,
-        num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
-        target_layer_ids=list(raw["target_layer_ids"]), rms_norm_eps=mc.rms_norm_eps, hidden_act=mc.hidden_act,
-        attention_bias=mc.attention_bias, qk_norm=True,
-        rope=dict(mc.rope.get("full_attention") or next(iter(mc.rope.values()))),
-    )
+    mc = ModelConfig.from_dict(raw)
+    common = dict(transformers_fields(mc), target_layer_ids=list(raw["target_layer_ids"]))
     if arch in EAGLE3_ARCHS:
         layers = raw.get("draft_num_hidden_layers", mc.num_layers)
         if mc.num_layers != 1 or layers != 1:
@@ -96,64 +81,6 @@ def deepspec_drafter_config(raw: dict[str, Any], source: str = "config.json") ->
         confidence_head_with_markov=True if with_markov is None else bool(with_markov), **common)
 
 
-def _target_weight(target: nn.Module, name: str) -> torch.Tensor | None:
-    """The target's embedding / LM-head matrix when it exposes the HF module layout."""
-    try:
-        if name == "embed_tokens.weight":
-            return target.model.embed_tokens.weight
-        return target.lm_head.weight
-    except AttributeError:
-        return None
-
-
-def _compare_shared(files: dict[str, Path], target: nn.Module, source: str, rows: int = 8192) -> None:
-    from safetensors import safe_open
-
-    diffs = []
-    for name in SHARED:
-        mine = _target_weight(target, name)
-        if mine is None:
-            continue
-        worst = 0.0
-        with safe_open(str(files[name]), framework="pt") as f:
-            stored = f.get_slice(name)
-            for start in range(0, mine.shape[0], rows):
-                chunk = stored[start:start + rows]
-                ref = mine[start:start + rows].detach().to(device="cpu", dtype=chunk.dtype)
-                if not torch.equal(chunk, ref):
-                    worst = max(worst, (chunk.float() - ref.float()).abs().max().item())
-        if worst > 0:
-            diffs.append(f"{name} (max |diff| {worst:.3g})")
-    if diffs:
-        warnings.warn(f"{source}: stored {' and '.join(diffs)} differ from the target's; using the target's "
-                      "embedding and LM head (the draft may have been trained against another target)",
-                      stacklevel=3)
-
-
 def load_deepspec_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype | None = None) -> Drafter:
     """Load a DeepSpec draft directory (config.json + model.safetensors or sharded index) for `target`."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"DeepSpec draft directory not found: {path}")
-    config_path = path / "config.json"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"DeepSpec draft config not found: {config_path}")
-    raw = json.loads(config_path.read_text())
-    cfg = deepspec_drafter_config(raw, str(config_path))
-    n_target = raw.get("num_target_layers")
-    if n_target is not None and int(n_target) != target.config.num_layers:
-        raise ValueError(f"{config_path}: draft was built for a target with num_target_layers={n_target}, "
-                         f"but the target has {target.config.num_layers} layers")
-    drafter = build_drafter(cfg, target)           # validates hidden size, vocab, target_layer_ids
-    files = weight_files(path)
-    expected = expected_shapes(drafter)
-    tc = target.config
-    for name in SHARED:
-        expected[name] = (tc.vocab_size, tc.hidden_size)
-    source = str(path)
-    check_shapes(expected, tensor_shapes(files), source)
-    _compare_shared(files, target, source)
-
-    state = read_tensors(files, [name for name in files if name not in SHARED])
-    drafter.load_state_dict(state, strict=True, assign=True)   # keep stored precision until the final cast
-    return drafter.to(**_placement(target, dtype))
+    return load_draft_dir(path, target, dtype, "DeepSpec draft", deepspec_drafter_config, target_copies=True)

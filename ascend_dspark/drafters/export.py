@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .base import Drafter
-from .checkpoint import CONFIG_FILE, WEIGHTS_FILE
+from .draft_dir import CONFIG_FILE
+from .weights import write_weights
 
 NUM_ANCHORS = 512            # DeepSpec's training-only anchors per sequence; its model class requires the key
 STEP_LOSS_DECAY = 0.8        # DeepSpec's EAGLE-3 training value; its config builder requires the key
@@ -118,11 +119,9 @@ def write_export(path: str | Path, config: dict[str, Any], state: dict[str, torc
                  dtype: torch.dtype) -> Path:
     """config.json + one model.safetensors (every tensor in `dtype`, own storage, on the CPU;
     metadata {"format": "pt"} as transformers writes it)."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     tensors = {k: v.detach().to(device="cpu", dtype=dtype).contiguous().clone() for k, v in state.items()}
-    save_file(tensors, str(path / WEIGHTS_FILE), metadata={"format": "pt"})
+    write_weights(path, tensors, {"format": "pt"})
     return path

@@ -22,7 +22,6 @@ reads the directory directly, as its benchmark does).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +30,13 @@ from torch import nn
 
 from ascend_dspark.models.config import ModelConfig
 
-from .checkpoint import (CONFIG_FILE, _placement, build_drafter, check_shapes, expected_shapes, read_tensors,
-                         tensor_shapes, weight_files)
 from .config import DrafterConfig
 from .dflash import DFlashDrafter
+from .draft_dir import load_draft_dir, transformers_fields
 from .export import check_plain_target, qwen3_draft_config, write_export
 
 ZLAB_ARCHS = ("DFlashDraftModel",)
 _UNSUPPORTED_SWITCHES = ("use_swa", "causal", "attention_sink_bias")
-_SHARED = ("embed_tokens.weight", "lm_head.weight")
 
 
 def zlab_default_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
@@ -79,46 +76,20 @@ def zlab_drafter_config(raw: dict[str, Any], source: str = "config.json") -> Dra
     if dflash.get("mask_token_id") is None:
         raise ValueError(f"{source}: missing dflash_config.mask_token_id (drafts older than z-lab commit 07b91ca "
                          "took it from the tokenizer's added <|MASK|> token: write that id there)")
-    mc = ModelConfig.from_dict(raw)        # transformers defaults for missing keys; both RoPE spellings
+    mc = ModelConfig.from_dict(raw)
     ids = dflash.get("target_layer_ids")
     if ids is None:
         if raw.get("num_target_layers") is None:
             raise ValueError(f"{source}: neither dflash_config.target_layer_ids nor num_target_layers is given")
         ids = zlab_default_layer_ids(int(raw["num_target_layers"]), mc.num_layers)
-    return DrafterConfig(
-        kind="dflash", hidden_size=mc.hidden_size, intermediate_size=mc.intermediate_size, num_layers=mc.num_layers,
-        num_heads=mc.num_heads, num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, vocab_size=mc.vocab_size,
-        target_layer_ids=list(ids), rms_norm_eps=mc.rms_norm_eps, hidden_act=mc.hidden_act,
-        attention_bias=mc.attention_bias, qk_norm=True,
-        rope=dict(mc.rope.get("full_attention") or next(iter(mc.rope.values()))),
-        block_size=int(block_size), anchor_first=False, mask_token_id=int(dflash["mask_token_id"]))
+    return DrafterConfig(kind="dflash", target_layer_ids=list(ids), block_size=int(block_size), anchor_first=False,
+                         mask_token_id=int(dflash["mask_token_id"]), **transformers_fields(mc))
 
 
 def load_zlab_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype | None = None) -> DFlashDrafter:
     """Load a z-lab DFlash draft directory (config.json + model.safetensors or sharded index) for `target`;
     the drafter shares the target's embedding and LM head."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"z-lab DFlash draft directory not found: {path}")
-    config_path = path / CONFIG_FILE
-    if not config_path.is_file():
-        raise FileNotFoundError(f"z-lab DFlash draft config not found: {config_path}")
-    raw = json.loads(config_path.read_text())
-    cfg = zlab_drafter_config(raw, str(config_path))
-    n_target = raw.get("num_target_layers")
-    if n_target is not None and int(n_target) != target.config.num_layers:
-        raise ValueError(f"{config_path}: draft was built for a target with num_target_layers={n_target}, "
-                         f"but the target has {target.config.num_layers} layers")
-    drafter = build_drafter(cfg, target)           # validates hidden size, vocab, target_layer_ids
-    files = weight_files(path)
-    source = str(path)
-    own = sorted(set(files) & set(_SHARED))
-    if own:
-        raise ValueError(f"{source}: unexpected tensor(s) {', '.join(own)}: a z-lab DFlash draft uses the target's "
-                         "embedding and LM head (a DeepSpec export says architectures Qwen3DSparkModel)")
-    check_shapes(expected_shapes(drafter), tensor_shapes(files), source)
-    drafter.load_state_dict(read_tensors(files, list(files)), strict=True, assign=True)
-    return drafter.to(**_placement(target, dtype))
+    return load_draft_dir(path, target, dtype, "z-lab DFlash draft", zlab_drafter_config)
 
 
 def export_zlab_dflash(drafter: DFlashDrafter, path: str | Path, dtype: torch.dtype | None = None) -> Path:

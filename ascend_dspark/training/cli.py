@@ -161,7 +161,7 @@ def _check_eval_disjoint(samples) -> None:
 
 def _feature_cache(path: str, target, samples, cfg, platform):
     """Rank 0 writes (or finishes) the cache for the config's target layers; all ranks read it."""
-    from ascend_dspark.drafters.checkpoint import default_config
+    from ascend_dspark.drafters.build import default_config
 
     from . import distributed
     from .batch import CachedTargetOutputs

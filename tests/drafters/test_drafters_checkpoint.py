@@ -105,3 +105,55 @@ def test_config_errors(tmp_path, target):
     cfg_path.write_text(json.dumps({"hello": 1}))
     with pytest.raises(ValueError, match="not an ascend-dspark drafter config"):
         load_drafter(tmp_path, target)
+
+
+def shard_tensor_bytes(path) -> dict[str, int]:
+    """Tensor bytes per shard file, from the index's weight map."""
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    out: dict[str, int] = {}
+    for file in sorted(set(index["weight_map"].values())):
+        out[file] = sum(t.numel() * t.element_size() for t in load_file(str(path / file)).values())
+    return out
+
+
+def test_sharded_round_trip(tmp_path, target):
+    """With max_shard_bytes, the weights go into HF-style shards under that size (a tensor
+    bigger than the limit alone in its shard) and load back to the same drafter."""
+    drafter = scramble(create_drafter("dspark", target), seed=9)
+    limit = 40_000                                   # markov_w1 / markov_w2 (96 x 64 float64) are bigger
+    save_drafter(drafter, tmp_path, max_shard_bytes=limit)
+    assert not (tmp_path / "model.safetensors").exists()
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(drafter.state_dict())
+    state = drafter.state_dict()
+    assert index["metadata"]["total_size"] == sum(v.numel() * v.element_size() for v in state.values())
+    sizes = shard_tensor_bytes(tmp_path)
+    n = len(sizes)
+    assert n > 2 and sorted(sizes) == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for file, size in sizes.items():
+        names = [k for k, f in index["weight_map"].items() if f == file]
+        assert size <= limit or len(names) == 1, (file, size, names)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == sorted(sizes)
+
+    loaded = load_drafter(tmp_path, target)
+    assert type(loaded) is type(drafter) and loaded.config == drafter.config
+    for (ka, va), (kb, vb) in zip(state.items(), loaded.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)
+    a, b = proposals(drafter, target), proposals(loaded, target)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.probs, b.probs) and torch.equal(a.confidence, b.confidence)
+
+
+def test_resaving_leaves_one_weight_layout(tmp_path, target):
+    """A save replaces the weight files of an earlier save in either layout (a stale
+    model.safetensors would otherwise shadow new shards)."""
+    first = scramble(create_drafter("dflash", target), seed=1)
+    second = scramble(create_drafter("dflash", target), seed=2)
+    save_drafter(first, tmp_path)
+    save_drafter(second, tmp_path, max_shard_bytes=10_000)
+    assert not (tmp_path / "model.safetensors").exists()
+    assert torch.equal(load_drafter(tmp_path, target).fc.weight, second.fc.weight)
+    save_drafter(first, tmp_path)
+    assert [p.name for p in tmp_path.glob("model*")] == ["model.safetensors"]
+    assert torch.equal(load_drafter(tmp_path, target).fc.weight, first.fc.weight)
+    with pytest.raises(ValueError, match="max_shard_bytes"):
+        save_drafter(first, tmp_path, max_shard_bytes=0)

@@ -7,7 +7,7 @@ import torch
 from drafter_helpers import SoftmaxSampling, greedy, make_target, prefill_features, random_features, scramble
 
 from ascend_dspark.drafters import DFlashDrafter, DSparkDrafter, Eagle3Drafter, create_drafter
-from ascend_dspark.drafters.checkpoint import default_layer_ids
+from ascend_dspark.drafters.build import default_layer_ids
 
 KINDS = ["eagle3", "dflash", "dspark"]
 
