@@ -61,9 +61,25 @@ fi
 if [ "$PHASE" = setup ]; then
   # On the GPU machine, after every gguf.part.* reached $BOX_STAGE (one per call, back to back,
   # while the machine stays warm: `mkdir -p $BOX_STAGE && cp $STAGE/gguf.part.NN $BOX_STAGE/`).
-  mkdir -p "$BOX_STAGE" && cp "$STAGE"/gguf.part.* "$BOX_STAGE"/ 2>/dev/null || true
-  cat "$BOX_STAGE"/gguf.part.* > "$BOX_STAGE/model.gguf"
-  [ "$(sha256sum "$BOX_STAGE/model.gguf" | cut -d' ' -f1)" = "$(cat "$STAGE/gguf.sha256")" ] || { echo "GGUF checksum differs" >&2; exit 1; }
+  # The GGUF: this run's parts, or a copy already on the machine (another session's parts:
+  # GGUF_PARTS, globs of parts in order), whichever matches the checksum.
+  mkdir -p "$BOX_STAGE"
+  want=$(cat "$STAGE/gguf.sha256")
+  have() { [ -f "$BOX_STAGE/model.gguf" ] && [ "$(sha256sum < "$BOX_STAGE/model.gguf" | cut -c1-64)" = "$want" ]; }
+  if ! have; then
+    cp "$STAGE"/gguf.part.* "$BOX_STAGE"/ 2>/dev/null || true
+    cands="$BOX_STAGE/gguf.part.*
+${GGUF_PARTS:-.stage/part.*
+/tmp/stage/part.*}
+$(find /tmp -name '*.gguf' -size +90M 2>/dev/null | grep -v "^$BOX_STAGE/model.gguf" | head -3)"
+    while IFS= read -r parts; do
+      # shellcheck disable=SC2086
+      [ -n "$parts" ] && ls $parts > /dev/null 2>&1 || continue
+      rm -f "$BOX_STAGE/model.gguf.tmp"; cat $(ls $parts | sort) > "$BOX_STAGE/model.gguf.tmp" && mv "$BOX_STAGE/model.gguf.tmp" "$BOX_STAGE/model.gguf"
+      if have; then echo "GGUF from $parts"; break; fi
+    done <<< "$cands"
+  fi
+  have || { echo "the GGUF is not on this machine (checksum $want): stage its parts first" >&2; exit 3; }
   $PY -m pip install -q --no-index --no-deps --no-compile --target /tmp/site "$STAGE"/gguf-*.whl
   rm -rf "$CODE" && mkdir -p "$CODE" && tar -xzf "$STAGE/code.tar.gz" -C "$CODE"
   ln -sfn "$PWD/ascend_dspark/drafts" "$CODE/ascend_dspark/drafts"
