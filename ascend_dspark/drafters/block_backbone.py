@@ -13,6 +13,10 @@ Output `h = norm(x)` [B, B_slots, H].
 
 Layouts: `anchor_first` (DSpark, DeepSpec's DFlash): slot k predicts position anchor_pos+1+k,
 B drafts. Fill-in (z-lab DFlash): slot k >= 1 predicts anchor_pos+k, B-1 drafts.
+
+`propose` is the same up to the hidden states of the draft slots for both drafters; only
+how drafts are drawn from them (`sample_drafts`) differs: independently per slot (DFlash)
+or through the Markov head, slot after slot (DSpark).
 """
 
 from __future__ import annotations
@@ -21,8 +25,9 @@ import torch
 from torch import nn
 
 import ops
+from ascend_dspark.spec.sampling import SamplingBatch
 
-from .base import Drafter
+from .base import Drafter, DraftProposal
 from .config import DrafterConfig
 from .layers import GatedMLP, RMSNorm, SelfAttention
 
@@ -99,3 +104,18 @@ class BlockDrafter(Drafter):
         """The hidden states of the slots that predict positions anchor_pos+1 .. anchor_pos+num_tokens."""
         start = 0 if self.config.anchor_first else 1
         return h[:, start:start + num_tokens]
+
+    @torch.no_grad()
+    def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
+                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
+        self._check_num_tokens(num_tokens)
+        if num_tokens == 0:
+            return self._empty_proposal(anchors)
+        h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions), num_tokens)
+        return self.sample_drafts(h, anchors, anchor_positions, sampling)
+
+    def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
+                      sampling: SamplingBatch) -> DraftProposal:
+        """Drafts for positions anchor_pos+1 .. anchor_pos+K from the draft slots' hidden states
+        h [B, K >= 1, H] (K = the requested num_tokens)."""
+        raise NotImplementedError

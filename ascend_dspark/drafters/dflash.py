@@ -22,14 +22,9 @@ from .block_backbone import BlockDrafter
 class DFlashDrafter(BlockDrafter):
     kind = "dflash"
 
-    @torch.no_grad()
-    def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
-        self._check_num_tokens(num_tokens)
-        if num_tokens == 0:
-            return self._empty_proposal(anchors)
-        h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions), num_tokens)
+    def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
+                      sampling: SamplingBatch) -> DraftProposal:
         probs = sampling.probs(self.logits(h))
-        positions = anchor_positions.unsqueeze(1) + 1 + torch.arange(num_tokens, device=anchors.device)
+        positions = anchor_positions.unsqueeze(1) + 1 + torch.arange(h.shape[1], device=anchors.device)
         tokens = sampling.sample(probs, positions, Stream.DRAFT)
         return DraftProposal(tokens=tokens.long(), probs=probs, confidence=None)

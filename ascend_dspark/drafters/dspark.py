@@ -85,18 +85,13 @@ class DSparkDrafter(BlockDrafter):
             weights.update(conf_weight=self.confidence_head.proj.weight, conf_bias=self.confidence_head.proj.bias)
         return weights
 
-    @torch.no_grad()
-    def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
-        self._check_num_tokens(num_tokens)
-        if num_tokens == 0:
-            return self._empty_proposal(anchors)
-        h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions), num_tokens)
+    def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
+                      sampling: SamplingBatch) -> DraftProposal:
         base = self.logits(h)                                        # [B, K, V] float32
         weights = self._head_weights()
         prev, state = anchors.long(), None
         tokens, probs, conf = [], [], []
-        for k in range(num_tokens):
+        for k in range(h.shape[1]):
             logits, z, state = markov_head_step(prev, h[:, k], base[:, k], state, **weights)
             if z is not None:
                 conf.append(torch.sigmoid(z))
