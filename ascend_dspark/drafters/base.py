@@ -25,8 +25,9 @@ import torch
 from torch import nn
 
 import ops
-from ascend_dspark.models.kv_cache import BlockTables, PagedKVCache
+from ascend_dspark.cache import BlockTables, PagedKVCache
 from ascend_dspark.spec.sampling import SamplingBatch
+from ops.context import ForwardContext
 
 from .config import DrafterConfig
 
@@ -144,11 +145,11 @@ class Drafter(nn.Module):
 
     # -- protocol -----------------------------------------------------------------------------
     def observe(self, slot_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-                next_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+                next_tokens: torch.Tensor, counts: torch.Tensor, ctx: ForwardContext | None = None) -> None:
         raise NotImplementedError
 
     def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
+                num_tokens: int, sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
         raise NotImplementedError
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 import ops
 from ascend_dspark.spec.sampling import SamplingBatch
+from ops.context import ForwardContext
 
 from .base import Drafter, DraftProposal
 from .config import DrafterConfig
@@ -41,9 +42,10 @@ class BlockLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
-        attn = self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, meta, mask)
+        reg = meta.ctx.ops
+        attn = self.self_attn(self.input_layernorm(x, reg), cos, sin, k_cache, v_cache, meta, mask)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + self.mlp(self.post_attention_layernorm(x, reg), reg)
 
 
 class BlockDrafter(Drafter):
@@ -67,22 +69,23 @@ class BlockDrafter(Drafter):
 
     @torch.no_grad()
     def observe(self, slot_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-                next_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+                next_tokens: torch.Tensor, counts: torch.Tensor, ctx: ForwardContext | None = None) -> None:
         """Write the context K/V of positions[b, :counts[b]] (next_tokens are not needed here)."""
         cache = self._require_cache()
         self._check_features(features)
-        c = self.hidden_norm(self.fc(features.to(self.dtype)))
+        reg = (ctx or ForwardContext()).ops
+        c = self.hidden_norm(self.fc(features.to(self.dtype)), reg)
         t = features.shape[1]
         valid = torch.arange(t, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
         cos, sin = self.rotary(positions, c.dtype)
         rows = cache.tables.slot_mapping(slot_ids, positions, valid)
         for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.key_value(c, cos, sin)
-            ops.kv_write(cache.k[i], cache.v[i], k, v, rows)
+            k, v = layer.self_attn.key_value(c, cos, sin, reg)
+            reg.kv_write(cache.k[i], cache.v[i], k, v, rows)
         self._commit_lengths(slot_ids, positions, counts)
 
-    def block_hidden(self, slot_ids: torch.Tensor, anchors: torch.Tensor,
-                     anchor_positions: torch.Tensor) -> torch.Tensor:
+    def block_hidden(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
+                     ctx: ForwardContext | None = None) -> torch.Tensor:
         """Run the block `[anchor, mask x (B-1)]`; returns h = norm(x) of all B slots, [B, B_slots, H]."""
         cache = self._require_cache()
         b, n = anchors.shape[0], self.block_size
@@ -94,11 +97,11 @@ class BlockDrafter(Drafter):
         x = self.embed(ids)
         cos, sin = self.rotary(positions, x.dtype)
         kv_limit = (anchor_positions + n).unsqueeze(1).expand(b, n)
-        meta = cache.address(slot_ids, positions, valid)
+        meta = cache.address(slot_ids, positions, valid, ctx)
         mask = ops.build_attention_mask(positions, kv_limit, meta.num_keys)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, cache.k[i], cache.v[i], meta, mask)
-        return self.norm(x)
+        return self.norm(x, meta.ctx.ops)
 
     def draft_hidden(self, h: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """The hidden states of the slots that predict positions anchor_pos+1 .. anchor_pos+num_tokens."""
@@ -107,15 +110,15 @@ class BlockDrafter(Drafter):
 
     @torch.no_grad()
     def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
+                num_tokens: int, sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
         self._check_num_tokens(num_tokens)
         if num_tokens == 0:
             return self._empty_proposal(anchors)
-        h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions), num_tokens)
-        return self.sample_drafts(h, anchors, anchor_positions, sampling)
+        h = self.draft_hidden(self.block_hidden(slot_ids, anchors, anchor_positions, ctx), num_tokens)
+        return self.sample_drafts(h, anchors, anchor_positions, sampling, ctx)
 
     def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                      sampling: SamplingBatch) -> DraftProposal:
+                      sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
         """Drafts for positions anchor_pos+1 .. anchor_pos+K from the draft slots' hidden states
         h [B, K >= 1, H] (K = the requested num_tokens)."""
         raise NotImplementedError

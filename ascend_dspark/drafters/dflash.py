@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ascend_dspark.spec.sampling import SamplingBatch, Stream
+from ops.context import ForwardContext
 
 from .base import DraftProposal
 from .block_backbone import BlockDrafter
@@ -23,7 +24,7 @@ class DFlashDrafter(BlockDrafter):
     kind = "dflash"
 
     def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                      sampling: SamplingBatch) -> DraftProposal:
+                      sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
         probs = sampling.probs(self.logits(h))
         positions = anchor_positions.unsqueeze(1) + 1 + torch.arange(h.shape[1], device=anchors.device)
         tokens = sampling.sample(probs, positions, Stream.DRAFT)

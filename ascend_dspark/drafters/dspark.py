@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ascend_dspark.spec.sampling import SamplingBatch, Stream
+from ops.context import ForwardContext
 from ops.markov import markov_head_step
 
 from .base import DraftProposal
@@ -86,13 +87,14 @@ class DSparkDrafter(BlockDrafter):
         return weights
 
     def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                      sampling: SamplingBatch) -> DraftProposal:
+                      sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
         base = self.logits(h)                                        # [B, K, V] float32
         weights = self._head_weights()
+        registry = (ctx or ForwardContext()).ops
         prev, state = anchors.long(), None
         tokens, probs, conf = [], [], []
         for k in range(h.shape[1]):
-            logits, z, state = markov_head_step(prev, h[:, k], base[:, k], state, **weights)
+            logits, z, state = registry.markov_head_step(prev, h[:, k], base[:, k], state, **weights)
             if z is not None:
                 conf.append(torch.sigmoid(z))
             q = sampling.probs(logits)

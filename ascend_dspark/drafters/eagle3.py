@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 import ops
+from ops.context import ForwardContext
 from ascend_dspark.spec.sampling import SamplingBatch, Stream
 
 from .base import Drafter, DraftProposal
@@ -39,9 +40,10 @@ class Eagle3Layer(nn.Module):
         self.post_attention_layernorm = RMSNorm(h, cfg.rms_norm_eps)
 
     def forward(self, emb, hidden, cos, sin, k_cache, v_cache, meta, mask) -> torch.Tensor:
-        x = torch.cat([self.input_layernorm(emb), self.hidden_norm(hidden)], dim=-1)
+        reg = meta.ctx.ops
+        x = torch.cat([self.input_layernorm(emb, reg), self.hidden_norm(hidden, reg)], dim=-1)
         h = hidden + self.self_attn(x, cos, sin, k_cache, v_cache, meta, mask)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return h + self.mlp(self.post_attention_layernorm(h, reg), reg)
 
 
 class Eagle3Drafter(Drafter):
@@ -69,23 +71,23 @@ class Eagle3Drafter(Drafter):
         self.last_hidden[slot_ids] = 0
 
     def _run_layer(self, emb: torch.Tensor, hidden: torch.Tensor, slot_ids: torch.Tensor,
-                   positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+                   positions: torch.Tensor, valid: torch.Tensor, ctx: ForwardContext | None) -> torch.Tensor:
         cache = self.cache
         cos, sin = self.rotary(positions, hidden.dtype)
-        meta = cache.address(slot_ids, positions, valid)
+        meta = cache.address(slot_ids, positions, valid, ctx)
         mask = ops.build_attention_mask(positions, positions + 1, meta.num_keys)   # causal
         return self.layers[0](emb, hidden, cos, sin, cache.k[0], cache.v[0], meta, mask)
 
     @torch.no_grad()
     def observe(self, slot_ids: torch.Tensor, features: torch.Tensor, positions: torch.Tensor,
-                next_tokens: torch.Tensor, counts: torch.Tensor) -> None:
+                next_tokens: torch.Tensor, counts: torch.Tensor, ctx: ForwardContext | None = None) -> None:
         self._require_cache()
         self._check_features(features)
         t = features.shape[1]
         valid = torch.arange(t, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
         tokens = torch.where(valid, next_tokens, torch.zeros_like(next_tokens))   # padding may hold -1
         hidden = self.fc(features.to(self.dtype))
-        h = self._run_layer(self.embed(tokens), hidden, slot_ids, positions, valid)
+        h = self._run_layer(self.embed(tokens), hidden, slot_ids, positions, valid, ctx)
         last = h.gather(1, (counts - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
         keep = (counts > 0).unsqueeze(1)
         self.last_hidden[slot_ids] = torch.where(keep, last.to(self.last_hidden.dtype), self.last_hidden[slot_ids])
@@ -93,7 +95,7 @@ class Eagle3Drafter(Drafter):
 
     @torch.no_grad()
     def propose(self, slot_ids: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
-                num_tokens: int, sampling: SamplingBatch) -> DraftProposal:
+                num_tokens: int, sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
         """`anchors` were already consumed by observe (as the next token of anchor_pos - 1)."""
         self._check_num_tokens(num_tokens)
         self._require_cache()
@@ -105,8 +107,8 @@ class Eagle3Drafter(Drafter):
         for k in range(num_tokens):
             if k > 0:
                 pos = (anchor_positions + k - 1).unsqueeze(1)
-                h = self._run_layer(self.embed(tokens[-1].unsqueeze(1)), h, slot_ids, pos, valid)
-            q = sampling.probs(self.logits(self.norm(h[:, 0])))
+                h = self._run_layer(self.embed(tokens[-1].unsqueeze(1)), h, slot_ids, pos, valid, ctx)
+            q = sampling.probs(self.logits(self.norm(h[:, 0], (ctx or ForwardContext()).ops)))
             tokens.append(sampling.sample(q, anchor_positions + 1 + k, Stream.DRAFT).long())
             probs.append(q)
         return DraftProposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence=None)

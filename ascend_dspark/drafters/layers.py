@@ -9,10 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-import ops
-
+from ascend_dspark.cache import StepMeta
 from ascend_dspark.models.decoder import GatedMLP, RMSNorm  # noqa: F401  (re-used: DrafterConfig has the same fields)
-from ascend_dspark.models.kv_cache import StepMeta
+from ops.registry import DEVICE_DEFAULTS, OpRegistry
 
 from .config import DrafterConfig
 
@@ -34,28 +33,31 @@ class SelfAttention(nn.Module):
         self.head_dim = hd
         self.scale = hd ** -0.5
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, -1, self.head_dim)
         if self.qk_norm:
-            q = self.q_norm(q)
-        return ops.apply_rotary(q, cos, sin)
+            q = self.q_norm(q, registry)
+        return registry.apply_rotary(q, cos, sin)
 
-    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def key_value(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  registry: OpRegistry = DEVICE_DEFAULTS) -> tuple[torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, -1, self.head_dim)
         v = self.v_proj(x).view(b, t, -1, self.head_dim)
         if self.qk_norm:
-            k = self.k_norm(k)
-        return ops.apply_rotary(k, cos, sin), v
+            k = self.k_norm(k, registry)
+        return registry.apply_rotary(k, cos, sin), v
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: StepMeta, mask: torch.Tensor) -> torch.Tensor:
         """Write this chunk's K/V at its rows, then attend over the paged cache under `mask`."""
-        q = self.query(x, cos, sin)
-        k, v = self.key_value(x, cos, sin)
-        ops.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
-        out = ops.attention(q, k_cache, v_cache, meta.block_table, mask, self.scale)
+        reg = meta.ctx.ops
+        q = self.query(x, cos, sin, reg)
+        k, v = self.key_value(x, cos, sin, reg)
+        reg.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
+        out = reg.attention(q, k_cache, v_cache, meta.block_table, mask, self.scale, meta.ctx)
         return self.o_proj(out.reshape(*x.shape[:2], -1))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from ascend_dspark.models.kv_cache import PagedKVCache
+from ascend_dspark.cache import PagedKVCache
 from ascend_dspark.models.config import ModelConfig
 from ascend_dspark.models.decoder import DecoderModel
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, exponential_race
