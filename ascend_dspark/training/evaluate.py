@@ -158,6 +158,27 @@ def tau_ratios(report: dict, pairs: Sequence[tuple[str, str]], seed: int = 0) ->
     return out
 
 
+def merge_reports(reports: Sequence[dict]) -> dict:
+    """One report from several runs of `eval` over the same prompts and settings (e.g. the
+    shipped drafts evaluated while the new ones trained): their rows together."""
+    if not reports:
+        raise ValueError("nothing to merge")
+    keys = ("temperatures", "max_new_tokens", "seed", "datasets")
+    first = reports[0]["config"]
+    for r in reports[1:]:
+        diff = [k for k in keys if r["config"].get(k) != first.get(k)]
+        if diff:
+            raise ValueError(f"reports differ in {', '.join(diff)}: not the same evaluation")
+    cells = [(row["dataset"], row["temperature"], row["drafter"]) for r in reports for row in r["results"]]
+    if len(set(cells)) != len(cells):
+        raise ValueError("the same drafter appears in two reports")
+    drafters = {}
+    for r in reports:
+        drafters.update(r["config"].get("drafters") or {})
+    return {**reports[0], "config": {**first, "drafters": drafters},
+            "results": [row for r in reports for row in r["results"]]}
+
+
 def parse_ratios(text: str | None) -> list[tuple[str, str]]:
     """"dspark/dflash,new/old" -> [("dspark", "dflash"), ("new", "old")]."""
     pairs = []
@@ -271,6 +292,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="directory for eval.json, eval.md and the plots")
     p.add_argument("--graph-buckets", default=None,
                    help="comma list of decode batch sizes captured as graphs (default: the engine's powers of two)")
+    p.add_argument("--merge", default=None, metavar="JSON,JSON",
+                   help="no generation: merge these eval.json reports (same prompts and settings) into --out, "
+                        "with --ratios across them")
     p.add_argument("--ratios", default=None, metavar="A/B,...",
                    help="tau ratios with paired bootstrap intervals between the named drafters, e.g. dspark/dflash")
     p.set_defaults(func=run_eval)
@@ -285,6 +309,20 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from .prompts import load_prompts, read_prompts, save_prompts
 
+    if args.merge:
+        if not args.out:
+            raise ValueError("--merge needs --out")
+        report = merge_reports([json.loads(Path(p).read_text()) for p in args.merge.split(",") if p.strip()])
+        pairs = parse_ratios(args.ratios)
+        names = {row["drafter"] for row in report["results"]}
+        unknown = sorted({n for pair in pairs for n in pair} - names)
+        if unknown:
+            raise ValueError(f"--ratios names {', '.join(unknown)}, not among the merged drafters {', '.join(sorted(names))}")
+        report["ratios"] = tau_ratios(report, pairs, seed=report["config"].get("seed", 0))
+        paths = write_report(report, args.out)
+        print(markdown_table(report))
+        print("wrote " + ", ".join(str(p) for p in paths))
+        return 0
     if args.prompts:
         prompts = read_prompts(args.prompts)
     else:
