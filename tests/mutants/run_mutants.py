@@ -74,11 +74,12 @@ TARGETS: dict[str, list[str]] = {
     "ascend_dspark/engine/output_processor.py": [f"x{SEP}OutputProcessor{SEP}commit__mutmut_*"],
     "ascend_dspark/engine/scheduler.py": [f"x{SEP}Scheduler{SEP}{name}__mutmut_*" for name in (
         "_grow_running", "grow_ahead", "_fill_prefill", "_chunk", "_preempt")],
-    "ascend_dspark/drafters/dspark.py": [f"x{SEP}DSparkDrafter{SEP}propose__mutmut_*"],
-    "ascend_dspark/drafters/dflash.py": [f"x{SEP}DFlashDrafter{SEP}propose__mutmut_*"],
+    "ascend_dspark/drafters/dspark.py": [f"x{SEP}DSparkDrafter{SEP}sample_drafts__mutmut_*"],
+    "ascend_dspark/drafters/dflash.py": [f"x{SEP}DFlashDrafter{SEP}sample_drafts__mutmut_*"],
     "ascend_dspark/drafters/eagle3.py": [f"x{SEP}Eagle3Drafter{SEP}propose__mutmut_*",
                                          f"x{SEP}Eagle3Drafter{SEP}observe__mutmut_*"],
-    "ascend_dspark/drafters/block_backbone.py": [f"x{SEP}BlockDrafter{SEP}observe__mutmut_*"],
+    "ascend_dspark/drafters/block_backbone.py": [f"x{SEP}BlockDrafter{SEP}{name}__mutmut_*" for name in (
+        "observe", "propose")],
 }
 
 # The fast selection (pytest arguments): the union of what scope.py lets each mutant run
