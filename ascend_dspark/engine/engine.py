@@ -2,11 +2,12 @@
 commits for every decoding request, and prefills prompt chunks for new ones.
 
     add_request(id, prompt_ids, params)   queue a request (refused at once if it can never fit)
-    step() -> [RequestDelta]              one scheduler plan, run on the device:
+    step() -> [RequestDelta]              one scheduler plan, run by the model runner:
         prefill   prompt chunks of admitted requests (one padded forward); a request's last
                   chunk samples its first token (the first anchor), and the drafter observes
                   every chunk's target features.
-        draft     the drafter proposes K tokens after each decoding request's anchor.
+        draft     the drafter proposes up to K tokens after each decoding request's anchor
+                  (the batch's largest per-request cap).
         verify    the target runs [anchor, d1..dK] in one forward; the verifier accepts a
                   prefix per request plus one target token (lossless).
         commit    KV lengths roll back past the rejected tail (a length, not a copy), the
@@ -14,11 +15,16 @@ commits for every decoding request, and prefills prompt chunks for new ones.
     abort(id)                             free the request's slot and KV blocks at once
     generate(prompts, params)             offline: add everything, step until done
 
+The engine keeps the requests, the scheduler (scheduler.py: slots, blocks, admission,
+preemption), the overlap of host and device work, and the host bookkeeping of each step;
+the model runner (runner.py) owns everything on the device, and the output processor
+(output_processor.py) turns committed tokens into stops, text and deltas.
+
 Requests accept different numbers of tokens per step and leave as they finish, and the
-scheduler (scheduler.py) admits waiting ones whenever a slot and KV blocks are free, so
-continuous batching is invisible in the output: counter-based sampling noise keys on
-(seed, position), never on the batch. Plain decoding is the same loop with no drafter
-(K = 0). One device -> host copy per step carries every token the step produced.
+scheduler admits waiting ones whenever a slot and KV blocks are free, so continuous
+batching is invisible in the output: counter-based sampling noise keys on (seed, position),
+never on the batch. Plain decoding is the same loop with no drafter (K = 0). One
+device -> host copy per step carries every token the step produced.
 """
 
 from __future__ import annotations
