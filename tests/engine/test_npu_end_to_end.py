@@ -131,7 +131,8 @@ def use_npu_in_float32(fake, monkeypatch):
     """`use_npu`, with float32 admitted by FIA / scatter and the double's A2/A3 limits relaxed
     (test-only), so every kernel runs inside a token-exact float32 loop."""
     backend = use_npu(fake, monkeypatch)
-    monkeypatch.setattr(backend, "ATTENTION_DTYPES", (*backend.ATTENTION_DTYPES, torch.float32))
+    attention = importlib.import_module("ops.backends.npu_attention")
+    monkeypatch.setattr(attention, "ATTENTION_DTYPES", (*attention.ATTENTION_DTYPES, torch.float32))
     monkeypatch.setattr(backend, "KV_CACHE_DTYPES", (*backend.KV_CACHE_DTYPES, torch.float32))
     fake_torch_npu.set_enforce_hw_constraints(monkeypatch, False)
     return backend

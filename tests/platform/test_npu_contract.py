@@ -144,11 +144,13 @@ def test_checker_passes_on_our_code(contract):
 
 
 def test_checker_covers_the_npu_ops_backend(tmp_path, contract):
-    """ops/backends/npu.py is where the torch_npu op calls live: every one is seen and binds."""
+    """ops/backends/npu.py and npu_attention.py are where the torch_npu op calls live: every
+    one is seen and binds."""
     backend = ROOT / "ops" / "backends" / "npu.py"
+    attention = ROOT / "ops" / "backends" / "npu_attention.py"
     stats: dict = {}
-    assert npu_contract.check_calls([backend], contract, stats) == []
-    source = backend.read_text()
+    assert npu_contract.check_calls([backend, attention], contract, stats) == []
+    source = backend.read_text() + attention.read_text()
     ops_called = {op for op in {o.split(".")[0] for o in contract["ops"]} if f"torch_npu.{op}(" in source}
     assert ops_called == {"npu_rms_norm", "npu_add_rms_norm", "npu_swiglu", "npu_rotary_mul",
                           "npu_scatter_pa_kv_cache", "npu_fused_infer_attention_score",

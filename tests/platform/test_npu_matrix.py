@@ -38,7 +38,8 @@ from tools import npu_contract
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAPSHOTS = Path(__file__).with_name("torch_npu_contracts")
-NPU_SOURCES = [ROOT / "ops" / "backends" / "npu.py", ROOT / "ops" / "backends" / "npu_sampling.py",
+NPU_SOURCES = [ROOT / "ops" / "backends" / "npu.py", ROOT / "ops" / "backends" / "npu_attention.py",
+               ROOT / "ops" / "backends" / "npu_sampling.py",
                ROOT / "ops" / "backends" / "npu_caps.py", ROOT / "ascend_dspark" / "platform"]
 
 NO_SCATTER = {"2.6.0"}
