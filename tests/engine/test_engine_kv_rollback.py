@@ -46,7 +46,7 @@ class PoisoningSpyTarget(nn.Module):
     def logits(self, hidden):
         return self.inner.logits(hidden)
 
-    def forward(self, input_ids, positions, cache, slot_ids, valid, capture_layers=()):
+    def forward(self, input_ids, positions, cache, slot_ids, valid, capture_layers=(), ctx=None):
         lengths = cache.lengths[slot_ids].tolist()
         self.log.append([(s, int(positions[b, 0]), int(valid[b].sum()), n)
                          for b, (s, n) in enumerate(zip(slot_ids.tolist(), lengths))])
@@ -55,7 +55,7 @@ class PoisoningSpyTarget(nn.Module):
             for t in cache.k + cache.v:
                 flat = t.view(-1, *t.shape[2:])
                 flat[tail] = POISON * torch.randn(flat[tail].shape, generator=self.gen, dtype=torch.float64).to(t.dtype)
-        return self.inner(input_ids, positions, cache, slot_ids, valid, capture_layers)
+        return self.inner(input_ids, positions, cache, slot_ids, valid, capture_layers, ctx)
 
 
 @pytest.fixture(scope="module")
