@@ -11,6 +11,7 @@
 #   benchmarks/train_default_drafts.sh merge            # GPU: WHICH=base and WHICH=new evals joined, with ratios
 #   benchmarks/train_default_drafts.sh collect          # GPU: exports, logs, eval -> $OUT (each file < 16 MiB)
 #   benchmarks/train_default_drafts.sh bench            # GPU: plain vs speculative tokens/s, batch 1
+#   benchmarks/train_default_drafts.sh all    SECONDS   # GPU: setup .. collect in one call (base eval beside regen/train)
 #
 # Variables: RUN (default /tmp/runs) holds everything between phases on the GPU machine;
 # STAGE (default .stage) what is prepared here; DRAFTS the configs trained together
@@ -20,7 +21,7 @@
 # TRAIN_SET extra `--set` overrides for train (e.g. "lr=4e-4"); FIT=1 ends the schedule
 # inside the budget (the default when INIT has no progress: a fresh schedule per run).
 set -euo pipefail
-PHASE=${1:?phase: stage | setup | regen | train | eval | merge | collect | bench}
+PHASE=${1:?phase: stage | setup | regen | train | eval | merge | collect | bench | all}
 BUDGET=${2:-480}
 RUN=${RUN:-/tmp/runs}
 STAGE=${STAGE:-.stage}
@@ -93,6 +94,26 @@ $(find /tmp -name '*.gguf' -size +90M 2>/dev/null | grep -v "^$BOX_STAGE/model.g
   (cd "$CODE" && PYTHONPATH="$CODE:/tmp/site" ASCEND_DSPARK_DEFAULT_GGUF="$BOX_STAGE/model.gguf" \
     $PY -c "from ascend_dspark.models.loader import resolve_checkpoint; print(resolve_checkpoint('default'))")
   mkdir -p "$RUN" && gunzip -c "$STAGE/prompts_train.jsonl.gz" > "$RUN/prompts_train.jsonl" && cp "$STAGE/prompts_eval.jsonl" "$RUN/"
+  exit 0
+fi
+
+if [ "$PHASE" = all ]; then
+  # One GPU call of BUDGET seconds: setup; the base drafts' eval beside regen and train; regen
+  # (30% of what setup leaves), train (45%), the new drafts' eval, merge, collect into $OUT.
+  S=$(readlink -f "$0"); end=$((SECONDS + BUDGET)); left() { echo $((end - SECONDS)); }
+  bash "$S" setup 2>&1 | sed -u '/it\/s\]/d' | tail -3 || exit 3
+  echo "== setup done, $(left) s left"
+  WHICH=base timeout $(( $(left) - 30 )) bash "$S" eval > "$RUN/base_eval.out" 2>&1 & base=$!
+  spare=$(( $(left) - 60 ))
+  timeout $(( spare * 30 / 100 + 40 )) bash "$S" regen $(( spare * 30 / 100 )) || true
+  echo "== regen done, $(left) s left"
+  timeout $(( spare * 45 / 100 + 35 )) bash "$S" train $(( spare * 45 / 100 )) || true
+  echo "== train done, $(left) s left"
+  WHICH=new timeout $(( $(left) - 12 )) bash "$S" eval || true
+  wait $base || true
+  bash "$S" merge || true
+  [ -z "${OUT:-}" ] || bash "$S" collect
+  echo "== end, $(left) s left"
   exit 0
 fi
 

@@ -26,8 +26,8 @@ seen), and a trainer started `init_from` such a draft continues the warmup + cos
 at that step, with a fresh optimiser whose learning rate ramps up again over
 `rewarm_steps`, on whatever data that run regenerated.
 
-Validation: a fixed ~2% of the prompts (`split.py`) is held out; every `val_every` steps
-and at the end the teacher-forced acceptance of each block slot (1 - TV, the T=1 rate) and
+Validation: a fixed ~2% of the prompts (`split.py`) is held out; when a call starts, every
+`val_every` steps and at the end the teacher-forced acceptance of each block slot (1 - TV, the T=1 rate) and
 the argmax agreement with the target (the T=0 rate) are measured on it and logged as
 `{"step", "val": {...}}` lines in train_log.jsonl.
 """
@@ -429,6 +429,9 @@ class JointTrainer:
         taken = 0
         val_at = -1
         try:
+            if lead.val_samples and any(m.step < m.cfg.steps for m in members):
+                self._log_validation(logs)           # where this call starts: the baseline of its gains
+                val_at = lead.step
             while any(m.step < m.cfg.steps for m in members):
                 entries = self.train_step()
                 taken += 1

@@ -150,7 +150,7 @@ def test_validation_is_logged_and_leaves_training_alone(tiny, tmp_path):
         assert torch.equal(a, b), name
     lines = [json.loads(x) for x in (tmp_path / "v" / "train_log.jsonl").read_text().splitlines()]
     vals = [x for x in lines if "val" in x]
-    assert [x["step"] for x in vals] == [3, 6, 7]
+    assert [x["step"] for x in vals] == [0, 3, 6, 7]              # the start is the baseline
     for x in vals:
         v = x["val"]
         assert 0 <= v["accept@1"] <= 1 and 0 <= v["argmax@1"] <= 1 and v["slots"] > 0
