@@ -108,7 +108,18 @@ class TrainConfig:
             raise ValueError(f"{source}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
         if "algorithm" not in raw:
             raise ValueError(f"{source}: 'algorithm' is required ({', '.join(ALGORITHMS)})")
-        return cls(**raw)
+        return cls(**{k: _as_float(k, v, source) if k in FLOAT_FIELDS else v for k, v in raw.items()})
+
+
+def _as_float(key: str, value: Any, source: str) -> float:
+    """YAML 1.1 reads `4e-4` (no dot) as a string: a float field takes it as the number it is."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{source}: {key} must be a number, got {value!r}") from None
+
+
+FLOAT_FIELDS = frozenset(f.name for f in dataclasses.fields(TrainConfig) if f.type in (float, "float"))
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:

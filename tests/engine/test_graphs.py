@@ -46,7 +46,7 @@ def engines(setup, kind, k=3):
 @pytest.mark.parametrize("batch", [1, 3, 4])
 def test_graph_replay_gives_the_eager_tokens(setup, kind, temperature, batch):
     eager, graphed = engines(setup, kind)
-    assert graphed.graph_runner is not None and eager.graph_runner is None
+    assert graphed.runner.graph_runner is not None and eager.runner.graph_runner is None
     params = [SamplingParams(temperature=temperature, seed=10 + i, max_tokens=6 + 5 * i, ignore_eos=True)
               for i in range(batch)]
     want = eager.generate(PROMPTS[:batch], params)

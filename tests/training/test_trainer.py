@@ -130,6 +130,15 @@ def test_config_errors_are_clear(tiny, tmp_path):
         Trainer(cfg, target, load_samples([data], 64), tmp_path, make_platform("cpu"), progress=False)
 
 
+def test_numbers_written_without_a_dot_are_numbers():
+    """YAML 1.1 reads `4e-4` as a string; in a float field it is the number (a GPU run's
+    `--set lr=4e-4` once died in the optimiser), and a word is still refused."""
+    assert load_config("dspark_smollm2", ["lr=4e-4", "weight_decay=1e-2"]).lr == 0.0004
+    assert TrainConfig.from_dict({"algorithm": "dflash", "lr": "2e-4"}).lr == 0.0002
+    with pytest.raises(ValueError, match="lr must be a number"):
+        load_config("dspark_smollm2", ["lr=fast"])
+
+
 def test_shipped_configs_load_and_agree():
     """One recipe: the shipped SmolLM2 configs share data length, steps, batch and target layers."""
     cfgs = {name: load_config(name) for name in
