@@ -107,7 +107,8 @@ class StepGraphRunner:
         captured = self._last if self._last is not None and self._last_inputs == inputs else None
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
             dev = self.runner.device
-            sampling = SamplingBatch(params + [params[0]] * pad, dev, self.platform.ops)      # padding rows copy row 0's flags
+            # padding rows copy row 0's flags
+            sampling = SamplingBatch(params + [params[0]] * pad, dev, self.platform.ops)
             captured = (self.graphs.get((bucket, num_drafts, _flags(sampling)))
                         or self._capture(bucket, num_drafts, sampling))
             captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
