@@ -119,7 +119,7 @@ def stage(files: list[str]) -> None:
     listed = subprocess.run(["git", "ls-files", "-z", "--cached"],
                             cwd=REPO, check=True, capture_output=True).stdout.decode().split("\0")
     for rel in listed:
-        if not rel or not rel.startswith(("ascend_dspark/", "ops/", "serving/", "tests/")) and rel != "pyproject.toml":
+        if not rel or not rel.startswith(("ascend_dspark/", "ops/", "serving/", "tools/", "tests/")) and rel != "pyproject.toml":
             continue
         src = REPO / rel
         if not src.is_file():          # deleted in the working tree
@@ -178,6 +178,7 @@ def write_config(files: list[str]) -> None:
 
     cfg = ["[mutmut]",
            f"source_paths ={lst(['ascend_dspark', 'ops'])}",
+           f"also_copy ={lst(['tools'])}",               # the NPU test double reads the contract tool
            f"only_mutate ={lst(files)}",
            f"pytest_add_cli_args ={lst(PYTEST_ARGS)}",
            f"pytest_add_cli_args_test_selection ={lst(fast_test_args())}",
