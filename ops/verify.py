@@ -102,8 +102,9 @@ def verify_chain(target_probs: torch.Tensor, draft_tokens: torch.Tensor, draft_p
         q_stop = torch.where(rejected, q_stop, torch.zeros_like(q_stop))
     else:
         q_stop = torch.zeros_like(p_stop)
-    noise = counter_uniform_vocab(seeds, first_position.long() + num_accepted, residual_stream, vocab)
-    final = exponential_race(residual(p_stop, q_stop), noise)
+    # References only inside a reference: the platform's registry chose this implementation.
+    noise = counter_uniform_vocab.reference(seeds, first_position.long() + num_accepted, residual_stream, vocab)
+    final = exponential_race.reference(residual(p_stop, q_stop), noise)
     if greedy is not None:
         greedy_final = target_argmax.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
         final = torch.where(greedy, greedy_final, final)
