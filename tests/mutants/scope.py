@@ -53,6 +53,7 @@ ENGINE_TESTS = [
     E + "test_engine_kv_rollback.py",
     E + "test_engine_overlap.py",
     E + "test_draft_caps.py",
+    E + "test_engine_ops_registry.py",
     E + "test_engine_logprobs.py::test_logprobs_of_token_zero_are_its_own",
     E + "test_engine_logprobs.py",
     E + "test_engine_devices.py::test_generate_computes_with_no_tensor_made_without_a_device[None]",
