@@ -34,7 +34,7 @@ class HintSpyTarget(nn.Module):
 
     def __init__(self, target) -> None:
         super().__init__()
-        self.inner, self.config, self.hints = target, target.config, []
+        self.inner, self.config, self.hints, self.starts, self.widths = target, target.config, [], [], []
 
     def logits(self, hidden):
         return self.inner.logits(hidden)
@@ -44,6 +44,8 @@ class HintSpyTarget(nn.Module):
 
     def forward(self, input_ids, positions, cache, slot_ids, valid, capture_layers=(), ctx=None):
         self.hints.append(seen(ctx))
+        self.starts.append(positions[:, 0].tolist())
+        self.widths.append(ctx.num_keys)
         return self.inner(input_ids, positions, cache, slot_ids, valid, capture_layers, ctx)
 
 
@@ -71,3 +73,21 @@ def test_prefill_chunks_promise_causal_attention_over_their_own_lengths(arch, ki
     # Verify steps give no query lengths (their rows are K + 1 wide); a prefill must give them.
     assert [h for h in spy.hints if h is None or h[2] is not None] == want
     assert [h for h in drafter.hints if h is None or h[2] is not None] == want
+
+
+def test_verify_steps_promise_each_rows_reach_and_no_more():
+    """Without overlap the host knows every row's committed length: a verify step's rows reach
+    their anchor position plus what one step writes (`reserve`), exactly, and attention reads
+    the key columns of the furthest row (a prefill: of its furthest chunk end), no more."""
+    target = make_target()
+    spy = HintSpyTarget(target)
+    engine = Engine(spy, real_drafter("dspark", target), num_speculative_tokens=3, max_model_len=64,
+                    max_batch_size=3, overlap=False)
+    engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=9, ignore_eos=True))
+    steps = list(zip(spy.hints, spy.starts, spy.widths))
+    assert any(h[2] is None for h, _, _ in steps)
+    for (kind, kv_lengths, query_lengths), starts, width in steps:
+        if query_lengths is None:                 # a verify step
+            assert kind == "explicit" and kv_lengths == [a + engine.runner.reserve for a in starts]
+        assert width == max(kv_lengths)
+
