@@ -25,6 +25,7 @@ import torch
 
 from ascend_dspark.cache import PagedKVCache
 from ops.context import ForwardContext
+from ops.registry import OpRegistry
 from ascend_dspark.models import DecoderModel, ModelConfig
 
 ARCHS = ("llama", "qwen3", "gemma3")
@@ -198,3 +199,15 @@ def select_rows(batch, rows: torch.Tensor, params: list):
     for name in SamplingBatch.TENSORS:
         setattr(sub, name, getattr(batch, name).index_select(0, rows))
     return sub
+
+
+class RecordingRegistry(OpRegistry):
+    """TEST DOUBLE: the reference ops of a CPU registry, with the name of every op it resolves."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu")
+        self.seen: set[str] = set()
+
+    def resolve(self, op, device):
+        self.seen.add(op)
+        return super().resolve(op, device)

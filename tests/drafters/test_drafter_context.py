@@ -11,19 +11,7 @@ from drafter_helpers import greedy, random_features, scramble
 from ascend_dspark.drafters import create_drafter
 from ops import registry
 from ops.context import ForwardContext
-from ops.registry import OpRegistry
-
-
-class RecordingRegistry(OpRegistry):
-    """TEST DOUBLE: the reference ops of a CPU registry, with the name of every op it resolves."""
-
-    def __init__(self) -> None:
-        super().__init__("cpu")
-        self.seen: set[str] = set()
-
-    def resolve(self, op, device):
-        self.seen.add(op)
-        return super().resolve(op, device)
+from tests.helpers import RecordingRegistry
 
 
 # What each kind must run through the context: attention and K/V writes in its layers, norms,

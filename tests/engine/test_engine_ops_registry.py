@@ -11,19 +11,7 @@ from ascend_dspark.engine.engine import Engine
 from ascend_dspark.platform.cpu import CpuPlatform
 from ascend_dspark.spec.sampling import SamplingParams
 from ops import registry
-from ops.registry import OpRegistry
-
-
-class RecordingRegistry(OpRegistry):
-    """TEST DOUBLE: the reference ops of a CPU registry, with the name of every op it resolves."""
-
-    def __init__(self) -> None:
-        super().__init__("cpu")
-        self.seen: set[str] = set()
-
-    def resolve(self, op, device):
-        self.seen.add(op)
-        return super().resolve(op, device)
+from tests.helpers import RecordingRegistry
 
 
 def no_op_outside_the_platform(op, device):
