@@ -2,14 +2,19 @@
 
     python benchmarks/bench_step.py --out step.json
 
-1. Qwen3-8B-shaped target (random bf16 weights; shapes are what matter): a plain decode
-   step at batch 1 (whole-step graph replay, 64 steps after a 512-token prompt; with the
-   engine's overlap of host and device work, and without) against the weight-read floor (bytes of weights / the H200's measured 4.2 TB/s), and one verify
-   forward of 8 tokens against a 1-token forward (both replayed as CUDA graphs at the same
-   context length).
-2. Device busy fraction while decoding at batch 1 (SmolLM2-135M shape, graph replay, with
-   and without overlap): the
-   union of GPU kernel intervals over the wall time from the first to the last kernel of
+0. The floor: this device's memory bandwidth, measured in this process (a 2 GiB device copy,
+   and a cuBLAS GEMV over a 1 GiB matrix; the faster counts), so an H100 and an H200 are
+   each held to their own.
+1. Qwen3-8B-shaped target (random bf16 weights; shapes are what matter), with the
+   batch-invariant matmul and with cuBLAS (`ASCEND_DSPARK_OPS=reference:linear`) side by
+   side: a plain decode step at batch 1 (whole-step graph replay, 64 steps after a 512-token
+   prompt; with the engine's overlap of host and device work, and without) against the
+   weight-read floor, and target forwards replayed as CUDA graphs at the same context:
+   1 token, a verify of 8 tokens, and batches of 8 and 32 one-token rows.
+2. SmolLM2-135M shape (random weights): the step time of DSpark and DFlash drafts (K = 7,
+   random drafts: a step costs the same whatever it accepts) at batch 1 and 16, and the
+   device busy fraction while decoding at batch 1 (graph replay, with and without overlap):
+   the union of GPU kernel intervals over the wall time from the first to the last kernel of
    the decode, from a torch.profiler trace.
 """
 
@@ -18,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import sys
 import tempfile
 import time
@@ -25,7 +31,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-HBM_BYTES_PER_S = 4.2e12        # measured on the H200 (shared/reference anchors)
 QWEN3_8B = dict(architectures=["Qwen3ForCausalLM"], model_type="qwen3", vocab_size=151936, hidden_size=4096,
                 intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
                 head_dim=128, max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0,
@@ -58,19 +63,47 @@ def decode_step(platform, target, context: int, steps: int, overlap: bool | None
     return engine.timings.decode_s / max(engine.timings.generated_tokens - 1, 1)
 
 
-def forward_ms(platform, target, width: int, context: int, reps: int = 50) -> float:
-    """One target forward of `width` tokens at `context`, replayed from a CUDA graph."""
+def bandwidth_bytes_per_s(device) -> dict:
+    """Memory bandwidth measured here: a device copy (bytes read + written) and a cuBLAS GEMV
+    (bytes of the matrix), each the best of 10 after a warm-up."""
+    import torch
+
+    def best(fn, moved: int) -> float:
+        fn()
+        torch.cuda.synchronize(device)
+        times = []
+        for _ in range(10):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) / 1e3)
+        return moved / min(times)
+
+    src = torch.empty(1 << 30, dtype=torch.bfloat16, device=device)
+    dst = torch.empty_like(src)
+    copy = best(lambda: dst.copy_(src), 2 * src.numel() * src.element_size())
+    del dst
+    matrix = src.view(16384, -1)
+    x = torch.randn(1, matrix.shape[1], dtype=matrix.dtype, device=device)
+    gemv = best(lambda: x @ matrix.t(), matrix.numel() * matrix.element_size())
+    return {"copy": copy, "gemv": gemv, "floor": max(copy, gemv)}
+
+
+def forward_ms(platform, target, width: int, context: int, batch: int = 1, reps: int = 50) -> float:
+    """One target forward of `batch` rows of `width` tokens at `context`, replayed from a CUDA graph."""
     import torch
 
     from ascend_dspark.cache import PagedKVCache
 
     cfg, dev = target.config, platform.device
-    cache = PagedKVCache.contiguous(cfg.num_layers, 1, context + width, cfg.num_kv_heads, cfg.head_dim,
+    cache = PagedKVCache.contiguous(cfg.num_layers, batch, context + width, cfg.num_kv_heads, cfg.head_dim,
                                     next(target.parameters()).dtype, dev)
-    ids = torch.zeros(1, width, dtype=torch.long, device=dev)
-    positions = (context + torch.arange(width, device=dev)).unsqueeze(0)
-    slots = torch.zeros(1, dtype=torch.long, device=dev)
-    valid = torch.ones(1, width, dtype=torch.bool, device=dev)
+    ids = torch.zeros(batch, width, dtype=torch.long, device=dev)
+    positions = (context + torch.arange(width, device=dev)).unsqueeze(0).expand(batch, -1)
+    slots = torch.arange(batch, dtype=torch.long, device=dev)
+    valid = torch.ones(batch, width, dtype=torch.bool, device=dev)
     graph = platform.graph()
     with torch.inference_mode():
         graph.capture(lambda: target.logits(target(ids, positions, cache, slots, valid).hidden))
@@ -80,6 +113,23 @@ def forward_ms(platform, target, width: int, context: int, reps: int = 50) -> fl
             graph.replay()
         platform.synchronize()
     return (time.perf_counter() - t0) / reps * 1e3
+
+
+def drafter_step_ms(platform, target, kind: str, batch: int, steps: int = 48) -> float:
+    """Mean decode step (draft + verify + bookkeeping) with a random `kind` draft at K = 7
+    ("none": plain decoding)."""
+    from ascend_dspark.drafters import create_drafter
+    from ascend_dspark.engine.engine import Engine
+    from ascend_dspark.spec.sampling import SamplingParams
+
+    drafter = None if kind == "none" else create_drafter(kind, target).to(
+        platform.device, next(target.parameters()).dtype).eval()
+    engine = Engine(target, drafter, None, 7, max_model_len=512, max_batch_size=batch, platform=platform)
+    prompts = [[(13 * i + 7 * b) % 1000 + 10 for i in range(64)] for b in range(batch)]
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    engine.generate(prompts, params)                                     # warm-up
+    outs = engine.generate(prompts, params)
+    return engine.timings.decode_s / max(o.stats.num_steps for o in outs) * 1e3
 
 
 def busy_fraction(platform, target, steps: int = 64, overlap: bool | None = None) -> float:
@@ -124,21 +174,39 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     platform = make_platform("cuda")
-    res = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name()}
+    res = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+           "command": "python " + " ".join(sys.argv)}
+    res["bandwidth_bytes_per_s"] = bandwidth_bytes_per_s(platform.device)
+    torch.cuda.empty_cache()
+    print(json.dumps(res, indent=1), flush=True)
     big = random_model(QWEN3_8B, torch.bfloat16, platform.device)
     weight_bytes = sum(t.numel() * t.element_size() for t in big.parameters())
-    floor_ms = weight_bytes / HBM_BYTES_PER_S * 1e3
-    step_ms = decode_step(platform, big, context=512, steps=64) * 1e3
-    step_sync_ms = decode_step(platform, big, context=512, steps=64, overlap=False) * 1e3
-    one, eight = forward_ms(platform, big, 1, 512), forward_ms(platform, big, 8, 512)
-    res["qwen3_8b"] = {"weight_gb": weight_bytes / 1e9, "floor_ms": floor_ms, "decode_step_ms": step_ms,
-                       "step_vs_floor": step_ms / floor_ms, "decode_step_no_overlap_ms": step_sync_ms,
-                       "forward_1_ms": one, "forward_8_ms": eight, "forward_1_vs_floor": one / floor_ms,
-                       "verify8_vs_step1": eight / one}
-    print(json.dumps(res["qwen3_8b"], indent=1), flush=True)
+    floor_ms = weight_bytes / res["bandwidth_bytes_per_s"]["floor"] * 1e3
+    res["qwen3_8b"] = {"weight_gb": weight_bytes / 1e9, "floor_ms": floor_ms}
+    for mode, setting in (("batch_invariant", None), ("cublas", "reference:linear")):
+        if setting:
+            os.environ["ASCEND_DSPARK_OPS"] = setting
+        step_ms = decode_step(platform, big, context=512, steps=64) * 1e3
+        step_sync_ms = decode_step(platform, big, context=512, steps=64, overlap=False) * 1e3
+        one, eight = forward_ms(platform, big, 1, 512), forward_ms(platform, big, 8, 512)
+        batch8, batch32 = forward_ms(platform, big, 1, 512, batch=8), forward_ms(platform, big, 1, 512, batch=32)
+        res["qwen3_8b"][mode] = {"decode_step_ms": step_ms, "step_vs_floor": step_ms / floor_ms,
+                                 "decode_step_no_overlap_ms": step_sync_ms, "forward_1_ms": one,
+                                 "forward_1_vs_floor": one / floor_ms, "verify_8_ms": eight,
+                                 "verify8_vs_step1": eight / one, "batch_8_ms": batch8,
+                                 "batch_8_vs_floor": batch8 / floor_ms, "batch_32_ms": batch32,
+                                 "batch_32_vs_floor": batch32 / floor_ms}
+        print(mode, json.dumps(res["qwen3_8b"][mode], indent=1), flush=True)
+    os.environ.pop("ASCEND_DSPARK_OPS", None)
     del big
     torch.cuda.empty_cache()
     small = random_model(SMOLLM2_135M, torch.bfloat16, platform.device)
+    res["smollm2_step_ms"] = {f"{kind}_batch{b}": drafter_step_ms(platform, small, kind, b)
+                              for kind in ("none", "dflash", "dspark") for b in (1, 16)}
+    for b in (1, 16):
+        res["smollm2_step_ms"][f"dspark_vs_dflash_batch{b}"] = (res["smollm2_step_ms"][f"dspark_batch{b}"]
+                                                                / res["smollm2_step_ms"][f"dflash_batch{b}"])
+    print(json.dumps(res["smollm2_step_ms"], indent=1), flush=True)
     res["smollm2_busy_fraction"] = busy_fraction(platform, small)
     res["smollm2_busy_fraction_no_overlap"] = busy_fraction(platform, small, overlap=False)
     print("busy fraction", res["smollm2_busy_fraction"], "without overlap", res["smollm2_busy_fraction_no_overlap"],

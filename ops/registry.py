@@ -5,7 +5,8 @@ ones under their name when their module is imported ("triton" for CUDA tensors, 
 Ascend's). An `OpRegistry` is one platform's choice: tensors of its device type run its
 backend where the backend implements the op, everything else runs the reference, and the
 choice is logged once per (registry, op). `ASCEND_DSPARK_OPS=reference` forces the
-reference everywhere (debugging, bisecting a numerical difference); it is read at every
+reference everywhere (debugging, bisecting a numerical difference);
+`ASCEND_DSPARK_OPS=reference:linear,attention` only for the ops named. It is read at every
 call, so it can be set around one run.
 
 Who picks the registry: the platform (`Platform.ops`), handed to the models through the
@@ -62,7 +63,7 @@ class OpRegistry:
         key = (op, device.type, os.environ.get(ENV_VAR))
         fn = self._resolved.get(key)
         if fn is None:
-            fn = self._resolved[key] = self._choose(op, device.type, (key[2] or "").lower() == REFERENCE)
+            fn = self._resolved[key] = self._choose(op, device.type, forces_reference(key[2], op))
         return fn
 
     def _choose(self, op: str, device_type: str, forced_reference: bool) -> Callable:
@@ -114,6 +115,13 @@ class OpRegistry:
 
 
 DEVICE_DEFAULTS = OpRegistry(None)
+
+
+def forces_reference(setting: str | None, op: str) -> bool:
+    """Whether ASCEND_DSPARK_OPS=`setting` sends `op` to its reference: "reference" (every
+    op) or "reference:op1,op2" (those named)."""
+    kind, _, names = (setting or "").lower().partition(":")
+    return kind.strip() == REFERENCE and (not names or op in {n.strip() for n in names.split(",")})
 
 
 def dispatching(op: str) -> Callable[[Callable], Callable]:

@@ -28,6 +28,7 @@ import ops
 from ascend_dspark.cache import BlockTables, PagedKVCache
 from ascend_dspark.spec.sampling import SamplingBatch
 from ops.context import ForwardContext
+from ops.registry import DEVICE_DEFAULTS, OpRegistry
 
 from .config import DrafterConfig
 
@@ -70,9 +71,9 @@ class Drafter(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.target.embed(ids).to(self.dtype)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def logits(self, hidden: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
         """float32 logits through the target's LM head (and soft-capping, if any)."""
-        return self.target.logits(hidden.to(_param_dtype(self.target, hidden.dtype)))
+        return self.target.logits(hidden.to(_param_dtype(self.target, hidden.dtype)), registry)
 
     def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         if self._rope_from_target:

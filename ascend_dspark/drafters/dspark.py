@@ -88,9 +88,9 @@ class DSparkDrafter(BlockDrafter):
 
     def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
                       sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
-        base = self.logits(h)                                        # [B, K, V] float32
-        weights = self._head_weights()
         registry = (ctx or ForwardContext()).ops
+        base = self.logits(h, registry)                              # [B, K, V] float32
+        weights = self._head_weights()
         prev, state = anchors.long(), None
         tokens, probs, conf = [], [], []
         for k in range(h.shape[1]):

@@ -104,11 +104,12 @@ class Eagle3Drafter(Drafter):
         h = self.last_hidden[slot_ids].to(self.dtype).unsqueeze(1)                  # [B, 1, H]
         valid = torch.ones(anchors.shape[0], 1, dtype=torch.bool, device=anchors.device)
         tokens, probs = [], []
+        reg = (ctx or ForwardContext()).ops
         for k in range(num_tokens):
             if k > 0:
                 pos = (anchor_positions + k - 1).unsqueeze(1)
                 h = self._run_layer(self.embed(tokens[-1].unsqueeze(1)), h, slot_ids, pos, valid, ctx)
-            q = sampling.probs(self.logits(self.norm(h[:, 0], (ctx or ForwardContext()).ops)))
+            q = sampling.probs(self.logits(self.norm(h[:, 0], reg), reg))
             tokens.append(sampling.sample(q, anchor_positions + 1 + k, Stream.DRAFT).long())
             probs.append(q)
         return DraftProposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence=None)

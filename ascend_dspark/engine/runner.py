@@ -19,6 +19,7 @@ graph being captured, if any.
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -34,6 +35,23 @@ from .request import Request
 from .scheduler import PrefillChunk
 
 logger = logging.getLogger(__name__)
+HALF = (torch.bfloat16, torch.float16)
+
+
+def warn_if_not_exact(platform: Platform, dtype: torch.dtype, device: torch.device) -> None:
+    """Greedy speculation equals plain decoding only if a verify forward computes each row
+    as a 1-row decode step does. Where this platform's matmul is not batch-invariant
+    (`ops/linear.py`), half precision can flip near-ties: say so, once per platform/dtype."""
+    linear = platform.ops.resolve("linear", device)
+    if dtype in HALF and not getattr(linear, "batch_invariant", False):
+        _warn_not_exact(platform.describe(), str(dtype).removeprefix("torch."))
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_not_exact(where: str, dtype: str) -> None:
+    logger.warning("speculative decoding on %s in %s: the matmuls are not batch-invariant here, so at "
+                   "temperature 0 the output can differ from plain decoding where two tokens nearly tie "
+                   "(README, \"Exactness\"); float32 keeps the difference to rounding", where, dtype)
 
 
 class ModelRunner:
@@ -59,6 +77,8 @@ class ModelRunner:
         self._sliding = any(cfg.window(i) is not None for i in range(cfg.num_layers))
         param = next(target.parameters())
         self.dtype, self.device = param.dtype, param.device
+        if drafter is not None:
+            warn_if_not_exact(platform, self.dtype, self.device)
         # From an anchor, verification writes K + 1 target positions (the drafter observes the
         # same ones) and a proposal writes `lookahead` scratch positions into the drafter's
         # cache: every request's blocks cover the larger past its anchor. The highest anchor
@@ -170,7 +190,7 @@ class ModelRunner:
                                                   "explicit" if self._sliding else "causal"))
         out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers, ctx)
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
-        last = self.target.logits(hidden)                                       # [B, 1, V]
+        last = self.target.logits(hidden, ctx.ops)                                     # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
         first = sampling.sample(sampling.probs(last), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
         self.cache.set_lengths(slots, starts + lens)
@@ -238,7 +258,7 @@ class ModelRunner:
         positions = anchor_pos.unsqueeze(1) + torch.arange(k + 1, device=dev)
         valid = torch.ones_like(inputs, dtype=torch.bool)
         out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers, ctx)
-        logits = self.target.logits(out.hidden)
+        logits = self.target.logits(out.hidden, ctx.ops)
         result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
         num_accepted = result.num_accepted
         self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)

@@ -17,6 +17,7 @@ from ops.registry import DEVICE_DEFAULTS, OpRegistry
 
 from .base import ForwardOutput
 from .config import ModelConfig
+from .merged import MergedLinear, keep_part_names
 from .rope import inverse_frequencies
 
 
@@ -40,9 +41,9 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         hd, bias = cfg.head_dim, cfg.attention_bias
-        self.q_proj = nn.Linear(cfg.hidden_size, cfg.num_heads * hd, bias=bias)
-        self.k_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=bias)
-        self.v_proj = nn.Linear(cfg.hidden_size, cfg.num_kv_heads * hd, bias=bias)
+        self.qkv_proj = MergedLinear(cfg.hidden_size, {"q_proj": cfg.num_heads * hd, "k_proj": cfg.num_kv_heads * hd,
+                                                       "v_proj": cfg.num_kv_heads * hd}, bias)
+        keep_part_names(self, "qkv_proj")
         self.o_proj = nn.Linear(cfg.num_heads * hd, cfg.hidden_size, bias=bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
@@ -54,22 +55,21 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         hd = self.cfg.head_dim
         reg = meta.ctx.ops
-        q = self.q_proj(x).view(b, t, -1, hd)
-        k = self.k_proj(x).view(b, t, -1, hd)
-        v = self.v_proj(x).view(b, t, -1, hd)
+        q, k, v = (p.view(b, t, -1, hd) for p in self.qkv_proj(x, reg))
         if self.cfg.qk_norm:
             q, k = self.q_norm(q, reg), self.k_norm(k, reg)
         q, k = reg.apply_rotary(q, cos, sin), reg.apply_rotary(k, cos, sin)
         reg.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
         out = reg.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale, meta.ctx)
-        return self.o_proj(out.reshape(b, t, -1))
+        return reg.linear(out.reshape(b, t, -1), self.o_proj.weight, self.o_proj.bias)
 
 
 class GatedMLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.gate_up_proj = MergedLinear(cfg.hidden_size, {"gate_proj": cfg.intermediate_size,
+                                                           "up_proj": cfg.intermediate_size}, bias=False)
+        keep_part_names(self, "gate_up_proj")
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         if cfg.hidden_act in ("silu", "swish"):
             self.act = "silu_and_mul"
@@ -79,7 +79,8 @@ class GatedMLP(nn.Module):
             raise ValueError(f"unsupported hidden activation {cfg.hidden_act!r}")
 
     def forward(self, x: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
-        return self.down_proj(getattr(registry, self.act)(self.gate_proj(x), self.up_proj(x)))
+        gate, up = self.gate_up_proj(x, registry)
+        return registry.linear(getattr(registry, self.act)(gate, up), self.down_proj.weight)
 
 
 class DecoderLayer(nn.Module):
@@ -135,8 +136,8 @@ class DecoderModel(nn.Module):
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         return x
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        out = self.lm_head(hidden).float()
+    def logits(self, hidden: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
+        out = registry.linear(hidden, self.lm_head.weight).float()
         cap = self.config.final_logit_softcap
         if cap:
             out = torch.tanh(out / cap) * cap

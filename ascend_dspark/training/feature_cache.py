@@ -70,12 +70,15 @@ def target_identity(target, layer_ids, dtype: torch.dtype) -> dict:
     loaded in bf16 or fp32 matches, while a fine-tuned or other checkpoint does not."""
     cfg = {k: v for k, v in dataclasses.asdict(target.config).items() if k != "raw"}
     config_sha = _sha256_bytes(json.dumps(cfg, sort_keys=True, default=str).encode())
-    sd = target.state_dict()
-    probe = ["model.embed_tokens.weight", "lm_head.weight", "model.norm.weight",
-             "model.layers.0.self_attn.q_proj.weight", f"model.layers.{target.config.num_layers - 1}.mlp.down_proj.weight"]
+    last = target.config.num_layers - 1
+    qkv = target.model.layers[0].self_attn.qkv_proj
+    probe = {"model.embed_tokens.weight": target.model.embed_tokens.weight, "lm_head.weight": target.lm_head.weight,
+             "model.norm.weight": target.model.norm.weight,
+             "model.layers.0.self_attn.q_proj.weight": qkv.weight[:qkv.parts["q_proj"]],
+             f"model.layers.{last}.mlp.down_proj.weight": target.model.layers[last].mlp.down_proj.weight}
     h = hashlib.sha256()
-    for name in probe:
-        t = sd[name].detach().reshape(-1)[:4096].to("cpu", torch.bfloat16)
+    for name, weight in probe.items():
+        t = weight.detach().reshape(-1)[:4096].to("cpu", torch.bfloat16)
         h.update(name.encode())
         h.update(t.view(torch.int16).numpy().tobytes())
     return {"model_type": target.config.model_type, "hidden_size": target.config.hidden_size,

@@ -209,9 +209,7 @@ class Trainer:
         if state["config"]["algorithm"] != self.cfg.algorithm:
             raise ValueError(f"{path}: a {state['config']['algorithm']} checkpoint, config says {self.cfg.algorithm}")
         loaded = load_drafter(path, self.target, dtype=torch.float32)
-        with torch.no_grad():
-            for mine, theirs in zip(self.drafter.state_dict().values(), loaded.state_dict().values()):
-                mine.copy_(theirs)
+        self.drafter.load_state_dict(loaded.state_dict())      # in place: the optimiser keeps its parameters
         self.optimizer.load_state_dict(state["optimizer"])
         self.sampler.load_state_dict(state["sampler"])
         torch.set_rng_state(state["rng"]["torch"])

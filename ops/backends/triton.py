@@ -30,6 +30,7 @@ from .triton_kernels import (
     attention,
     gelu_tanh_and_mul,
     kv_write,
+    linear,
     rms_norm,
     silu_and_mul,
 )
@@ -42,6 +43,7 @@ OPS = {
     "gelu_tanh_and_mul": gelu_tanh_and_mul,
     "kv_write": kv_write,
     "attention": attention,
+    "linear": linear,
 }
 
 for _name, _fn in OPS.items():

@@ -264,7 +264,7 @@ def test_attention(tk, device, case, dtype, kind):
 @pytest.mark.parametrize("t", [1, 40])
 def test_attention_reads_no_key_past_a_rows_reach(tk, device, t):
     """Keys past the last one a row's queries may see are never read (NaN there stays out of
-    the result), and query tiles of a long chunk (40 tokens x 4 heads per KV head: three
+    the result), and query tiles of a long chunk (40 tokens x 4 heads per KV head: ten
     tiles) each stop at their own last visible key."""
     case = CASES[1]
     gen = torch.Generator().manual_seed(29)
@@ -281,6 +281,25 @@ def test_attention_reads_no_key_past_a_rows_reach(tk, device, t):
            ops.attention.reference(q, clean_k, clean_v, table, mask, scale))
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_is_batch_invariant(dtype):
+    """A query gets the same bits alone (a decode step) as inside an 8-token verify chunk,
+    whose tile reaches keys this query may not see. GPU only: the interpreter's matmul is
+    NumPy's, whose result for a row depends on where the row sits in the tile."""
+    from ops.backends import triton_kernels as tk
+
+    device = "cuda"
+    case = CASES[0]                                              # SmolLM2: 3 query heads per KV head
+    gen = torch.Generator().manual_seed(31)
+    q, k_cache, v_cache, table, mask, _ = _attention_inputs(case, dtype, device, 2, 8, 30, "causal", gen, blocks=20)
+    scale = case.head_dim ** -0.5
+    chunk = tk.attention(q, k_cache, v_cache, table, mask, scale)
+    for j in (0, 3, 7):
+        alone = tk.attention(q[:, j:j + 1].contiguous(), k_cache, v_cache, table, mask[:, :, j:j + 1], scale)
+        assert torch.equal(alone, chunk[:, j:j + 1]), j
+
+
 # -- integration -----------------------------------------------------------------------------
 
 def test_backend_module_registers_every_kernel(device):
@@ -288,7 +307,7 @@ def test_backend_module_registers_every_kernel(device):
     from ops import registry
 
     assert set(backend.OPS) == {"rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul",
-                                "kv_write", "attention"}
+                                "kv_write", "attention", "linear"}
     for op, fn in backend.OPS.items():
         assert registry.IMPLS[op]["triton"] is fn, op
 
@@ -304,11 +323,14 @@ def test_registry_routes_cuda_tensors_to_triton(monkeypatch):
     cuda = torch.device("cuda")
     for reg in (make_platform("cuda").ops, registry.DEVICE_DEFAULTS):      # the platform's, and no platform's
         for op in ("rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul", "kv_write",
-                   "attention"):
+                   "attention", "linear"):
             assert reg.resolve(op, cuda) is getattr(triton_kernels, op), op
         assert reg.resolve("rms_norm", torch.device("cpu")) is ops.rms_norm.reference
     monkeypatch.setenv(registry.ENV_VAR, "reference")
     assert make_platform("cuda").ops.resolve("rms_norm", cuda) is ops.rms_norm.reference
+    monkeypatch.setenv(registry.ENV_VAR, "reference:linear")
+    assert make_platform("cuda").ops.resolve("linear", cuda) is ops.linear.reference
+    assert make_platform("cuda").ops.resolve("rms_norm", cuda) is triton_kernels.rms_norm
 
 
 @pytest.mark.cuda
@@ -352,7 +374,8 @@ def test_kernels_replay_in_a_cuda_graph():
 def test_cpu_kernels_in_child_process():
     """Run the `interp` variants of this module in a child with TRITON_INTERPRET=1."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-k", "interp",
+    here = Path(__file__).resolve()
+    cmd = [sys.executable, "-m", "pytest", str(here), str(here.with_name("test_ops_linear.py")), "-q", "-k", "interp",
            "-p", "no:cacheprovider", "-W", "ignore::RuntimeWarning"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     tail = proc.stdout[-6000:] + proc.stderr[-3000:]
@@ -397,8 +420,8 @@ def test_kernels_compile_for_hopper():
     on the aligned model shapes."""
     import importlib
 
-    norm, gated, rotary, kv, attn = (importlib.import_module(f"ops.backends.triton_kernels.{m}")
-                                     for m in ("rms_norm", "gated", "rotary", "kv_write", "attention"))
+    norm, gated, rotary, kv, attn, mm = (importlib.import_module(f"ops.backends.triton_kernels.{m}")
+                                         for m in ("rms_norm", "gated", "rotary", "kv_write", "attention", "matmul"))
     bf16 = "*bf16"
     for residual, offset in ((False, False), (True, False), (True, True)):
         args = dict(x_ptr=(bf16, 0), res_ptr=(bf16, 0), w_ptr=("*fp32", 0), out_ptr=("*fp32", 0), sum_ptr=(bf16, 0),
@@ -435,3 +458,10 @@ def test_kernels_compile_for_hopper():
         _compile_for_hopper(attn._paged_attention_kernel, args,
                             dict(PAGE=16, BLOCK_M=block_m, BLOCK_N=64 if d <= 128 else 32, BLOCK_D=d, FP32_MATH=ieee,
                                  INTERPRETED_KEYS=0))
+    for dt, k, bias in ((bf16, 576, False), ("*fp16", 4096, True), ("*fp32", 77, False)):
+        args = dict(x_ptr=(dt, 0), w_ptr=(dt, 0), b_ptr=(dt, 0), out_ptr=(dt, 0), M=("i32", 7), N=("i32", 960),
+                    sx_m=("i32", k), sw_n=("i32", k), so_m=("i32", 960))
+        ptx = _compile_for_hopper(mm._linear_kernel, args, dict(K=k, HAS_BIAS=bias, BLOCK_M=16, BLOCK_N=32,
+                                                              BLOCK_K=32 if dt == "*fp32" else 128,
+                                                              FP32_MATH=dt == "*fp32"))
+        assert dt == "*fp32" or "mma.sync" in ptx or "wgmma" in ptx

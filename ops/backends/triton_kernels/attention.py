@@ -8,7 +8,9 @@ through the table, and stops at the last key any of its queries may see: a row's
 costs its own context.
 
 One program per (query tile, row, KV head): the tile holds `BLOCK_M` (token, query head)
-pairs of one KV head's group (GQA without repeating K/V), runs an online softmax over key
+pairs of one KV head's group (16, whatever the chunk: a tile's shape decides how its
+row sums are reduced across warps, so a fixed shape gives a query the same bits in a 1-token
+decode, a verify step and a prefill; key tiles a query cannot see add exactly nothing) (GQA without repeating K/V), runs an online softmax over key
 tiles of `BLOCK_N`, and applies the op's boolean mask, so causal verification,
 DFlash/DSpark block masks and sliding windows are all the same code. Fixed shapes, no host
 reads: it captures into CUDA graphs like the reference. bf16 / fp16 multiply on tensor
@@ -29,6 +31,7 @@ from ops.context import ForwardContext
 from ._common import device_guard, floats, needs_autograd, next_pow2
 
 MAX_HEAD_DIM = 256
+QUERY_TILE = 16                  # (token, head) pairs per program, fixed: see the module docstring
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -130,7 +133,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     kc, vc = k_cache.view(-1, hkv, d), v_cache.view(-1, hkv, d)
     reach = query_reach(mask) if ctx is None else ctx.derived(mask, query_reach)
     block_d = max(next_pow2(d), 16)
-    block_m = min(max(next_pow2(t * group), 16), 64)
+    block_m = QUERY_TILE
     block_n = 64 if block_d <= 128 else 32
     grid = (triton.cdiv(t * group, block_m), bsz, hkv)
     with device_guard(q):
