@@ -31,6 +31,7 @@ from .triton_kernels import (
     gelu_tanh_and_mul,
     kv_write,
     linear,
+    markov_head_step,
     rms_norm,
     silu_and_mul,
 )
@@ -44,6 +45,7 @@ OPS = {
     "kv_write": kv_write,
     "attention": attention,
     "linear": linear,
+    "markov_head_step": markov_head_step,
 }
 
 for _name, _fn in OPS.items():

@@ -20,6 +20,7 @@ from torch import nn
 
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingParams
+from ops.registry import DEVICE_DEFAULTS
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2], list(range(20, 31))]
 
@@ -36,8 +37,8 @@ class HintSpyTarget(nn.Module):
         super().__init__()
         self.inner, self.config, self.hints, self.starts, self.widths = target, target.config, [], [], []
 
-    def logits(self, hidden):
-        return self.inner.logits(hidden)
+    def logits(self, hidden, registry=DEVICE_DEFAULTS):
+        return self.inner.logits(hidden, registry)
 
     def rotary(self, *args):
         return self.inner.rotary(*args)

@@ -25,6 +25,7 @@ from torch import nn
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingParams
 from tests.helpers import cache_rows
+from ops.registry import DEVICE_DEFAULTS
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8], [60, 61, 62, 63, 64]]
 MAX_TOKENS = [14, 9, 12]
@@ -43,8 +44,8 @@ class PoisoningSpyTarget(nn.Module):
         self.log: list[list[tuple[int, int, int, int]]] = []     # per forward: (slot, start, width, length)
         self.gen = torch.Generator().manual_seed(0)
 
-    def logits(self, hidden):
-        return self.inner.logits(hidden)
+    def logits(self, hidden, registry=DEVICE_DEFAULTS):
+        return self.inner.logits(hidden, registry)
 
     def forward(self, input_ids, positions, cache, slot_ids, valid, capture_layers=(), ctx=None):
         lengths = cache.lengths[slot_ids].tolist()

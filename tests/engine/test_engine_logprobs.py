@@ -14,6 +14,7 @@ from engine_doubles import make_target, one_thread, real_drafter  # noqa: F401
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.cache import PagedKVCache
 from ascend_dspark.spec.sampling import SamplingParams
+from ops.registry import DEVICE_DEFAULTS
 
 PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8]]
 
@@ -77,8 +78,8 @@ class ZeroFavouringTarget(torch.nn.Module):
         super().__init__()
         self.inner, self.config = target, target.config
 
-    def logits(self, hidden):
-        out = self.inner.logits(hidden).clone()
+    def logits(self, hidden, registry=DEVICE_DEFAULTS):
+        out = self.inner.logits(hidden, registry).clone()
         out[..., 0] += self.ZERO_BIAS
         return out
 

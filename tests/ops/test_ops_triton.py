@@ -28,6 +28,9 @@ import torch
 from op_cases import CASE_PARAMS, CASES, KERNEL_TOL, inv_freq, norm_weight, randn
 
 import ops
+from ops.markov import markov_head_step
+
+markov_reference = markov_head_step.reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
@@ -300,6 +303,40 @@ def test_attention_is_batch_invariant(dtype):
         assert torch.equal(alone, chunk[:, j:j + 1]), j
 
 
+# -- DSpark's Markov step -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("conf", ["markov", "hidden", "none"])
+def test_markov_head_step(tk, device, dtype, conf):
+    """The fused vanilla step (bias, base logits added, confidence logit) against the reference."""
+    gen = torch.Generator().manual_seed(37)
+    b, v, r, h = 3, 1000, 32, 72                                    # V not a multiple of the tile
+    w1, w2 = randn(v, r, dtype=dtype, device=device, gen=gen), randn(v, r, dtype=dtype, device=device, gen=gen)
+    hidden = randn(b, 2, h, dtype=dtype, device=device, gen=gen)[:, 1]       # a strided slot of [B, K, H]
+    base = randn(b, 2, v, device=device, gen=gen)[:, 0]
+    prev = torch.tensor([5, 999, 0], device=device)
+    kw = dict(markov_w1=w1, markov_w2=w2)
+    if conf != "none":
+        width = h + (r if conf == "markov" else 0)
+        kw.update(conf_weight=randn(1, width, dtype=dtype, device=device, gen=gen),
+                  conf_bias=randn(1, dtype=dtype, device=device, gen=gen), conf_with_markov=conf == "markov")
+    got, want = tk.markov_head_step(prev, hidden, base, **kw), markov_reference(prev, hidden, base, **kw)
+    _check(got[0], want[0], rounded_to=dtype)
+    assert (got[1] is None) == (conf == "none") and got[2] is None and want[2] is None
+    if conf != "none":
+        _check(got[1], want[1])
+
+
+def test_markov_head_step_runs_the_reference_for_gated_heads(tk, device):
+    gen = torch.Generator().manual_seed(41)
+    w1, w2 = randn(50, 8, device=device, gen=gen), randn(50, 8, device=device, gen=gen)
+    kw = dict(markov_w1=w1, markov_w2=w2, gate_weight=randn(8, 24, device=device, gen=gen),
+              gate_bias=randn(8, device=device, gen=gen))
+    args = (torch.tensor([1, 2], device=device), randn(2, 16, device=device, gen=gen), randn(2, 50, device=device, gen=gen))
+    for got, want in zip(tk.markov_head_step(*args, **kw), markov_reference(*args, **kw)):
+        assert (got is None and want is None) or torch.equal(got, want)
+
+
 # -- integration -----------------------------------------------------------------------------
 
 def test_backend_module_registers_every_kernel(device):
@@ -307,7 +344,7 @@ def test_backend_module_registers_every_kernel(device):
     from ops import registry
 
     assert set(backend.OPS) == {"rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul",
-                                "kv_write", "attention", "linear"}
+                                "kv_write", "attention", "linear", "markov_head_step"}
     for op, fn in backend.OPS.items():
         assert registry.IMPLS[op]["triton"] is fn, op
 
@@ -420,8 +457,9 @@ def test_kernels_compile_for_hopper():
     on the aligned model shapes."""
     import importlib
 
-    norm, gated, rotary, kv, attn, mm = (importlib.import_module(f"ops.backends.triton_kernels.{m}")
-                                         for m in ("rms_norm", "gated", "rotary", "kv_write", "attention", "matmul"))
+    norm, gated, rotary, kv, attn, mm, markov = (
+        importlib.import_module(f"ops.backends.triton_kernels.{m}")
+        for m in ("rms_norm", "gated", "rotary", "kv_write", "attention", "matmul", "markov"))
     bf16 = "*bf16"
     for residual, offset in ((False, False), (True, False), (True, True)):
         args = dict(x_ptr=(bf16, 0), res_ptr=(bf16, 0), w_ptr=("*fp32", 0), out_ptr=("*fp32", 0), sum_ptr=(bf16, 0),
@@ -465,3 +503,8 @@ def test_kernels_compile_for_hopper():
                                                               BLOCK_K=32 if dt == "*fp32" else 128,
                                                               FP32_MATH=dt == "*fp32"))
         assert dt == "*fp32" or "mma.sync" in ptx or "wgmma" in ptx
+    args = {name: ("i32", 7) for name in markov._markov_step_kernel.arg_names}
+    args.update(prev_ptr=("*i64", 0), w1_ptr=(bf16, 0), w2_ptr=(bf16, 0), base_ptr=("*fp32", 0),
+                logits_ptr=("*fp32", 0), hidden_ptr=(bf16, 0), cw_ptr=(bf16, 0), cb_ptr=(bf16, 0), conf_ptr=("*fp32", 0))
+    _compile_for_hopper(markov._markov_step_kernel, args, dict(HAS_CONF=True, CONF_WITH_E=True, HAS_CONF_BIAS=True,
+                                                               BLOCK_V=512, BLOCK_R=32, BLOCK_H=1024))

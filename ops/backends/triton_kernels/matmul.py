@@ -105,9 +105,6 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         out = torch.empty(*x.shape[:-1], n, dtype=x.dtype, device=x.device)
     if out.numel() == 0:
         return out
-
-
-linear.batch_invariant = True           # the engine checks this before promising exact speculation
     out2 = out.view(m, n)
     cfg = config or tile_config(n, k, x.dtype, x.device)
     grid = (triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(m, cfg["BLOCK_M"]))
