@@ -8,7 +8,7 @@ the prompts whose tokens equal it. A diagnosis then feeds the same 8 tokens afte
 as one 8-row verify forward and as 8 one-row decode steps, and names the first module (in
 execution order) whose output differs between the two.
 
-    python benchmarks/bench_exactness.py --dtype bfloat16 --prompts 32 --max-tokens 256 \
+    python benchmarks/bench_exactness.py --dtype bfloat16 --prompts 32 --max-tokens 256 --ks 1,4,7 \
         --out benchmarks/results/exactness/h100_bf16.json
     python benchmarks/bench_exactness.py --plot benchmarks/results/exactness/h100_bf16.json
 
@@ -108,7 +108,7 @@ def run_mode(model, tokenizer, prompts, args) -> dict:
     rows = []
     for kind in KINDS:
         drafter = build_drafter(kind, model, model="default").to(model.lm_head.weight.dtype)
-        for k in range(1, 8):
+        for k in args.ks:
             same, firsts = identical(generate(model, drafter, tokenizer, prompts, 16, k, params), plain)
             rows.append({"drafter": kind, "k": k, "batch": 16, "identical": same, "first_divergence": firsts})
             print(f"  {kind} K={k} batch 16: {same}/{len(prompts)} identical", flush=True)
@@ -126,6 +126,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--ks", type=lambda v: [int(k) for k in v.split(",")], default=list(range(1, 8)),
+                        help="draft lengths to check, comma-separated (default 1..7)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--plot", type=Path, help="plot a result JSON (next to it, .png) and exit")
     args = parser.parse_args()

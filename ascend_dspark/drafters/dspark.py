@@ -96,14 +96,14 @@ class DSparkDrafter(BlockDrafter):
         for k in range(h.shape[1]):
             logits, z, state = registry.markov_head_step(prev, h[:, k], base[:, k], state, **weights)
             if z is not None:
-                conf.append(torch.sigmoid(z))
+                conf.append(z)
             q = sampling.probs(logits)
             x = sampling.sample(q, anchor_positions + 1 + k, Stream.DRAFT).long()
             tokens.append(x)
             probs.append(q)
             prev = x
         return DraftProposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1),
-                             confidence=torch.stack(conf, 1) if conf else None)
+                             confidence=torch.sigmoid(torch.stack(conf, 1)) if conf else None)
 
     def sequential_terms(self, hidden: torch.Tensor,
                          prev_tokens: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
