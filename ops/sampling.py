@@ -18,6 +18,7 @@ import torch
 from .registry import dispatching
 
 _M32 = 0xFFFFFFFF
+_P32 = 1 << 32
 
 
 def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -85,29 +86,38 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- counter-based noise
 
+# The hash runs on int64 tensors holding non-negative 32-bit values, written without bit
+# shifts: x >> n is a floor division by 2**n, x << n a multiply, x & (2**n - 1) a remainder.
+# Same bits, but every op has an aclnn kernel on each supported torch_npu line, where the
+# int64 shifts are acl_op-only (refused inside NPU graph capture) or AI-CPU kernels.
+
+def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
+    return torch.div(x, 1 << n, rounding_mode="floor")
+
+
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """(x * c) mod 2**32 for x, c < 2**32 without overflowing int64."""
-    lo = x & 0xFFFF
-    hi = x >> 16
-    return (lo * c + (((hi * c) & 0xFFFF) << 16)) & _M32
+    lo = x % 0x10000
+    hi = _shr(x, 16)
+    return (lo * c + ((hi * c) % 0x10000) * 0x10000) % _P32
 
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit avalanche hash (lowbias32), on int64 tensors holding 32-bit values."""
-    x = x ^ (x >> 16)
+    x = x ^ _shr(x, 16)
     x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
+    x = x ^ _shr(x, 15)
     x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    return x ^ _shr(x, 16)
 
 
 def _key(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """Per (request, position) 32-bit key; seeds [B], positions [B, ...]."""
-    lo = (seeds & _M32).view(-1, *([1] * (positions.dim() - 1)))
-    hi = ((seeds >> 32) & _M32).view_as(lo)
+    lo = (seeds % _P32).view(-1, *([1] * (positions.dim() - 1)))
+    hi = (_shr(seeds, 32) % _P32).view_as(lo)
     h = _mix32(hi ^ _mix32(torch.full_like(hi, (int(stream) * 0x9E3779B9) & _M32)))
     h = _mix32(lo ^ h)
-    return _mix32(h ^ (positions & _M32))
+    return _mix32(h ^ (positions % _P32))
 
 
 def _to_unit(h: torch.Tensor) -> torch.Tensor:
@@ -115,7 +125,7 @@ def _to_unit(h: torch.Tensor) -> torch.Tensor:
 
     23 random bits, so (k + 0.5) / 2**23 is exact in float32: with 24 bits the largest
     value rounds to 1.0, and an exponential race then divides by -log(1) = 0."""
-    return ((h >> 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
+    return (_shr(h, 9).to(torch.float32) + 0.5) * (1.0 / 8388608.0)
 
 
 @dispatching("counter_uniform")

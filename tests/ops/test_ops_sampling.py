@@ -211,6 +211,24 @@ def test_counter_noise_matches_python_integers():
     assert grid.shape == (6, 2, 5) and torch.equal(grid[:, 1], counter_uniform_vocab(s, p + 1, 3, 5))
 
 
+def test_counter_noise_runs_no_bit_shift():
+    """Shifts on int64 are acl_op-only on torch_npu 2.6-2.9 (refused inside NPU graph capture):
+    the hash is written with divisions, multiplies and remainders by powers of two."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Ops() as ops_seen:
+        counter_uniform_vocab(torch.tensor([5, 2**40]), torch.tensor([[3, 4], [9, 10]]), 2, 11)
+        counter_uniform(torch.tensor([5]), torch.tensor([[3]]), 1)
+    assert ops_seen.seen and not {n for n in ops_seen.seen if "shift" in n}, ops_seen.seen
+
+
 @pytest.mark.parametrize("vocab", [6, 1001, 49152, 151936])
 def test_exponential_race_matches_naive_argmax(vocab):
     g = _gen(vocab)
