@@ -193,8 +193,10 @@ class NpuGraph(Graph):
         with torch.npu.stream(stream):
             for task in self._tasks:
                 torch.npu.graph_task_update_begin(stream, task.handle)
-                task.launch()
-                torch.npu.graph_task_update_end(stream)
+                try:
+                    task.launch()
+                finally:                     # an open update section would poison the stream
+                    torch.npu.graph_task_update_end(stream)
                 task.event.record(stream)
 
     def replay(self) -> None:

@@ -157,6 +157,30 @@ def test_graph_refreshes_its_tasks_before_every_replay(install):
         g.capture_task(lambda: None)
 
 
+def test_a_failed_task_update_closes_its_section(install):
+    """A launch that raises during a replay's update still ends the update section, so the
+    next replay can update again (the double refuses a begin inside an open section)."""
+    install(223)
+    p = npu_platform.NpuPlatform()
+    failing = [False]
+
+    def launch():
+        if failing[0]:
+            raise ValueError("bad lengths")
+
+    def step():
+        if torch.npu.is_current_stream_capturing():       # capture() also runs it eagerly first
+            g.capture_task(launch)
+
+    g = p.graph()
+    g.capture(step)
+    failing[0] = True
+    with pytest.raises(ValueError, match="bad lengths"):
+        g.replay()
+    failing[0] = False
+    g.replay()
+
+
 def test_capture_without_replay_would_return_garbage(install):
     """Why NpuGraph.capture() replays: what a capture returns is garbage until a replay."""
     install(223)
