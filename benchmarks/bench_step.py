@@ -16,6 +16,10 @@
    device busy fraction while decoding at batch 1 (graph replay, with and without overlap):
    the union of GPU kernel intervals over the wall time from the first to the last kernel of
    the decode, from a torch.profiler trace.
+
+Each part runs in its own process (one command runs them all and writes one JSON): CUDA
+graphs captured and freed part after part in one process shared a memory pool, and a later
+capture then failed inside the caching allocator.
 """
 
 from __future__ import annotations
@@ -164,53 +168,68 @@ def busy_fraction(platform, target, steps: int = 64, overlap: bool | None = None
     return busy / (kernels[-1][1] - kernels[0][0])
 
 
-def main() -> None:
+PARTS = ("qwen3_8b:batch_invariant", "qwen3_8b:cublas", "smollm2")
+
+
+def run_part(part: str) -> dict:
+    """One part in this process (the parent runs each in a fresh one: graphs captured and
+    freed in one process otherwise share a memory pool across parts)."""
     import torch
 
     from ascend_dspark.platform import make_platform
     from benchmarks.bench_decode import SMOLLM2_135M
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", default=None)
-    args = p.parse_args()
     platform = make_platform("cuda")
-    res = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
-           "command": "python " + " ".join(sys.argv)}
-    res["bandwidth_bytes_per_s"] = bandwidth_bytes_per_s(platform.device)
-    torch.cuda.empty_cache()
-    print(json.dumps(res, indent=1), flush=True)
-    big = random_model(QWEN3_8B, torch.bfloat16, platform.device)
-    weight_bytes = sum(t.numel() * t.element_size() for t in big.parameters())
-    floor_ms = weight_bytes / res["bandwidth_bytes_per_s"]["floor"] * 1e3
-    res["qwen3_8b"] = {"weight_gb": weight_bytes / 1e9, "floor_ms": floor_ms}
-    for mode, setting in (("batch_invariant", None), ("cublas", "reference:linear")):
-        if setting:
-            os.environ["ASCEND_DSPARK_OPS"] = setting
+    warm = torch.ones(16, 16, device=platform.device)
+    (warm @ warm).sum().item()                      # cuBLAS initialised before any capture
+    if part.startswith("qwen3_8b"):
+        if part.endswith("cublas"):
+            os.environ["ASCEND_DSPARK_OPS"] = "reference:linear"
+        bandwidth = bandwidth_bytes_per_s(platform.device)
+        torch.cuda.empty_cache()
+        big = random_model(QWEN3_8B, torch.bfloat16, platform.device)
+        weight_bytes = sum(t.numel() * t.element_size() for t in big.parameters())
+        floor_ms = weight_bytes / bandwidth["floor"] * 1e3
         step_ms = decode_step(platform, big, context=512, steps=64) * 1e3
         step_sync_ms = decode_step(platform, big, context=512, steps=64, overlap=False) * 1e3
         one, eight = forward_ms(platform, big, 1, 512), forward_ms(platform, big, 8, 512)
         batch8, batch32 = forward_ms(platform, big, 1, 512, batch=8), forward_ms(platform, big, 1, 512, batch=32)
-        res["qwen3_8b"][mode] = {"decode_step_ms": step_ms, "step_vs_floor": step_ms / floor_ms,
-                                 "decode_step_no_overlap_ms": step_sync_ms, "forward_1_ms": one,
-                                 "forward_1_vs_floor": one / floor_ms, "verify_8_ms": eight,
-                                 "verify8_vs_step1": eight / one, "batch_8_ms": batch8,
-                                 "batch_8_vs_floor": batch8 / floor_ms, "batch_32_ms": batch32,
-                                 "batch_32_vs_floor": batch32 / floor_ms}
-        print(mode, json.dumps(res["qwen3_8b"][mode], indent=1), flush=True)
-    os.environ.pop("ASCEND_DSPARK_OPS", None)
-    del big
-    torch.cuda.empty_cache()
+        return {"bandwidth_bytes_per_s": bandwidth, "weight_gb": weight_bytes / 1e9, "floor_ms": floor_ms,
+                "decode_step_ms": step_ms, "step_vs_floor": step_ms / floor_ms,
+                "decode_step_no_overlap_ms": step_sync_ms, "forward_1_ms": one, "forward_1_vs_floor": one / floor_ms,
+                "verify_8_ms": eight, "verify8_vs_step1": eight / one, "batch_8_ms": batch8,
+                "batch_8_vs_floor": batch8 / floor_ms, "batch_32_ms": batch32, "batch_32_vs_floor": batch32 / floor_ms}
     small = random_model(SMOLLM2_135M, torch.bfloat16, platform.device)
-    res["smollm2_step_ms"] = {f"{kind}_batch{b}": drafter_step_ms(platform, small, kind, b)
-                              for kind in ("none", "dflash", "dspark") for b in (1, 16)}
+    res = {f"{kind}_batch{b}_ms": drafter_step_ms(platform, small, kind, b)
+           for kind in ("none", "dflash", "dspark") for b in (1, 16)}
     for b in (1, 16):
-        res["smollm2_step_ms"][f"dspark_vs_dflash_batch{b}"] = (res["smollm2_step_ms"][f"dspark_batch{b}"]
-                                                                / res["smollm2_step_ms"][f"dflash_batch{b}"])
-    print(json.dumps(res["smollm2_step_ms"], indent=1), flush=True)
-    res["smollm2_busy_fraction"] = busy_fraction(platform, small)
-    res["smollm2_busy_fraction_no_overlap"] = busy_fraction(platform, small, overlap=False)
-    print("busy fraction", res["smollm2_busy_fraction"], "without overlap", res["smollm2_busy_fraction_no_overlap"],
-          flush=True)
+        res[f"dspark_vs_dflash_batch{b}"] = res[f"dspark_batch{b}_ms"] / res[f"dflash_batch{b}_ms"]
+    res["busy_fraction"] = busy_fraction(platform, small)
+    res["busy_fraction_no_overlap"] = busy_fraction(platform, small, overlap=False)
+    return res
+
+
+def main() -> None:
+    import subprocess
+
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--part", choices=PARTS, help="run one part here and print its JSON (the parent runs all)")
+    args = p.parse_args()
+    if args.part:
+        print("PART " + json.dumps(run_part(args.part)), flush=True)
+        return
+    res = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
+           "command": "python " + " ".join(sys.argv)}
+    for part in PARTS:
+        proc = subprocess.run([sys.executable, __file__, "--part", part], capture_output=True, text=True)
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PART ")]
+        if proc.returncode or not lines:
+            raise SystemExit(f"part {part} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        res[part] = json.loads(lines[-1][5:])
+        print(part, json.dumps(res[part], indent=1), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
 
