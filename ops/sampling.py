@@ -28,6 +28,16 @@ def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------- logit / probability filters
 
+TOP_K_KERNEL_LIMIT = 1024     # the largest k a fused top-k kernel takes (torch_npu's npu_top_k_top_p)
+
+
+def top_k_bounds_class(bounds: tuple[int, int] | None) -> tuple[bool, bool] | None:
+    """What of a batch's (min, max) top-k any backend's choice of kernel depends on: whether
+    every k is >= 1 and <= TOP_K_KERNEL_LIMIT. Batches in one class run the same kernels,
+    so a step graph keyed on the class (not the raw bounds) replays correctly for all."""
+    return None if bounds is None else (bounds[0] >= 1, bounds[1] <= TOP_K_KERNEL_LIMIT)
+
+
 @dispatching("top_k_top_p")
 def apply_temperature_top_k_top_p(logits: torch.Tensor, temperature: torch.Tensor,
                                   top_k: torch.Tensor | None = None, top_p: torch.Tensor | None = None,

@@ -20,7 +20,13 @@ drafter's observe) is captured once per batch-size bucket and replayed with one 
   temperature) are captured at start-up with a progress bar, others on first use.
 - The runner's graphs share one memory pool of their own (an engine's graphs die with it);
   the bytes it takes are measured.
-A batch above the largest bucket runs eagerly, announced once.
+- Bounded: the key holds only what changes the kernel sequence (top-k bounds as the class
+  a kernel's range check sees, never the raw values), and at most `MAX_GRAPHS` are kept:
+  each graph holds device memory and, on Ascend, stream resources (ACL error 207008 is
+  where an unbounded cache ends).
+A batch above the largest bucket, a key past the cap, or a key whose capture failed runs
+eagerly: a failed capture (an op the device cannot record, say) never stops the engine; it
+is logged once with the bucket and the error, and that key is not tried again.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from tqdm.auto import tqdm
 
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
 from ops.context import AttentionHints, ForwardContext
+from ops.sampling import top_k_bounds_class
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +46,7 @@ STARTUP_FLAGS = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0
 
 
 MAX_DEFAULT_BUCKET = 256        # larger decode batches are compute-bound: eager launches cost little there
+MAX_GRAPHS = 64                 # per runner: start-up captures 2 per bucket, the rest on first use
 
 
 def default_buckets(max_batch_size: int) -> list[int]:
@@ -53,7 +61,7 @@ def default_buckets(max_batch_size: int) -> list[int]:
 
 def _flags(sampling: SamplingBatch) -> tuple:
     return (sampling.all_greedy, sampling.any_greedy, sampling.use_top_k, sampling.use_top_p,
-            sampling.use_min_p, sampling.top_k_bounds)
+            sampling.use_min_p, top_k_bounds_class(sampling.top_k_bounds))
 
 
 class _Captured:
@@ -71,6 +79,7 @@ class StepGraphRunner:
         self.buckets = sorted(buckets)
         self.pad_slots = runner.pad_slots
         self.graphs: dict[tuple, _Captured] = {}
+        self.eager: dict[tuple, str] = {}              # key -> why it runs eagerly (logged once)
         self.pool = self.platform.graph_pool()        # this runner's graphs only: engines come and go
         self.graph_bytes = 0
         self._warned_eager = False
@@ -81,7 +90,7 @@ class StepGraphRunner:
         keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
         k = self.runner.num_speculative_tokens
         for bucket, params in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
-            self._capture(bucket, k, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
+            self._graph_for(bucket, k, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 
@@ -109,8 +118,9 @@ class StepGraphRunner:
             dev = self.runner.device
             # padding rows copy row 0's flags
             sampling = SamplingBatch(params + [params[0]] * pad, dev, self.platform.ops)
-            captured = (self.graphs.get((bucket, num_drafts, _flags(sampling)))
-                        or self._capture(bucket, num_drafts, sampling))
+            captured = self._graph_for(bucket, num_drafts, sampling)
+            if captured is None:
+                return None
             captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
             captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
             for name in SamplingBatch.TENSORS:
@@ -121,7 +131,28 @@ class StepGraphRunner:
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
 
-    def _capture(self, bucket: int, num_drafts: int, sampling: SamplingBatch) -> _Captured:
+    def _graph_for(self, bucket: int, num_drafts: int, sampling: SamplingBatch) -> _Captured | None:
+        """The graph of this key, captured now if new; None when the key runs eagerly."""
+        key = (bucket, num_drafts, _flags(sampling))
+        if key in self.graphs:
+            return self.graphs[key]
+        if key not in self.eager and len(self.graphs) >= MAX_GRAPHS:
+            self._run_eagerly(key, f"the graph cache is full ({MAX_GRAPHS} graphs)")
+        if key in self.eager:
+            return None
+        try:
+            return self._capture(key, sampling)
+        except Exception as exc:  # noqa: BLE001 - whatever the device refused, the step still runs eagerly
+            self._run_eagerly(key, f"capture failed: {type(exc).__name__}: {exc}")
+            return None
+
+    def _run_eagerly(self, key: tuple, why: str) -> None:
+        self.eager[key] = why
+        logger.warning("step graph for bucket %d, %d drafts, sampling flags %s runs eagerly: %s",
+                       key[0], key[1], key[2], why)
+
+    def _capture(self, key: tuple, sampling: SamplingBatch) -> _Captured:
+        bucket, num_drafts, _ = key
         dev = self.runner.device
         slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
@@ -137,5 +168,5 @@ class StepGraphRunner:
         outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, num_drafts, static, None, ctx))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
         captured = _Captured(graph, slots, verify_lens, static, hints, outputs)
-        self.graphs[(bucket, num_drafts, _flags(sampling))] = captured
+        self.graphs[key] = captured
         return captured

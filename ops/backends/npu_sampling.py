@@ -29,10 +29,10 @@ import torch
 import torch_npu
 
 from ..registry import register
-from ..sampling import apply_temperature_top_k_top_p
+from ..sampling import TOP_K_KERNEL_LIMIT, apply_temperature_top_k_top_p
 from .npu_caps import Capabilities
 
-NPU_MAX_TOP_K = 1024
+NPU_MAX_TOP_K = TOP_K_KERNEL_LIMIT
 CAPS = Capabilities.probe(torch_npu)
 
 
