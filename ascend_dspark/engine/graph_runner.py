@@ -6,7 +6,8 @@ proposal with its sampling, the target's verify forward, verification, rollback,
 drafter's observe) is captured once per batch-size bucket and replayed with one launch.
 
 - Static inputs: the rows' sequence slots, their verify lengths and sampling tensors are
-  copied into fixed buffers before a replay; rows past the real batch point at the
+  copied into fixed buffers before a replay, through page-locked host buffers without
+  blocking the host (`HostStaging`), so a batch change does not stall the overlap; rows past the real batch point at the
   runner's padding slots (one per row, each with its own blocks, lengths reset by the
   step), so a padded row never touches a request's cache and no two rows write one
   cache row (Ascend's scatter leaves duplicates undefined).
@@ -64,6 +65,32 @@ def _flags(sampling: SamplingBatch) -> tuple:
             sampling.use_min_p, top_k_bounds_class(sampling.top_k_bounds))
 
 
+class HostStaging:
+    """Page-locked host buffers for the graphs' static inputs. A pageable host -> device copy
+    blocks the host until the device queue reaches it, which undoes the overlap of host and
+    device work whenever the batch changes; from pinned memory the copy is queued and the host
+    goes on. A buffer is refilled only after the copies out of it ran (one event)."""
+
+    def __init__(self, platform) -> None:
+        self.platform = platform
+        self.buffers: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self.event = None
+
+    def upload(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Copy each host tensor `src` into its device tensor `dst` (same shape) asynchronously."""
+        if self.event is not None:
+            self.event.synchronize()
+        for i, (dst, src) in enumerate(pairs):
+            buf = self.buffers.get((i, src.dtype))
+            if buf is None or buf.numel() < src.numel():
+                buf = self.buffers[(i, src.dtype)] = self.platform.pinned_empty(src.numel(), src.dtype)
+            staged = buf[:src.numel()].view(src.shape)
+            staged.copy_(src)
+            dst.copy_(staged, non_blocking=True)
+        self.event = self.platform.event()
+        self.event.record()
+
+
 class _Captured:
     def __init__(self, graph, slots, verify_lens, sampling, hints, outputs) -> None:
         self.graph, self.slots, self.verify_lens, self.sampling = graph, slots, verify_lens, sampling
@@ -84,6 +111,7 @@ class StepGraphRunner:
         self.graph_bytes = 0
         self._warned_eager = False
         self._last: _Captured | None = None           # the graph replayed last, and for which inputs
+        self.staging = HostStaging(self.platform)
         self._last_inputs: tuple | None = None
 
     def capture_startup(self, progress: bool = True) -> None:
@@ -115,16 +143,15 @@ class StepGraphRunner:
         inputs = (identity, tuple(slots), tuple(verify_lens))
         captured = self._last if self._last is not None and self._last_inputs == inputs else None
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
-            dev = self.runner.device
-            # padding rows copy row 0's flags
-            sampling = SamplingBatch(params + [params[0]] * pad, dev, self.platform.ops)
+            # built on the host, uploaded through the staging buffers; padding rows copy row 0's flags
+            sampling = SamplingBatch(params + [params[0]] * pad, torch.device("cpu"), self.platform.ops)
             captured = self._graph_for(bucket, num_drafts, sampling)
             if captured is None:
                 return None
-            captured.slots.copy_(torch.tensor(slots + self.pad_slots[:pad]).to(dev))
-            captured.verify_lens.copy_(torch.tensor(verify_lens + [0] * pad).to(dev))
-            for name in SamplingBatch.TENSORS:
-                getattr(captured.sampling, name).copy_(getattr(sampling, name))
+            self.staging.upload([(captured.slots, torch.tensor(slots + self.pad_slots[:pad])),
+                                 (captured.verify_lens, torch.tensor(verify_lens + [0] * pad))]
+                                + [(getattr(captured.sampling, name), getattr(sampling, name))
+                                   for name in SamplingBatch.TENSORS])
             self._last, self._last_inputs = captured, inputs
         captured.hints.update(reach + [self.runner.reserve] * pad)
         captured.graph.replay()
@@ -158,8 +185,9 @@ class StepGraphRunner:
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
         static = SamplingBatch.__new__(SamplingBatch)
         static.__dict__.update(sampling.__dict__)
+        static.device = dev
         for name in SamplingBatch.TENSORS:
-            setattr(static, name, getattr(sampling, name).clone())
+            setattr(static, name, getattr(sampling, name).to(dev, copy=True))
         graph = self.platform.graph(self.pool)
         before = self.platform.memory_stats()["allocated_bytes"]
         # Hints with the padding slot's reach; updated to the real rows' before every replay.

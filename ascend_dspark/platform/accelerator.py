@@ -10,11 +10,15 @@ torch_npu release.
 
 from __future__ import annotations
 
+import functools
+import logging
 from types import ModuleType
 
 import torch
 
 from .interface import Graph, Platform
+
+logger = logging.getLogger(__name__)
 
 
 class Accelerator(Platform):
@@ -65,6 +69,13 @@ class Accelerator(Platform):
         torch.manual_seed(seed)
         self.device_module.manual_seed_all(seed)
 
+    def pinned_empty(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        try:
+            return torch.empty(size, dtype=dtype, pin_memory=True)
+        except RuntimeError as exc:          # a runtime without a pinned-memory allocator
+            _warn_unpinned(self.name, str(exc))
+            return torch.empty(size, dtype=dtype)
+
     def memory_stats(self) -> dict[str, int]:
         free, total = self.device_module.mem_get_info(self.index)
         return {
@@ -77,3 +88,9 @@ class Accelerator(Platform):
 
     def empty_cache(self) -> None:
         self.device_module.empty_cache()
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_unpinned(platform: str, why: str) -> None:
+    logger.warning("%s: host buffers cannot be page-locked (%s); input copies to the device block instead",
+                   platform, why)
