@@ -8,6 +8,7 @@ commands without the server (`torchrun -m ascend_dspark.cli train` needs nothing
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 import warnings
@@ -39,16 +40,70 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    import torch
+    """Diagnose this host (ascend_dspark/platform/diagnose.py): one `ok` / `warn` / `FAIL` / `--`
+    line per check; `--selftest` also tests the platform's kernels and graphs
+    (platform/selftest.py) and ends with a block for a bug report. Exit code 1 on a FAIL."""
+    error = _torch_import_error()
+    if error is not None:
+        print(f"FAIL torch: `import torch` fails: {error}")
+        print("     " + _explain_torch_failure(error))
+        return 1
+    from ascend_dspark.platform.diagnose import Check, diagnose
 
-    from ascend_dspark.platform import KINDS, detect, unavailable_reason
+    report = diagnose()
+    print("\n".join(report.lines()))
+    print(f"detected: {report.platform.name if report.platform is not None else 'none'}")
+    if args.selftest:
+        print("\nself-test (one tiny call of every device kernel, one graph capture + update + replay):")
+        if report.platform is None:
+            report.checks.append(Check("selftest", "fail", "no platform to test"))
+            print(report.checks[-1].line())
+        else:
+            from ascend_dspark.platform.selftest import run_selftest
 
-    print(f"torch {torch.__version__}")
-    for kind in KINDS:
-        reason = unavailable_reason(kind)
-        print(f"{kind:5s} {'available' if reason is None else 'unavailable: ' + reason}")
-    print(f"detected: {detect()}")
-    return 0
+            selftest = run_selftest(report.platform)
+            checks = selftest.checks()
+            print("\n".join(c.line() for c in checks))
+            report.checks += checks
+            graphs = f"eager ({selftest.graphs_eager})" if selftest.graphs_eager else selftest.graph.status
+            report.versions["self-test"] = (f"{len(selftest.ops)} kernels, switched to the reference: "
+                                            f"{', '.join(selftest.switched()) or 'none'}; graphs: {graphs}")
+        _print_bug_report(report)
+    return 1 if report.failed else 0
+
+
+def _print_bug_report(report) -> None:
+    from ascend_dspark import __version__
+
+    print("\n---- paste this into a bug report ----")
+    print(f"ascend-dspark {__version__}")
+    for name, value in report.versions.items():
+        print(f"{name}: {value}")
+    if report.platform is not None:
+        print(f"platform: {report.platform.describe()}")
+    problems = [c.line() for c in report.checks if c.status in ("warn", "fail")]
+    print("problems:" + ("".join(f"\n  {line}" for line in problems) if problems else " none"))
+    print("---- end ----")
+
+
+@functools.cache
+def _torch_import_error() -> str | None:
+    """None when torch imports, else its error. On an Ascend host torch imports torch_npu itself
+    (device backend autoload), so a torch_npu without CANN breaks `import torch`: doctor must
+    say so instead of dying with the traceback. Cached: a failed import is not retried."""
+    try:
+        import torch  # noqa: F401
+    except Exception as exc:  # noqa: BLE001  (whatever it is, it is the diagnosis)
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _explain_torch_failure(error: str) -> str:
+    if "torch_npu" in error or ".so" in error or "Ascend" in error:
+        return ("torch_npu is installed but CANN is not found (torch imports torch_npu automatically): "
+                "`source /usr/local/Ascend/ascend-toolkit/set_env.sh` (or your install's set_env.sh); "
+                "`TORCH_DEVICE_BACKEND_AUTOLOAD=0 ascend-dspark doctor` shows the rest of the diagnosis")
+    return "reinstall torch (pip install torch) in this environment"
 
 
 def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argparse.ArgumentParser:
@@ -71,10 +126,15 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
     gen.set_defaults(func=_generate)
-    doc = sub.add_parser("doctor", help="which devices are usable here, and why not")
+    doc = sub.add_parser("doctor", help="diagnose this host: devices, versions, ops, graphs (and why not)")
+    doc.add_argument("--selftest", action="store_true",
+                     help="also run one tiny call of every device kernel and one graph capture + replay; "
+                          "prints a report to paste into a bug report")
     doc.set_defaults(func=_doctor)
     for add in more:
         add(sub)
+    if _torch_import_error() is not None:
+        return parser          # the training commands import torch at once; `doctor` says why it fails
     from ascend_dspark.training.cli import add_train_parser
     from ascend_dspark.training.evaluate import add_eval_parser
     from ascend_dspark.training.regen import add_regen_parser

@@ -7,7 +7,8 @@ backend where the backend implements the op, everything else runs the reference,
 choice is logged once per (registry, op). `ASCEND_DSPARK_OPS=reference` forces the
 reference everywhere (debugging, bisecting a numerical difference);
 `ASCEND_DSPARK_OPS=reference:linear,attention` only for the ops named. It is read at every
-call, so it can be set around one run.
+call, so it can be set around one run. `OpRegistry.force_reference(op, why)` does the
+same for one registry (a kernel that failed its platform's self-test).
 
 Who picks the registry: the platform (`Platform.ops`), handed to the models through the
 forward context (`ForwardContext.ops`) and to sampling through `SamplingBatch`. The module
@@ -56,6 +57,7 @@ class OpRegistry:
         self._resolved: dict[tuple[str, str, str | None], Callable] = {}
         self._chosen: dict[str, str] = {}
         self._unavailable: dict[str, str | None] = {}         # backend -> why it cannot load (None: loaded)
+        self._forced: dict[str, str] = {}                     # op -> why it runs the reference (force_reference)
 
     def resolve(self, op: str, device: torch.device) -> Callable:
         """The implementation of `op` for tensors of `device`, memoised: eager decoding is
@@ -72,6 +74,7 @@ class OpRegistry:
             backend = DEVICE_BACKENDS.get(device_type, REFERENCE)
         else:
             backend = self.backend if device_type == self.device_type else REFERENCE
+        forced_reference = forced_reference or op in self._forced
         if forced_reference or (backend != REFERENCE and (not self._loads(backend) or backend not in impls)):
             backend = REFERENCE
         if self._chosen.get(op) != backend:
@@ -91,6 +94,21 @@ class OpRegistry:
                 logger.warning("ops: %s backend unavailable (%s); using the reference ops",
                                backend, self._unavailable[backend])
         return self._unavailable[backend] is None
+
+    def force_reference(self, op: str, why: str) -> None:
+        """Run `op`'s reference on this registry from now on, e.g. a kernel that failed the
+        platform's self-test; logged once, shown by `chosen()` and `forced()`."""
+        if op not in IMPLS:
+            raise KeyError(f"no op named {op!r}")
+        if op not in self._forced:                 # the first reason stays: it is the cause
+            logger.warning("ops: %s -> reference on this platform: %s", op, why)
+            self._forced[op] = why
+        self._resolved = {key: fn for key, fn in self._resolved.items() if key[0] != op}
+        self._chosen[op] = REFERENCE
+
+    def forced(self) -> dict[str, str]:
+        """op -> why `force_reference` sent it to the reference."""
+        return dict(self._forced)
 
     def chosen(self) -> dict[str, str]:
         """op -> backend for every op this registry has resolved (for `doctor` and tests)."""

@@ -56,6 +56,7 @@ class LLM:
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"unknown dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
         torch_dtype = DTYPES[dtype] if dtype else self.platform.default_dtype()
+        self.platform.check_dtype(torch_dtype)
         self.target, self.tokenizer = load_target(model, torch_dtype, self.platform.device)
         self.drafter = build_drafter(drafter, self.target, seed, model)
         if self.drafter is not None:

@@ -151,7 +151,9 @@ class ModelRunner:
                             self.platform.name)
             return self.platform.graph_steps
         if wanted and not self.platform.supports_graphs:
-            logger.warning("graph replay is not available on %s: steps run eagerly", self.platform.name)
+            why = self.platform.graphs_disabled_reason
+            logger.warning("graph replay is not available on %s%s: steps run eagerly", self.platform.name,
+                           f" ({why})" if why else "")
             return False
         return wanted
 

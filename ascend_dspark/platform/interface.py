@@ -9,11 +9,14 @@ or `torch_npu`.
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import torch
 
 from ops.registry import OpRegistry
+
+logger = logging.getLogger(__name__)
 
 
 class Graph:
@@ -48,6 +51,9 @@ class Platform:
     supports_graphs: bool = False
     # The engine replays whole decode steps as graphs by default (engine/graph_runner.py).
     graph_steps: bool = False
+    # Why a platform that has graphs runs steps eagerly (a graph API missing, a failed
+    # self-test: `disable_graphs`); shown by `doctor` and the engine's message.
+    graphs_disabled_reason: str | None = None
     # The engine sizes its KV cache from a fraction of this device's memory (not on the host,
     # whose memory is shared with everything else: there the block count is a flag).
     kv_cache_from_memory: bool = False
@@ -98,6 +104,17 @@ class Platform:
     def event(self, enable_timing: bool = False) -> "HostEvent":
         return HostEvent()
 
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        """Raise ValueError when this device cannot compute in `dtype` (every dtype works here)."""
+
+    def disable_graphs(self, why: str) -> None:
+        """Run steps eagerly on this platform from now on (its graphs failed the self-test):
+        the engine then builds no graph runner. Logged once."""
+        if self.graphs_disabled_reason is None:
+            logger.warning("%s: device graphs off, steps run eagerly: %s", self.name, why)
+        self.graphs_disabled_reason = why
+        self.supports_graphs = self.graph_steps = False
+
     def graph(self, pool=None) -> Graph:
         """A graph recorder; graphs given the same `pool` (from `graph_pool()`) share memory,
         None shares the platform's own pool."""
@@ -111,6 +128,11 @@ class Platform:
         torch.manual_seed(seed)
 
     # -- memory -----------------------------------------------------------------------
+    def pinned_empty(self, size: int, dtype: torch.dtype) -> torch.Tensor:
+        """A host buffer the device can copy from asynchronously (page-locked on an
+        accelerator); plain memory here, where nothing is copied to a device."""
+        return torch.empty(size, dtype=dtype)
+
     def memory_stats(self) -> dict[str, int]:
         return {"allocated_bytes": 0, "reserved_bytes": 0, "peak_allocated_bytes": 0, "total_bytes": 0}
 

@@ -65,27 +65,30 @@ def npu_unavailable_reason() -> str | None:
 
 @dataclass(frozen=True)
 class SocProfile:
-    """What one Ascend SoC gets: its dtype and whether the fused torch_npu kernels run."""
+    """What one Ascend SoC gets: its dtype, whether the fused torch_npu kernels run, and
+    whether NPU graphs (aclgraph capture / task update) are supported there."""
 
     version: int
     name: str
     family: str
     dtype: torch.dtype
     fused_ops: bool
+    graphs: bool = False
 
     @property
     def has_bf16(self) -> bool:
         return self.dtype == torch.bfloat16
 
 
-# (first, last) SocVersion value -> family, whether bf16 exists, whether the fused kernels are documented
+# (first, last) SocVersion value -> family, whether bf16 exists, whether the fused kernels are
+# documented, whether NPU graphs are (Atlas A2 / A3 and newer)
 _SOC_FAMILIES = (
-    (100, 104, "Ascend910 (first generation)", False, False),
-    (200, 206, "Ascend310P", False, False),
-    (220, 225, "Atlas A2 (Ascend910B)", True, True),
-    (240, 243, "Ascend310B", False, False),
-    (250, 255, "Atlas A3 (Ascend910_93)", True, True),
-    (260, 260, "Ascend950 (A5)", True, False),
+    (100, 104, "Ascend910 (first generation)", False, False, False),
+    (200, 206, "Ascend310P", False, False, False),
+    (220, 225, "Atlas A2 (Ascend910B)", True, True, True),
+    (240, 243, "Ascend310B", False, False, False),
+    (250, 255, "Atlas A3 (Ascend910_93)", True, True, True),
+    (260, 260, "Ascend950 (A5)", True, False, True),
 )
 SOC_NAMES = {
     100: "Ascend910PremiumA", 101: "Ascend910ProA", 102: "Ascend910A", 103: "Ascend910ProB", 104: "Ascend910B",
@@ -102,9 +105,9 @@ def soc_profile(version: int) -> SocProfile:
     """The dtype / op choice for a `torch.npu.get_soc_version()` value (unknown: float16, reference)."""
     version = int(version)
     name = SOC_NAMES.get(version, f"SocVersion {version}")
-    for first, last, family, bf16, fused in _SOC_FAMILIES:
+    for first, last, family, bf16, fused, graphs in _SOC_FAMILIES:
         if first <= version <= last:
-            return SocProfile(version, name, family, torch.bfloat16 if bf16 else torch.float16, fused)
+            return SocProfile(version, name, family, torch.bfloat16 if bf16 else torch.float16, fused, graphs)
     return SocProfile(version, name, "unknown Ascend SoC", torch.float16, False)
 
 
@@ -154,6 +157,15 @@ class NpuGraph(Graph):
         self._tasks: list[GraphTask] = []
         self._update_stream = None
         self._capturing = False
+        self._workspace: torch.Tensor | None = None
+
+    def shared_workspace(self, needed: torch.Tensor) -> torch.Tensor:
+        """One scratch workspace for every fused-attention task of this graph, the largest
+        asked for: the tasks run one after another on one stream, so they can share it, and
+        a graph keeps ~1 workspace instead of one per attention call (50 per step graph)."""
+        if self._workspace is None or self._workspace.numel() < needed.numel():
+            self._workspace = needed
+        return self._workspace
 
     def capture(self, fn: Callable[[], object], warmup: int = 2) -> object:
         side = torch.npu.Stream()
@@ -235,11 +247,16 @@ class NpuPlatform(Accelerator):
         missing = missing_graph_apis()
         if missing:
             self.supports_graphs = self.graph_steps = False
-            logger.warning("npu: torch_npu %s lacks %s: NPU graphs off, steps run eagerly",
-                           getattr(_TORCH_NPU, "__version__", "?"), ", ".join(missing))
+            release = getattr(_TORCH_NPU, "__version__", "?")
+            self.graphs_disabled_reason = f"torch_npu {release} lacks {', '.join(missing)}"
+            logger.warning("npu: torch_npu %s lacks %s: NPU graphs off, steps run eagerly", release, ", ".join(missing))
         self.soc = soc_profile(torch.npu.get_soc_version())
         self.supports_bf16_autocast = self.soc.has_bf16
         soc = f"{self.soc.name} ({self.soc.family}, SoC {self.soc.version})"
+        if not self.soc.graphs and self.supports_graphs:
+            self.supports_graphs = self.graph_steps = self.overlap_steps = False
+            self.graphs_disabled_reason = f"{soc} does not support NPU graphs (Atlas A2 / A3 and newer do)"
+            logger.warning("npu: %s: NPU graphs and overlap off, steps run eagerly", self.graphs_disabled_reason)
         if self.soc.fused_ops:
             self.op_backend = "npu"
             logger.info("npu: %s: using %s and the fused torch_npu kernels", soc, _dtype_name(self.soc.dtype))
@@ -253,6 +270,11 @@ class NpuPlatform(Accelerator):
 
     def default_dtype(self) -> torch.dtype:
         return self.soc.dtype
+
+    def check_dtype(self, dtype: torch.dtype) -> None:
+        if dtype == torch.bfloat16 and not self.soc.has_bf16:
+            raise ValueError(f"{self.soc.name} ({self.soc.family}) has no bfloat16: use float16 (its default) "
+                             "or float32")
 
     def describe(self) -> str:
         return (f"npu:{self.index} ({torch.npu.get_device_name(self.index)}, {self.soc.family}, "

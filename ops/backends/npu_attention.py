@@ -123,7 +123,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     Inside an NPU graph capture the call goes through the capturing graph's (`ctx.graph`)
     `capture_task` as npu_fused_infer_attention_score.out(..., workspace=, out=[out, lse])
     with a workspace from _npu_fused_infer_attention_score_get_max_workspace (same
-    arguments); the graph re-issues it with the hints' current lengths before every replay.
+    arguments), shared by all the graph's attention tasks (`graph.shared_workspace`: the
+    largest one asked for); the graph re-issues it with the hints' current lengths before
+    every replay.
     """
     why = _attention_guard(q, k_cache, v_cache, block_table, mask)
     if why:
@@ -195,11 +197,11 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         raise RuntimeError("attention captured without its graph in the forward context (ForwardContext.graph): "
                            "the fused kernel's sequence lengths are host values that NpuGraph must refresh "
                            "before each replay")
-    workspace = torch_npu._npu_fused_infer_attention_score_get_max_workspace(
+    workspace = graph.shared_workspace(torch_npu._npu_fused_infer_attention_score_get_max_workspace(
         query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
         actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
         input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
-        inner_precise=INNER_PRECISE, block_size=paged_block)
+        inner_precise=INNER_PRECISE, block_size=paged_block))
     out = torch.empty_like(query)
     lse = torch.empty(1, dtype=torch.float32, device=query.device)  # softmax_lse_flag=False: a [1] zero tensor
 

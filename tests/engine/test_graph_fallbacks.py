@@ -67,3 +67,32 @@ def test_top_k_values_in_one_kernel_class_share_a_graph(npu, monkeypatch):  # no
         engine.generate(PROMPTS, SamplingParams(temperature=0.8, top_k=top_k, seed=3, max_tokens=4, ignore_eos=True))
     added = set(engine.runner.graph_runner.graphs) - before
     assert len(added) == 1, added          # batch 2 only, top-k on, every k in 1..1024: one class
+
+
+def test_each_step_graph_shares_one_attention_workspace(npu, monkeypatch):  # noqa: F811
+    """Every fused-attention task of a step graph gets the same workspace (the largest asked
+    for), not one per attention call."""
+    target, drafter = _models("qwen3", torch.float32)
+    use_npu_in_float32(npu, monkeypatch)
+    fia = npu.module.npu_fused_infer_attention_score
+    seen: dict[int, set[int]] = {}
+    real_out = fia.out
+
+    def out(*args, workspace=None, **kwargs):
+        seen.setdefault(len(seen_graphs), set()).add(id(workspace))
+        return real_out(*args, workspace=workspace, **kwargs)
+
+    seen_graphs: list[object] = []
+    real_capture = graph_runner.StepGraphRunner._capture
+
+    def capture(self, key, sampling):
+        seen_graphs.append(key)
+        return real_capture(self, key, sampling)
+
+    monkeypatch.setattr(fia, "out", out)
+    monkeypatch.setattr(graph_runner.StepGraphRunner, "_capture", capture)
+    engine = _engine(target, drafter)
+    graphs = engine.runner.graph_runner.graphs
+    assert len(graphs) == len(seen_graphs) >= 2
+    assert all(len(ids) == 1 for ids in seen.values()), seen          # per graph: one workspace
+    assert all(c.graph._workspace is not None for c in graphs.values())

@@ -55,24 +55,39 @@ def test_atlas_a2_a3_get_bf16_and_the_fused_ops(install, caplog, soc, name):
     assert name in p.describe() and "npu ops" in p.describe()
 
 
-@pytest.mark.parametrize("soc, name, dtype", [
-    (102, "Ascend910A", torch.float16),        # first-generation 910: no bf16, none of the fused ops
-    (103, "Ascend910ProB", torch.float16),
-    (202, "Ascend310P3", torch.float16),
-    (240, "Ascend310B1", torch.float16),
-    (260, "Ascend950", torch.bfloat16),        # has bf16, but the fused kernels are documented for A2/A3
+@pytest.mark.parametrize("soc, name, dtype, graphs", [
+    (102, "Ascend910A", torch.float16, False),    # first-generation 910: no bf16, none of the fused ops
+    (103, "Ascend910ProB", torch.float16, False),
+    (202, "Ascend310P3", torch.float16, False),
+    (240, "Ascend310B1", torch.float16, False),
+    (260, "Ascend950", torch.bfloat16, True),     # has bf16 and graphs; the fused kernels are documented for A2/A3
 ])
-def test_other_socs_get_the_reference_ops_announced_in_one_line(install, caplog, soc, name, dtype):
+def test_other_socs_get_the_reference_ops_announced_in_one_line(install, caplog, soc, name, dtype, graphs):
     install(soc)
     with caplog.at_level(logging.INFO, logger=npu_platform.__name__):
         p = npu_platform.NpuPlatform()
     assert p.default_dtype() == dtype and p.supports_bf16_autocast == (dtype == torch.bfloat16)
     assert p.op_backend == "reference" and p.kv_block_size == Platform.kv_block_size
-    lines = [r for r in caplog.records if r.name == npu_platform.__name__]
+    lines = [r for r in caplog.records if r.name == npu_platform.__name__ and "reference ops" in r.getMessage()]
     assert len(lines) == 1 and lines[0].levelno == logging.WARNING
     message = lines[0].getMessage()
     assert name in message and f"using {str(dtype)[6:]} and the reference ops" in message
     assert ("no bfloat16" in message) == (dtype == torch.float16)
+    # NPU graphs (and the overlap that relies on them) only where the SoC supports them, said once
+    assert p.supports_graphs == p.graph_steps == p.overlap_steps == graphs
+    assert (p.graphs_disabled_reason is None) == graphs
+    said = [r for r in caplog.records if "NPU graphs and overlap off" in r.getMessage()]
+    assert len(said) == (0 if graphs else 1)
+
+
+def test_bfloat16_on_a_soc_without_it_is_a_clear_error(install):
+    install(102)
+    p = npu_platform.NpuPlatform()
+    with pytest.raises(ValueError, match="Ascend910A .* has no bfloat16: use float16"):
+        p.check_dtype(torch.bfloat16)
+    p.check_dtype(torch.float16)
+    p.soc = npu_platform.soc_profile(223)                         # an Atlas A2 has it
+    p.check_dtype(torch.bfloat16)
 
 
 def test_910a_runs_the_engine_ops_on_the_reference_in_fp16(install):
