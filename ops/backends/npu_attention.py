@@ -20,6 +20,7 @@ from ops.registry import register
 logger = logging.getLogger("ops")
 ATTENTION_DTYPES = (torch.float16, torch.bfloat16)                 # npu_fused_infer_attention_score query
 INNER_PRECISE = 0   # FIA: high precision, no invalid-row correction (see attention())
+INNER_PRECISE_USER_MASK = 2     # high precision with invalid-row correction: the FIA doc's choice for Q_S > 1 with a user mask
 
 
 def _attention_guard(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
@@ -96,8 +97,10 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
 
     Query layout "BSND" ([B, T, Hq, D] as is), num_heads = Hq, num_key_value_heads = Hkv
     (GQA inside the kernel), scale passed explicitly (the schema default is 1.0),
-    inner_precise=0 (high precision; every query row sees at least one key). Q_S == 1 takes
-    the kernel's incremental (IFA) branch, Q_S > 1 the prompt (PFA) branch.
+    inner_precise=0 (high precision), or 2 (high precision with invalid-row correction) for
+    Q_S > 1 with an explicit mask, as the FIA documentation asks; every query row sees at
+    least one key either way. Q_S == 1 takes the kernel's incremental (IFA) branch, Q_S > 1
+    the prompt (PFA) branch.
 
     Paged form (block_table + block_size): K/V are the caches viewed as [blocks,
     block_size, Hkv * D] (the only paged layout documented for BSND queries), block_table
@@ -165,6 +168,9 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         atten_mask, sparse_mode = _causal_mask(q.device), 3
     else:
         atten_mask, sparse_mode = None, 0
+    # The prompt branch (Q_S > 1) with a user mask wants invalid-row correction; the
+    # incremental branch (Q_S == 1) takes 0 / 1 only. No caller hands it a fully masked row.
+    precise = INNER_PRECISE_USER_MASK if kind == "explicit" and t > 1 else INNER_PRECISE
     query = q.contiguous()
 
     def kv_lengths() -> list[int]:
@@ -189,7 +195,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
             query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
             actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
             input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
-            inner_precise=INNER_PRECISE, block_size=paged_block)
+            inner_precise=precise, block_size=paged_block)
         return out
 
     graph = ctx.graph if ctx is not None else None
@@ -201,7 +207,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
         query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
         actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
         input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
-        inner_precise=INNER_PRECISE, block_size=paged_block))
+        inner_precise=precise, block_size=paged_block))
     out = torch.empty_like(query)
     lse = torch.empty(1, dtype=torch.float32, device=query.device)  # softmax_lse_flag=False: a [1] zero tensor
 
@@ -210,7 +216,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
             query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
             actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
             input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
-            inner_precise=INNER_PRECISE, block_size=paged_block, workspace=workspace, out=[out, lse])
+            inner_precise=precise, block_size=paged_block, workspace=workspace, out=[out, lse])
 
     graph.capture_task(launch)
     return out

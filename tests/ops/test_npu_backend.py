@@ -442,6 +442,7 @@ def test_attention_with_host_hints(npu, shape, kind, monkeypatch):
         assert kwargs["sparse_mode"] == 0 and torch.equal(kwargs["atten_mask"], ~args[4])
     else:                                         # prefix, or causal with one query per row
         assert kwargs["sparse_mode"] == 0 and kwargs["atten_mask"] is None and kwargs["actual_seq_lengths"] is None
+    assert kwargs["inner_precise"] == (2 if hint_kind == "explicit" and t > 1 else 0)
     no_fallback(npu)
 
 
@@ -458,8 +459,8 @@ def test_attention_passes_the_documented_arguments(npu, monkeypatch):
     assert kwargs.pop("block_table") is table and table.dtype == torch.int32
     assert torch.equal(kwargs.pop("atten_mask"), ~mask), "torch_npu masks OUT where True"
     assert kwargs == dict(actual_seq_lengths=None, actual_seq_lengths_kv=[mask.shape[-1]] * 3, num_heads=9,
-                          scale=scale, input_layout="BSND", num_key_value_heads=3, sparse_mode=0, inner_precise=0,
-                          block_size=128)
+                          scale=scale, input_layout="BSND", num_key_value_heads=3, sparse_mode=0, inner_precise=2,
+                          block_size=128), "Q_S > 1 with a user mask: invalid-row correction (inner_precise 2)"
 
 
 @pytest.mark.parametrize("kind", KINDS)
