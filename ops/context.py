@@ -80,10 +80,11 @@ class AttentionHints:
 
 class CapturingGraph(Protocol):
     """The device graph a forward is being captured into, as ops see it: a kernel whose host
-    arguments change between replays is issued through `capture_task(launch)`, and the graph
-    re-issues `launch()` with the current values before every replay."""
+    arguments change between replays is issued through `capture_task(launch, prepare)`, and
+    the graph re-issues `launch(*prepare())` with the current values before every replay
+    (`prepare` computes the host values; the default passes none)."""
 
-    def capture_task(self, launch: Callable[[], object]) -> None: ...
+    def capture_task(self, launch: Callable[..., object], prepare: Callable[[], tuple] = tuple) -> None: ...
 
 
 @dataclass

@@ -116,13 +116,15 @@ def soc_profile(version: int) -> SocProfile:
 class GraphTask:
     """One kernel captured in its own task group, whose host arguments change between replays.
 
-    `launch()` issues the kernel (an `.out` overload writing into the captured outputs) with
-    the host values current when it is called; it runs once inside the capture and again,
-    between `graph_task_update_begin/end`, before every replay."""
+    `launch(*prepare())` issues the kernel (an `.out` overload writing into the captured
+    outputs) with the host values `prepare()` computes: once inside the capture and again,
+    between `graph_task_update_begin/end`, before every replay. `prepare` runs before the
+    section opens, so a bad value raises with no update section open."""
 
     handle: object
     event: object
-    launch: Callable[[], object]
+    launch: Callable[..., object]
+    prepare: Callable[[], tuple]
 
 
 class NpuGraph(Graph):
@@ -184,18 +186,19 @@ class NpuGraph(Graph):
         self.replay()          # capture computed nothing: the outputs are garbage until a replay
         return out
 
-    def capture_task(self, launch: Callable[[], object]) -> None:
-        """Issue `launch()` now, inside the capture, as an updatable task group (see above)."""
+    def capture_task(self, launch: Callable[..., object], prepare: Callable[[], tuple] = tuple) -> None:
+        """Issue `launch(*prepare())` now, inside the capture, as an updatable task group (see above)."""
         if not self._capturing or not torch.npu.is_current_stream_capturing():
             raise RuntimeError("NpuGraph.capture_task() is only valid while this graph is capturing")
         stream = torch.npu.current_stream()
         event = torch.npu.ExternalEvent()
         event.wait(stream)
         event.reset(stream)
+        args = prepare()
         torch.npu.graph_task_group_begin(stream)
-        launch()
+        launch(*args)
         handle = torch.npu.graph_task_group_end(stream)
-        self._tasks.append(GraphTask(handle, event, launch))
+        self._tasks.append(GraphTask(handle, event, launch, prepare))
 
     def _update_tasks(self) -> None:
         if self._update_stream is None:
@@ -204,9 +207,10 @@ class NpuGraph(Graph):
         stream.wait_stream(torch.npu.current_stream())
         with torch.npu.stream(stream):
             for task in self._tasks:
+                args = task.prepare()        # host values first, outside the update section
                 torch.npu.graph_task_update_begin(stream, task.handle)
                 try:
-                    task.launch()
+                    task.launch(*args)
                 finally:                     # an open update section would poison the stream
                     torch.npu.graph_task_update_end(stream)
                 task.event.record(stream)

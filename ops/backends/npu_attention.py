@@ -211,14 +211,14 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, blo
     out = torch.empty_like(query)
     lse = torch.empty(1, dtype=torch.float32, device=query.device)  # softmax_lse_flag=False: a [1] zero tensor
 
-    def launch():
+    def launch(query_lengths, kv_lengths_now):
         return torch_npu.npu_fused_infer_attention_score.out(
-            query, key, value, atten_mask=atten_mask, actual_seq_lengths=q_lengths(),
-            actual_seq_lengths_kv=kv_lengths(), block_table=table, num_heads=heads, scale=float(scale),
+            query, key, value, atten_mask=atten_mask, actual_seq_lengths=query_lengths,
+            actual_seq_lengths_kv=kv_lengths_now, block_table=table, num_heads=heads, scale=float(scale),
             input_layout="BSND", num_key_value_heads=kv_heads, sparse_mode=sparse_mode,
             inner_precise=precise, block_size=paged_block, workspace=workspace, out=[out, lse])
 
-    graph.capture_task(launch)
+    graph.capture_task(launch, lambda: (q_lengths(), kv_lengths()))
     return out
 
 

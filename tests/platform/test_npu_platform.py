@@ -196,6 +196,38 @@ def test_a_failed_task_update_closes_its_section(install):
     g.replay()
 
 
+def test_task_arguments_are_computed_before_the_update_section_opens(install):
+    """`prepare` (the host lengths) runs before graph_task_update_begin: a bad length raises
+    with no section open, and `launch` gets what `prepare` computed."""
+    fake = install(223)
+    p = npu_platform.NpuPlatform()
+    lengths, got = [3], []
+
+    def prepare():
+        if lengths[0] < 0:
+            raise ValueError("negative length")
+        fake.runtime.log.append(("prepare", None))
+        return (list(lengths),)
+
+    def step():
+        if torch.npu.is_current_stream_capturing():
+            g.capture_task(got.append, prepare)
+
+    g = p.graph()
+    g.capture(step)
+    lengths[0] = 7
+    g.replay()
+    assert got[-1] == [7]
+    log = [e[0] for e in fake.runtime.log]
+    last = len(log) - 1 - log[::-1].index("prepare")
+    assert log[last + 1] == "task_update_begin"
+    lengths[0] = -1
+    before = len(fake.runtime.log)
+    with pytest.raises(ValueError, match="negative length"):
+        g.replay()
+    assert "task_update_begin" not in [e[0] for e in fake.runtime.log[before:]]
+
+
 def test_capture_without_replay_would_return_garbage(install):
     """Why NpuGraph.capture() replays: what a capture returns is garbage until a replay."""
     install(223)
