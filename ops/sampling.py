@@ -18,7 +18,7 @@ import torch
 from .registry import dispatching
 
 _M32 = 0xFFFFFFFF
-_P32 = 1 << 32
+_P32 = 2 ** 32
 
 
 def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -97,12 +97,14 @@ def apply_min_p(probs: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- counter-based noise
 
 # The hash runs on int64 tensors holding non-negative 32-bit values, written without bit
-# shifts: x >> n is a floor division by 2**n, x << n a multiply, x & (2**n - 1) a remainder.
-# Same bits, but every op has an aclnn kernel on each supported torch_npu line, where the
-# int64 shifts are acl_op-only (refused inside NPU graph capture) or AI-CPU kernels.
+# shifts: x >> n is a floor division by 2**n, x << n a multiply, x & (2**n - 1) a remainder,
+# and XOR is `torch.bitwise_xor`, never the `^` operator. Same bits, but every op has an
+# aclnn kernel on each supported torch_npu line, where the int64 shifts (2.6-2.9 before the
+# 26.0 builds) and `__xor__` (2.6.0) are acl_op-only, refused inside NPU graph capture
+# (tests/platform/torch_npu_contracts/acl_op_only/).
 
 def _shr(x: torch.Tensor, n: int) -> torch.Tensor:
-    return torch.div(x, 1 << n, rounding_mode="floor")
+    return torch.div(x, 2 ** n, rounding_mode="floor")
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
@@ -114,20 +116,20 @@ def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
 
 def _mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit avalanche hash (lowbias32), on int64 tensors holding 32-bit values."""
-    x = x ^ _shr(x, 16)
+    x = torch.bitwise_xor(x, _shr(x, 16))
     x = _mul32(x, 0x7FEB352D)
-    x = x ^ _shr(x, 15)
+    x = torch.bitwise_xor(x, _shr(x, 15))
     x = _mul32(x, 0x846CA68B)
-    return x ^ _shr(x, 16)
+    return torch.bitwise_xor(x, _shr(x, 16))
 
 
 def _key(seeds: torch.Tensor, positions: torch.Tensor, stream: int) -> torch.Tensor:
     """Per (request, position) 32-bit key; seeds [B], positions [B, ...]."""
     lo = (seeds % _P32).view(-1, *([1] * (positions.dim() - 1)))
     hi = (_shr(seeds, 32) % _P32).view_as(lo)
-    h = _mix32(hi ^ _mix32(torch.full_like(hi, (int(stream) * 0x9E3779B9) & _M32)))
-    h = _mix32(lo ^ h)
-    return _mix32(h ^ (positions % _P32))
+    h = _mix32(torch.bitwise_xor(hi, _mix32(torch.full_like(hi, (int(stream) * 0x9E3779B9) & _M32))))
+    h = _mix32(torch.bitwise_xor(lo, h))
+    return _mix32(torch.bitwise_xor(h, positions % _P32))
 
 
 def _to_unit(h: torch.Tensor) -> torch.Tensor:
@@ -150,7 +152,7 @@ def counter_uniform_vocab(seeds: torch.Tensor, positions: torch.Tensor, stream: 
     """float32 U(0,1) per (request, position, token): shape [*positions.shape, vocab]."""
     key = _key(seeds, positions.long(), stream).unsqueeze(-1)
     tokens = _mul32(torch.arange(vocab, device=positions.device, dtype=torch.long), 0x9E3779B1)
-    return _to_unit(_mix32(key ^ tokens))
+    return _to_unit(_mix32(torch.bitwise_xor(key, tokens)))
 
 
 # ---------------------------------------------------------------- sampling

@@ -102,6 +102,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     why = _norm_guard("npu_rms_norm", x, weight, offset)
     if why:
         return run_reference("rms_norm", why, x, weight, eps, offset)
+    if x.dim() == 1:                     # the kernel wants at least 2 dims: one row of one
+        return rms_norm(x.unsqueeze(0), weight, eps, offset).squeeze(0)
     y, _rstd = torch_npu.npu_rms_norm(x, _gamma(weight, offset, x.dtype), epsilon=float(eps))
     return y
 
@@ -119,6 +121,9 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, 
         why = "npu_add_rms_norm needs x1 and x2 of one shape and dtype"
     if why:
         return run_reference("add_rms_norm", why, x, residual, weight, eps, offset)
+    if x.dim() == 1:
+        y, summed = add_rms_norm(x.unsqueeze(0), residual.unsqueeze(0), weight, eps, offset)
+        return y.squeeze(0), summed.squeeze(0)
     y, _rstd, summed = torch_npu.npu_add_rms_norm(x, residual, _gamma(weight, offset, x.dtype), epsilon=float(eps))
     return y, summed
 

@@ -84,6 +84,7 @@ def _rms(x: torch.Tensor, gamma: torch.Tensor, epsilon: float):
 def npu_rms_norm(input, gamma, epsilon=1e-06):
     """Input fp16/bf16/fp32, gamma of the input's dtype (op-plugin docs)."""
     _soc_check("npu_rms_norm")
+    _hw(input.dim() >= 2, f"npu_rms_norm: input must have at least 2 dims, got {input.dim()}")
     _dtypes("npu_rms_norm", _FLOATS, input=input)
     _hw(gamma.dtype == input.dtype, f"npu_rms_norm: gamma dtype {gamma.dtype} != input dtype {input.dtype}", TypeError)
     y, rstd = _rms(input, gamma, epsilon)
@@ -93,6 +94,7 @@ def npu_rms_norm(input, gamma, epsilon=1e-06):
 def npu_add_rms_norm(x1, x2, gamma, epsilon=1e-06):
     """(y, rstd, x1 + x2): the sum is the new residual."""
     _soc_check("npu_add_rms_norm")
+    _hw(x1.dim() >= 2, f"npu_add_rms_norm: inputs must have at least 2 dims, got {x1.dim()}")
     if x1.shape != x2.shape:
         raise ValueError(f"x1 {tuple(x1.shape)} and x2 {tuple(x2.shape)} must have the same shape")
     _dtypes("npu_add_rms_norm", _FLOATS, x1=x1)
@@ -370,9 +372,14 @@ def npu_fused_infer_attention_score(query, key, value, **kw):
     scores = (qf @ kf.transpose(-1, -2)) * kw.get("scale", 1.0)
     scores = scores.masked_fill(masked, float("-inf"))
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)  # -inf on fully masked rows
-    valid_row = torch.isfinite(lse) & (torch.arange(q_len)[None, None, :, None] < q_lens[:, None, None, None])
+    in_length = torch.arange(q_len)[None, None, :, None] < q_lens[:, None, None, None]
+    valid_row = torch.isfinite(lse) & in_length
     probs = torch.where(valid_row, torch.softmax(scores, dim=-1), 0.0)
-    out = probs @ vf  # invalid rows (padding, fully masked) come out as zeros
+    out = probs @ vf  # padding rows (past actual_seq_lengths) come out as zeros
+    if kw.get("inner_precise", 0) not in (2, 3):
+        # Without invalid-row correction the chip leaves a fully masked row undefined: NaN
+        # here, so a caller that feeds one shows up at once.
+        out = out.masked_fill(~torch.isfinite(lse) & in_length, float("nan"))
     if in_layout == "BNSD" and layout != "BNSD_BSND":
         attn = out
     else:

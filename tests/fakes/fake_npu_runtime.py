@@ -30,7 +30,12 @@ Rules enforced (RuntimeError unless noted):
 - the SoC (`install(soc_version=...)`, default 223 = Ascend910B3, Atlas A2) decides what
   exists: SoCs without bfloat16 (910 first generation, 310P, 310B) reject every op that
   touches a bfloat16 tensor (TypeError), and the fused ops are Atlas A2/A3 only
-  (fake_npu_ops).
+  (fake_npu_ops);
+- no aclop operator while capturing or updating: an aten op that the emulated release runs
+  only as an aclop (no aclnn kernel; tests/platform/torch_npu_contracts/acl_op_only/, from
+  op-plugin) fails "Cannot run aclop operators during NPU graph capture", as torch_npu does.
+  Only ops that reach the dispatch mode are checked: a CompositeImplicitAutograd op that
+  torch_npu overrides on the device (`x ^ 3` is `__xor__.Scalar` there) is seen decomposed.
 
 Each NPUGraph keeps `events` (capture_begin, capture_end, update, task_update, replay,
 reset, in order); the runtime keeps a global `log` of stream/event/task-group calls.
@@ -70,12 +75,13 @@ class _Runtime:
     """Per-install state; `install()` creates a fresh one."""
 
     def __init__(self, device_count: int = 1, total_memory: int = 64 << 30, free_memory: int = 60 << 30,
-                 soc_version: int = DEFAULT_SOC):
+                 soc_version: int = DEFAULT_SOC, aclop_only: frozenset[str] = frozenset()):
         if soc_version not in _SOCS:
             raise ValueError(f"the double knows SoC versions {sorted(_SOCS)}, not {soc_version}")
         self.soc_version = soc_version
         self.soc_name, self.has_bf16, self.has_fused_ops = _SOCS[soc_version]
         self.device_count = device_count
+        self.aclop_only = aclop_only   # "aten::name.overload" the release cannot capture
         self.total_memory, self.free_memory = total_memory, free_memory
         self.device = 0
         self.default: dict[int, Stream] = {}
@@ -423,6 +429,9 @@ class _Recorder(TorchDispatchMode):
         if func._schema.name in _SYNC_OPS:
             raise RuntimeError(f"{func._schema.name} reads device data on the host during NPU graph capture "
                                "(real torch_npu fails with ACL error 107027 'stream is captured')")
+        if func.name() in _rt().aclop_only:
+            raise RuntimeError(f"Cannot run aclop operators during NPU graph capture: {func.name()} (the emulated "
+                               "torch_npu has no aclnn kernel for it: tests/platform/torch_npu_contracts/acl_op_only/)")
         kind = _kind(func, kwargs)
         if kind == "view":
             out = func(*args, **kwargs)            # a view launches nothing: it only aliases memory

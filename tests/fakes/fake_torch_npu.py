@@ -11,7 +11,8 @@ namespace at `torch.npu`, so the project's NPU code paths run on CPU:
   instead: its schemas that differ from the newest live in a namespace of their own
   (torch.ops.npu_2_6_0), ops it lacks are absent, `torch_npu.__version__` names it;
 - `torch.npu.*` / `torch_npu.npu.*` is fake_npu_runtime.py: real signatures, eager CPU
-  work, an NPUGraph that records and replays ops with device-graph semantics.
+  work, an NPUGraph that records and replays ops with device-graph semantics; a capture
+  refuses the aten ops the release runs only as aclop operators (acl_op_only/<release>.json).
 
 The SoC is chosen per install (`install(soc_version=...)`, default 223 = Ascend910B3, an
 Atlas A2): `torch.npu.get_soc_version()` / `get_device_name()` report it, and a SoC without
@@ -39,11 +40,13 @@ from pathlib import Path
 import torch
 
 from tools import npu_contract
+from tools.npu_contract import acl_op_only
 
 from . import fake_npu_ops, fake_npu_runtime
 
 SNAPSHOT_DIR = Path(__file__).resolve().parents[1] / "platform" / "torch_npu_contracts"
 SNAPSHOT_PATH = npu_contract.snapshot_path(SNAPSHOT_DIR, npu_contract.NEWEST)
+ACL_OP_ONLY_DIR = SNAPSHOT_DIR / "acl_op_only"   # per release: aten ops a capture must not run
 _MISSING = object()
 
 
@@ -127,7 +130,8 @@ class FakeTorchNpu:
         snap, packets = register_ops(release)
         self.release = snap["torch_npu_version"]
         self.module, self.npu = build_modules(snap, packets)
-        self.runtime = fake_npu_runtime._Runtime(device_count=device_count, soc_version=soc_version)
+        self.runtime = fake_npu_runtime._Runtime(device_count=device_count, soc_version=soc_version,
+                                                 aclop_only=acl_op_only.load_ops(ACL_OP_ONLY_DIR, self.release))
         self._saved: dict | None = None
         self._saved_platform = None
         self._dtype_guard = None

@@ -141,6 +141,18 @@ def test_add_rms_norm(npu, shape, dtype):
     no_fallback(npu)
 
 
+def test_one_dimensional_norm_inputs_run_the_kernel_as_one_row(npu):
+    """The kernels refuse 1-D inputs (the double too): a 1-D vector runs as one row."""
+    w = (randn(16, seed=1, scale=0.1) + 1.0).to(torch.bfloat16)
+    x, r = randn(16, dtype=torch.bfloat16, seed=2), randn(16, dtype=torch.bfloat16, seed=3)
+    with pytest.raises(Exception, match="at least 2 dims"):
+        npu.torch_npu.npu_rms_norm(x, w, epsilon=1e-6)
+    close(npu.rms_norm(x, w, 1e-6), ops.rms_norm.reference(x, w, 1e-6), torch.bfloat16)
+    y, summed = npu.add_rms_norm(x, r, w, 1e-6)
+    assert y.shape == summed.shape == (16,) and torch.equal(summed, x + r)
+    no_fallback(npu)
+
+
 def test_norm_gamma_is_one_plus_w_for_gemma(npu, monkeypatch):
     """The kernel sees gamma = 1 + w (rounded once to the input dtype) when offset = 1."""
     seen = []

@@ -212,8 +212,9 @@ def test_counter_noise_matches_python_integers():
 
 
 def test_counter_noise_runs_no_bit_shift():
-    """Shifts on int64 are acl_op-only on torch_npu 2.6-2.9 (refused inside NPU graph capture):
-    the hash is written with divisions, multiplies and remainders by powers of two."""
+    """Shifts on int64 (torch_npu 2.6-2.9 before the 26.0 builds) and `__xor__` (2.6.0) are
+    acl_op-only, refused inside NPU graph capture: the hash is written with divisions,
+    multiplies and remainders by powers of two, and bitwise_xor."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Ops(TorchDispatchMode):
@@ -227,6 +228,19 @@ def test_counter_noise_runs_no_bit_shift():
         counter_uniform_vocab(torch.tensor([5, 2**40]), torch.tensor([[3, 4], [9, 10]]), 2, 11)
         counter_uniform(torch.tensor([5]), torch.tensor([[3]]), 1)
     assert ops_seen.seen and not {n for n in ops_seen.seen if "shift" in n}, ops_seen.seen
+    # `^` reaches the dispatcher as bitwise_xor on CPU, but torch_npu 2.6.0 registers
+    # `__xor__` itself for acl_op only: the source may not use the operator.
+    import ast
+    import inspect
+
+    import ops.sampling as sampling
+
+    tree = ast.parse(inspect.getsource(sampling))
+    hash_code = [f for f in ast.walk(tree) if isinstance(f, ast.FunctionDef)
+                 and f.name in ("_shr", "_mul32", "_mix32", "_key", "_to_unit", "counter_uniform", "counter_uniform_vocab")]
+    assert len(hash_code) == 7
+    used = {type(n.op).__name__ for f in hash_code for n in ast.walk(f) if isinstance(n, ast.BinOp)}
+    assert not used & {"BitXor", "RShift", "LShift"}, used
 
 
 @pytest.mark.parametrize("vocab", [6, 1001, 49152, 151936])

@@ -17,13 +17,19 @@ Three uses:
   `torch.ops.npu.<op>(...)` and `torch.npu.<api>(...)` call binds against the contract
   (names, positional arity, keywords, required arguments), as the real binder would.
 
+A fourth, acl_op_only.py: per release, the aten ops torch_npu runs only as aclop operators
+(refused during NPU graph capture), read from op-plugin's op_plugin_functions.yaml at the
+commit the release pins; committed in tests/platform/torch_npu_contracts/acl_op_only/ and
+enforced by the test double's capture.
+
 releases.py holds the support matrix and fetches wheels, contract.py extracts and slices
 a contract (python_api.py reads the torch.npu half), check.py is the lint, cli.py the
 command line. A CI lint, not part of the runtime: the schema strings are read by the one
 parser in ops/backends/npu_schema.py, which the backend's capability probe also uses.
 
 CLI: `python -m tools.npu_contract --snapshot PATH | --check PATH | --calls SRC...
-[--contract PATH] | --refresh-all DIR | --check-all DIR`, from the repository root.
+[--contract PATH] | --refresh-all DIR | --check-all DIR | --acl-op-only DIR --pytorch-git PATH
+--op-plugin-git PATH`, from the repository root.
 `make npu-contracts` refreshes every committed snapshot (downloads each wheel once into
 the cache, ~40 MB each) and lists releases on PyPI in the supported range that `RELEASES`
 does not name yet.

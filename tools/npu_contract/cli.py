@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from . import __doc__ as package_doc
+from . import acl_op_only
 from .check import check_calls
 from .contract import SNAPSHOT_NAME, diff_contracts, dump, extract_contract, load, snapshot, snapshot_path
 from .releases import DEFAULT_VERSION, RELEASES, WheelUnavailable, fetch_wheel, pypi_releases
@@ -20,6 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--calls", metavar="SRC", nargs="+", help="lint torch_npu/torch.npu calls")
     mode.add_argument("--refresh-all", metavar="DIR", help="write the snapshot of every release in RELEASES")
     mode.add_argument("--check-all", metavar="DIR", help="diff every committed snapshot with its wheel")
+    mode.add_argument("--acl-op-only", metavar="DIR", help="write each release's capture deny-list (acl_op_only.py)")
+    parser.add_argument("--pytorch-git", metavar="PATH", help="--acl-op-only: a clone of Ascend/pytorch")
+    parser.add_argument("--op-plugin-git", metavar="PATH", help="--acl-op-only: a clone of Ascend/op-plugin")
     parser.add_argument("--contract", metavar="PATH", help="snapshot used by --calls (default: the wheel)")
     parser.add_argument("--version", default=DEFAULT_VERSION)
     parser.add_argument("--wheel", help="use this wheel instead of downloading")
@@ -28,6 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     def from_wheel() -> dict:
         return snapshot(extract_contract(args.wheel or fetch_wheel(args.version)))
 
+    if args.acl_op_only:
+        if not (args.pytorch_git and args.op_plugin_git):
+            parser.error("--acl-op-only needs --pytorch-git and --op-plugin-git")
+        for path in acl_op_only.write_all(args.acl_op_only, RELEASES, args.pytorch_git, args.op_plugin_git):
+            print(f"wrote {path}")
+        return 0
     if args.refresh_all or args.check_all:
         return _all_releases(Path(args.refresh_all or args.check_all), write=bool(args.refresh_all))
     if args.snapshot:
