@@ -78,7 +78,7 @@ if [ "$PHASE" = setup ]; then
     cands="$BOX_STAGE/gguf.part.*
 ${GGUF_PARTS:-.stage/part.*
 /tmp/stage/part.*}
-$(find /tmp -name '*.gguf' -size +90M 2>/dev/null | grep -v "^$BOX_STAGE/model.gguf" | head -3)"
+$(find /tmp -name '*.gguf' -size +90M 2>/dev/null | grep -v "^$BOX_STAGE/model.gguf" | head -3 || true)"
     while IFS= read -r parts; do
       # shellcheck disable=SC2086
       [ -n "$parts" ] && ls $parts > /dev/null 2>&1 || continue
