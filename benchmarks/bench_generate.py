@@ -4,8 +4,9 @@
 
 Every drafter runs on the same loaded target, the same prompts and the same greedy
 settings (ignore_eos, so every configuration generates the same number of tokens); one
-warm-up generate precedes each timed one. Reports decode tokens/s, the mean accepted
-length and the ratio to plain decoding. `--plot` turns a results JSON into a PNG.
+warm-up generate precedes each timed one. `--speculation confidence fixed` runs each drafter
+under both policies. Reports decode tokens/s, the mean accepted length, the steps run at
+each draft depth and the ratio to plain decoding. `--plot` turns a results JSON into a PNG.
 """
 
 from __future__ import annotations
@@ -49,27 +50,32 @@ def run(args: argparse.Namespace) -> dict:
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in PROMPTS]
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     rows = []
+    runs = [(kind, policy) for kind in args.drafters
+            for policy in (["fixed"] if kind == "none" else args.speculation)]
     for batch in args.batch_sizes:
-        for kind in args.drafters:
+        for kind, policy in runs:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 drafter = build_drafter(kind, target, model=args.model)
             if drafter is not None:
                 drafter.to(device=platform.device, dtype=dtype).eval()
             engine = Engine(target, drafter, tokenizer, args.k, max_model_len=512, max_batch_size=batch,
-                            platform=platform)
+                            platform=platform, speculation=policy)
             selected = (prompts * batch)[: max(batch, args.num_prompts)]
             engine.generate(selected[:batch], params)                    # warm-up
             outs = engine.generate(selected, params)
             t = engine.timings
             stats = merge_stats([o.stats for o in outs])
             label = Path(kind).name if Path(kind).exists() else kind
+            if drafter is not None and len(args.speculation) > 1:
+                label = f"{label}/{policy}"
             rows.append({"drafter": label, "batch": batch, "k": args.k if drafter is not None else 0,
+                         "speculation": engine.speculation, "depth_counts": engine.depth_counts,
                          "tokens": t.generated_tokens, "prefill_s": t.prefill_s, "decode_s": t.decode_s,
                          "decode_tok_s": t.decode_tokens_per_s, "tok_s": t.tokens_per_s,
                          "mean_accepted_length": stats.mean_accepted_length})
-            print(f"batch {batch:3d} {label:7s} {t.decode_tokens_per_s:9.1f} tok/s  "
-                  f"tau {stats.mean_accepted_length:.2f}", flush=True)
+            print(f"batch {batch:3d} {label:18s} {t.decode_tokens_per_s:9.1f} tok/s  "
+                  f"tau {stats.mean_accepted_length:.2f}  steps by depth {engine.depth_counts}", flush=True)
             del engine, drafter
     for row in rows:
         base = next(r for r in rows if r["batch"] == row["batch"] and r["drafter"] == "none")
@@ -113,6 +119,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=4)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("-k", type=int, default=7)
+    parser.add_argument("--speculation", nargs="+", choices=["confidence", "fixed"], default=["confidence"],
+                        help="the policies each drafter runs under (both: side by side)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--plot", type=Path, nargs=2, metavar=("RESULTS_JSON", "PNG"), default=None)
     args = parser.parse_args()

@@ -13,13 +13,15 @@ goes beside --out). `--plot JSON PNG` redraws a plot from a results file, `--com
 B.json --out C.json` joins the results of several runs (e.g. one mode each).
 
 Modes:
-  spec    the server's speculation (its drafter, K drafts per step)
+  spec    the server's speculation (its drafter; its policy, by default the confidence
+          scheduler choosing each step's depth, 0 to K)
+  fixed   a second server, the same flags plus `--speculation fixed` (K drafts every step;
+          with `--url`, give it as `--fixed-url`)
   plain   plain decoding: a second server, the same flags plus `--drafter none` (`--launch`
           starts it after the first one stops; with `--url`, give it as `--plain-url`)
-  nospec  the speculating server with `num_speculative_tokens: 0` on every request: the
-          engine still runs the drafter and verifies K + 1 positions per step (fixed shapes),
-          it only accepts none, so this is the cost of speculation that never pays off,
-          not plain decoding
+  nospec  the speculating server with `num_speculative_tokens: 0` on every request: no step
+          drafts, but the drafter still observes every verified token (so it could draft
+          later), so this is plain decoding plus the drafter's upkeep
 
 For each mode and each concurrency C, `--num-prompts` prompts (default max(8, 4 C)) go out with at
 most C in flight, each as soon as a slot frees (vLLM's `--max-concurrency` with an infinite
@@ -66,8 +68,11 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("spec", "plain", "nospec")
-LABELS = {"spec": "speculation on", "plain": "plain decoding (--drafter none)",
+MODES = ("spec", "fixed", "plain", "nospec")
+# Modes with a server of their own: the launch flags they add to the shared ones.
+OWN_SERVER = {"plain": ["--drafter", "none"], "fixed": ["--speculation", "fixed"]}
+LABELS = {"spec": "speculation on", "fixed": "speculation, fixed K (--speculation fixed)",
+          "plain": "plain decoding (--drafter none)",
           "nospec": "drafts discarded (num_speculative_tokens 0)"}
 
 
@@ -282,6 +287,9 @@ def speculation_delta(before: dict | None, after: dict | None) -> dict:
     accepted = [a - b for a, b in zip(after["position_accepted"], before["position_accepted"])]
     d["mean_accepted_length"] = committed / d["num_verify_steps"] if d["num_verify_steps"] else None
     d["acceptance_per_position"] = [a / r if r else 0.0 for a, r in zip(accepted, reached)]
+    if "verify_length_counts" in after:
+        d["verify_length_counts"] = [a - b for a, b in zip(after["verify_length_counts"],
+                                                           before.get("verify_length_counts", []) + [0] * 64)]
     return d
 
 
@@ -364,16 +372,18 @@ def machine() -> str:
 
 def sweep(args, server_args: list[str], command: str) -> dict:
     groups = []                      # (modes, url, server flags): one server each
-    if [m for m in args.modes if m != "plain"]:
-        groups.append(([m for m in args.modes if m != "plain"], args.url, server_args))
-    if "plain" in args.modes:
-        groups.append((["plain"], args.plain_url, [*server_args, "--drafter", "none"]))
+    shared = [m for m in args.modes if m not in OWN_SERVER]
+    if shared:
+        groups.append((shared, args.url, server_args))
+    for mode in (m for m in args.modes if m in OWN_SERVER):
+        url = args.plain_url if mode == "plain" else args.fixed_url
+        groups.append(([mode], url, [*server_args, *OWN_SERVER[mode]]))
     results, servers, meta = [], {}, {}
     for modes, url, flags in groups:
         proc = None
         if args.launch:
             stem = args.out.with_suffix("") if args.out else Path("serve_bench")
-            log_path = Path(f"{stem}.{'plain' if modes == ['plain'] else 'spec'}.server.log")
+            log_path = Path(f"{stem}.{modes[0] if modes[0] in OWN_SERVER else 'spec'}.server.log")
             log_path.parent.mkdir(parents=True, exist_ok=True)
             proc, url = launch(flags, log_path, args.launch_timeout)
         url = url.rstrip("/")
@@ -389,7 +399,7 @@ def sweep(args, server_args: list[str], command: str) -> dict:
             for mode in modes:
                 servers[mode] = {**version, "url": None if args.launch else url,
                                  "launched_with": flags if args.launch else None}
-                speculate = mode == "spec"
+                speculate = mode in ("spec", "fixed")
                 if args.warmup:
                     asyncio.run(run_level(url, model, prompts[:args.warmup], 1, args, speculate))
                 for c, rate in zip(args.concurrency, _rates(args)):
@@ -470,7 +480,8 @@ def plot(results: dict, path: Path) -> None:
               ("request_throughput", None, "requests/s"), ("e2el_ms", "p50", "request latency p50 (ms)"),
               ("e2el_ms", "p99", "request latency p99 (ms)"), ("goodput", None, "goodput (requests/s within SLO)")]
     fig, axes = plt.subplots(2, 4, figsize=(17, 7))
-    styles = {"spec": ("#e8713c", "-"), "plain": ("#5b7fb5", "-"), "nospec": ("#9a9a9a", "--")}
+    styles = {"spec": ("#e8713c", "-"), "fixed": ("#c9a227", "-."), "plain": ("#5b7fb5", "-"),
+              "nospec": ("#9a9a9a", "--")}
     for ax, (key, sub, label) in zip(axes.flat, panels):
         for mode in MODES:
             pts = [(r["concurrency"], r[key][sub] if sub else r[key]) for r in rows if r["mode"] == mode]
@@ -511,6 +522,7 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
     where.add_argument("--launch", action="store_true", help="start `ascend-dspark serve` (flags after --)")
     parser.add_argument("--plain-url", help="with --url: a server of the same model with --drafter none (mode plain)")
+    parser.add_argument("--fixed-url", help="with --url: a server of the same model with --speculation fixed (mode fixed)")
     parser.add_argument("--launch-timeout", type=float, default=900.0, help="seconds to wait for /health")
     parser.add_argument("--api-key", default=os.environ.get("ASCEND_DSPARK_SERVE_API_KEY"))
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -549,6 +561,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.url and not args.launch:
         parser.error("give --url of a running server or --launch")
+    if args.url and "fixed" in args.modes and not args.fixed_url:
+        parser.error("mode fixed against --url needs --fixed-url (a server with --speculation fixed)")
     if args.url and "plain" in args.modes and not args.plain_url:
         parser.error("mode plain against --url needs --plain-url (a server with --drafter none), "
                      "or leave it out: --modes spec nospec")

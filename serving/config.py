@@ -33,6 +33,7 @@ class ServerConfig:
     model: str = "default"
     drafter: str = "dspark"
     num_speculative_tokens: int = 7
+    speculation: str = "confidence"        # "confidence": each step's depth planned for tokens/s; "fixed": always K
     device: str | None = None              # None: detect (NPU > CUDA > CPU) or ASCEND_DSPARK_DEVICE
     dtype: str | None = None               # None: the device's default
     served_model_name: str | None = None   # the `model` clients send; None: the value of `model`
@@ -93,6 +94,7 @@ class ServerConfig:
         need(self.api_key is None or len(self.api_key) >= 8, "api_key", "must be at least 8 characters")
         need(bool(self.host.strip()), "host", "must not be empty")
 
+        from ascend_dspark.engine.engine import SPECULATION_POLICIES
         from ascend_dspark.engine.llm import DRAFTER_KINDS, DTYPES
         from ascend_dspark.models.loader import DEFAULT_NAMES
 
@@ -100,6 +102,8 @@ class ServerConfig:
              f"{self.model!r} is neither {' / '.join(DEFAULT_NAMES)} nor an existing model directory or .gguf file")
         need(self.drafter in DRAFTER_KINDS or Path(self.drafter).expanduser().exists(), "drafter",
              f"{self.drafter!r} is neither one of {', '.join(DRAFTER_KINDS)} nor an existing checkpoint directory")
+        need(self.speculation in SPECULATION_POLICIES, "speculation",
+             f"{self.speculation!r} is not one of {', '.join(SPECULATION_POLICIES)}")
         need(self.dtype is None or self.dtype in DTYPES, "dtype",
              f"{self.dtype!r} is not one of {', '.join(DTYPES)}")
         device_problem = _device_problem(self.device)
@@ -115,6 +119,8 @@ class ServerConfig:
 _HELP = {
     "model": "'default' (SmolLM2-135M-Instruct), an HF model directory or a .gguf file",
     "drafter": "none | eagle3 | dflash | dspark | a checkpoint directory",
+    "speculation": "confidence (each step's draft depth, 0 to K, chosen from predicted acceptance and the "
+                   "measured step cost) | fixed (always K)",
     "device": "cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)",
     "dtype": "float32 | bfloat16 | float16 (default: the device's)",
     "served_model_name": "the model name clients send (default: the value of --model)",

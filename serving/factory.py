@@ -99,7 +99,7 @@ def start_engine(config: ServerConfig) -> ServerState:
     def build():
         return LLM(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
                    device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
-                   max_batch_size=config.max_num_seqs, seed=config.seed).engine
+                   max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation).engine
 
     t0 = time.perf_counter()
     loop.start(build)

@@ -127,6 +127,7 @@ class SpeculationTotals:
         self.num_accepted_tokens = 0
         self.reached: list[int] = []
         self.accepted: list[int] = []
+        self.verify_lengths: list[int] = []     # request-steps per drafts verified (0..K): the depths chosen
         self.generation_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()
 
@@ -138,6 +139,9 @@ class SpeculationTotals:
             for accepted, proposed in steps:
                 self.verify_steps += 1
                 self.committed += accepted
+                if len(self.verify_lengths) <= proposed:
+                    self.verify_lengths += [0] * (proposed + 1 - len(self.verify_lengths))
+                self.verify_lengths[proposed] += 1
                 if proposed <= 0:
                     continue
                 n = min(accepted - 1, proposed)
@@ -173,6 +177,7 @@ class SpeculationTotals:
             size = max(width, len(self.reached))
             reached = self.reached + [0] * (size - len(self.reached))
             accepted = self.accepted + [0] * (size - len(self.accepted))
+            lengths = self.verify_lengths + [0] * (size + 1 - len(self.verify_lengths))
             return {
                 "num_verify_steps": self.verify_steps,
                 "num_drafts": self.num_drafts,
@@ -182,6 +187,7 @@ class SpeculationTotals:
                 "acceptance_per_position": [a / r if r else 0.0 for a, r in zip(accepted, reached)],
                 "position_reached": reached,
                 "position_accepted": accepted,
+                "verify_length_counts": lengths,
                 "generation_tokens": self.generation_tokens,
                 "tokens_per_second": recent / self.window_s,
                 "window_s": self.window_s,

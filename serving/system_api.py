@@ -90,6 +90,8 @@ class SpeculationTotalsResponse(BaseModel):
         description="conditional acceptance of draft position k: accepted / reached (reached: every earlier draft accepted)")
     position_reached: list[int]
     position_accepted: list[int]
+    verify_length_counts: list[int] = Field(
+        description="request-steps by the drafts they verified, 0..K (the depths the speculation policy chose)")
     generation_tokens: int = Field(description="tokens generated since start")
     tokens_per_second: float = Field(description="tokens generated over the last window_s seconds, per second")
     window_s: float

@@ -41,6 +41,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ascend_dspark.platform import Platform, current_platform
+from ascend_dspark.spec.acceptance import AcceptanceEstimator
+from ascend_dspark.spec.prefix_scheduler import best_depth
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .output_processor import OutputProcessor, logprob_rows
@@ -48,11 +50,19 @@ from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
 from .runner import HostCopy, ModelRunner
 from .scheduler import Scheduler, StepPlan
+from .step_costs import StepCosts, measured_step_costs
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_TOKENS = 2048
 DEFAULT_KV_FRACTION = 0.9      # of the device's memory, for weights + KV + graphs together
+SPECULATION_POLICIES = ("fixed", "confidence")
+
+
+def depth_menu(num_speculative_tokens: int) -> list[int]:
+    """The draft depths the confidence policy chooses from: every depth up to 3, then 5 and K
+    (each depth is a step graph per batch bucket; deep drafts rarely survive past 3 anyway)."""
+    return sorted({d for d in (0, 1, 2, 3, 5) if d < num_speculative_tokens} | {num_speculative_tokens})
 
 
 @dataclass
@@ -83,14 +93,22 @@ class Engine:
     its memory, as many as fit in `kv_cache_fraction` of it next to what is already
     allocated, if that is fewer. `max_prefill_tokens`: the per-step budget of (padded)
     prompt tokens. `overlap` (default: the platform's `overlap_steps`): launch a decode
-    batch's next step before reading the last one's results (see `step`)."""
+    batch's next step before reading the last one's results (see `step`).
+
+    `speculation` (with a drafter): "confidence" (the default) chooses every step's draft
+    depth, 0 (plain decoding) to `num_speculative_tokens`, for the most expected tokens per
+    second: predicted acceptance (spec/acceptance.py, the confidence head's where the draft
+    has one) against the measured cost of a step at this batch size and depth (`step_costs`,
+    default: profiled at start-up, step_costs.py); "fixed" always drafts and verifies
+    `num_speculative_tokens`. Either way a request's `num_speculative_tokens` caps its own."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
                  max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
                  num_kv_blocks: int | None = None, kv_block_size: int | None = None,
                  kv_cache_fraction: float = DEFAULT_KV_FRACTION,
                  max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, graphs: bool | None = None,
-                 graph_buckets: list[int] | None = None, overlap: bool | None = None, progress: bool = False) -> None:
+                 graph_buckets: list[int] | None = None, overlap: bool | None = None, progress: bool = False,
+                 speculation: str | None = None, step_costs: StepCosts | None = None) -> None:
         self.platform = platform or current_platform()
         self.target = target
         self.drafter = drafter
@@ -101,16 +119,29 @@ class Engine:
                              f"1..{drafter.max_draft_tokens} for this drafter")
         if max_model_len < 2:
             raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        speculation = speculation or ("confidence" if drafter is not None else "fixed")
+        if speculation not in SPECULATION_POLICIES:
+            raise ValueError(f"unknown speculation policy {speculation!r}: expected one of {', '.join(SPECULATION_POLICIES)}")
+        self.speculation = speculation if drafter is not None else "fixed"
         self.max_model_len = max_model_len
         self.max_batch_size = max_batch_size
         self.runner = ModelRunner(target, drafter, self.platform, self.num_speculative_tokens, max_model_len,
                                   max_batch_size, num_kv_blocks, kv_block_size, kv_cache_fraction,
-                                  max_prefill_tokens, graphs, graph_buckets)
+                                  max_prefill_tokens, graphs, graph_buckets,
+                                  profile_rows=self.speculation == "confidence" and step_costs is None)
         self.scheduler = Scheduler(self.runner.tables, max_model_len, self.runner.reserve, max_prefill_tokens,
                                    max_batch_size, self.runner.num_kv_blocks)
         eos = tokenizer.eos_token_ids if tokenizer is not None else target.config.eos_token_ids
         self.outputs = OutputProcessor(tokenizer, eos, max_model_len)
-        self.runner.capture_graphs(progress)
+        self.depths = depth_menu(self.num_speculative_tokens) if self.speculation == "confidence" else []
+        self.runner.capture_graphs(progress, self.depths)
+        self.costs: StepCosts | None = None
+        self.acceptance: AcceptanceEstimator | None = None
+        self.depth_counts = [0] * (self.num_speculative_tokens + 1)     # steps run at each draft depth
+        if self.speculation == "confidence":
+            self.costs = step_costs or measured_step_costs(self.runner, self.runner.profile_batch_sizes, self.depths,
+                                                           progress)
+            self.acceptance = AcceptanceEstimator(self.num_speculative_tokens)
         # Overlap pays where the device runs ahead of the host (graphs, asynchronous streams).
         self.overlap = self.platform.overlap_steps if overlap is None else overlap
         self._pending: _Launched | None = None
@@ -129,10 +160,13 @@ class Engine:
         self._check_prompt(prompt_ids)
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: this engine has none (use stop_token_ids)")
+        # A seeded sampled request keeps its full depth under the confidence policy: its tokens
+        # then depend on its seed alone, never on the load (see `_verify_lens`).
+        pinned = params.seed is not None and params.temperature > 0
         if params.seed is None:        # fixed once, so a preempted request recomputes the same tokens
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         request = Request(request_id, list(prompt_ids), params, self.outputs.stop_ids(params), next(self._arrivals),
-                          detokenize=detokenize and self.tokenizer is not None)
+                          detokenize=detokenize and self.tokenizer is not None, pinned_depth=pinned)
         self.scheduler.add(request)
         self.requests[request_id] = request
 
@@ -202,8 +236,9 @@ class Engine:
         parts: dict[str, torch.Tensor] = {}
         if plan.prefill:
             parts.update(self.runner.prefill(plan.prefill))
-        verify_lens = [self._verify_len(r) for r in plan.decode]
+        verify_lens = self._verify_lens(plan.decode) if plan.decode else []
         if plan.decode:
+            self.depth_counts[max(verify_lens)] += 1
             parts.update(self.runner.verify(plan.decode, verify_lens, ahead))
         return _Launched(plan, verify_lens, HostCopy(parts, self.platform))
 
@@ -220,8 +255,13 @@ class Engine:
             confidence = [host["confidence"][i] for i in live] if "confidence" in host else None
             logprobs = logprob_rows(host, "", plan.decode)
             requests = [plan.decode[i] for i in live]
-            self.outputs.commit(requests, token_lists, counts, [launched.verify_lens[i] for i in live], confidence,
+            verified = [launched.verify_lens[i] for i in live]
+            self.outputs.commit(requests, token_lists, counts, verified, confidence,
                          [logprobs[i] for i in live] if logprobs is not None else None)
+            if self.acceptance is not None:
+                for j, r in enumerate(requests):
+                    self.acceptance.observe(r.acceptance, counts[j], verified[j],
+                                            confidence[j][:verified[j]] if confidence is not None else None)
             touched += requests
         first_logprobs = logprob_rows(host, "first_", [c.request for c in plan.prefill]) if plan.prefill else None
         for b, chunk in enumerate(plan.prefill):
@@ -300,8 +340,24 @@ class Engine:
                               r.text if r.params.stop else None) for r in requests]
 
     # -- host bookkeeping ----------------------------------------------------------------------
-    def _verify_len(self, request: Request) -> int:
-        """The drafts this request's rows propose and verify: its cap, at most the engine's K."""
+    def _verify_lens(self, requests: list[Request]) -> list[int]:
+        """The drafts each row proposes and verifies this step: its cap (the request's
+        `num_speculative_tokens`, at most the engine's K), and under the confidence policy at
+        most the step's depth. The depth is planned from results already read (never from
+        this step's drafts), so it cannot bias what the step accepts."""
+        caps = [self._cap(r) for r in requests]
+        if self.acceptance is None or not any(caps):
+            return caps
+        # Seeded sampled requests verify their whole cap: which tokens a seed gives depends on
+        # the depth (a draft accepted at position p vs a target sample there, both exact in
+        # law), so a depth planned from the batch would make a seed's output depend on the load.
+        floor = max((c for c, r in zip(caps, requests) if r.pinned_depth), default=0)
+        depths = sorted({d for d in self.depths if d >= floor} | {floor})
+        predicted = [self.acceptance.predict(r.acceptance) for r in requests]
+        depth = best_depth(predicted, caps, depths, self.costs.steps_per_second)
+        return [min(c, depth) for c in caps]
+
+    def _cap(self, request: Request) -> int:
         cap = request.params.num_speculative_tokens
         return self.num_speculative_tokens if cap is None else min(cap, self.num_speculative_tokens)
 

@@ -47,7 +47,7 @@ STARTUP_FLAGS = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0
 
 
 MAX_DEFAULT_BUCKET = 256        # larger decode batches are compute-bound: eager launches cost little there
-MAX_GRAPHS = 64                 # per runner: start-up captures 2 per bucket, the rest on first use
+MAX_GRAPHS = 96                 # per runner: start-up captures 2 per bucket (+ the depth menu), the rest on first use
 
 
 def default_buckets(max_batch_size: int) -> list[int]:
@@ -114,11 +114,14 @@ class StepGraphRunner:
         self.staging = HostStaging(self.platform)
         self._last_inputs: tuple | None = None
 
-    def capture_startup(self, progress: bool = True) -> None:
-        keys = [(b, p) for b in self.buckets for p in STARTUP_FLAGS]
+    def capture_startup(self, progress: bool = True, depths: list[int] = ()) -> None:
+        """Per bucket: K drafts for both start-up flag sets, and every other depth in `depths`
+        (the confidence policy's menu) for greedy rows."""
         k = self.runner.num_speculative_tokens
-        for bucket, params in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
-            self._graph_for(bucket, k, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
+        keys = [(b, p, k) for b in self.buckets for p in STARTUP_FLAGS]
+        keys += [(b, STARTUP_FLAGS[0], d) for b in self.buckets for d in depths if d != k]
+        for bucket, params, depth in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
+            self._graph_for(bucket, depth, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 

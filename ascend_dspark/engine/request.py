@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from enum import Enum
 
+from ascend_dspark.spec.acceptance import RequestAcceptance
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .detokenizer import IncrementalText
@@ -41,6 +42,8 @@ class Request:
     detokenize: bool = False          # keep `text` up to date every step (streaming, stop strings)
     detokenizer: IncrementalText = field(default_factory=IncrementalText)
     logprobs: list = field(default_factory=list)    # per output token, when params.logprobs is set
+    acceptance: RequestAcceptance = field(default_factory=RequestAcceptance)   # the confidence policy's estimate
+    pinned_depth: bool = False        # seeded and sampled: always verifies its cap (engine._verify_lens)
 
     @property
     def tokens(self) -> list[int]:

@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import functools
 import logging
+import statistics
+import time
 
 import torch
 
 from ascend_dspark.cache import BlockTables, PagedKVCache
 from ascend_dspark.platform import Platform
-from ascend_dspark.spec.sampling import SamplingBatch, Stream
+from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 from ops.context import AttentionHints, ForwardContext
 
@@ -67,7 +69,7 @@ class ModelRunner:
     def __init__(self, target, drafter, platform: Platform, num_speculative_tokens: int, max_model_len: int,
                  max_batch_size: int, num_kv_blocks: int | None, kv_block_size: int | None,
                  kv_cache_fraction: float, max_prefill_tokens: int, graphs: bool | None,
-                 graph_buckets: list[int] | None) -> None:
+                 graph_buckets: list[int] | None, profile_rows: bool = False) -> None:
         self.platform = platform
         self.target = target
         self.drafter = drafter
@@ -92,7 +94,14 @@ class ModelRunner:
         self.num_kv_blocks = num_kv_blocks
         graphs = self._use_graphs(graphs)
         buckets = sorted(graph_buckets or default_buckets(max_batch_size)) if graphs else []
-        self.pad_slots = list(range(max_batch_size, max_batch_size + (buckets[-1] if graphs else 0)))
+        # The batch sizes whose step cost the confidence policy measures (step_costs.py): the
+        # graph buckets, or without graphs powers of 4 (an eager step's cost is close to linear
+        # in the rows between them, and each profiled size costs start-up time).
+        self.profile_batch_sizes = buckets or _powers_of_4(max_batch_size)
+        # Padding slots: a graph bucket's rows past the real batch, and the rows a step-cost
+        # profile runs on (`profile_rows`: so profiling never touches a request's slot).
+        num_pad = buckets[-1] if graphs else (self.profile_batch_sizes[-1] if profile_rows else 0)
+        self.pad_slots = list(range(max_batch_size, max_batch_size + num_pad))
         pad_blocks = -(-self.reserve // kv_block_size)
         num_seqs = max_batch_size + len(self.pad_slots)
         scratch = max(max_prefill_tokens, max_batch_size * self.reserve)
@@ -111,11 +120,33 @@ class ModelRunner:
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
 
-    def capture_graphs(self, progress: bool) -> None:
-        """Capture the start-up step graphs (a no-op without graphs)."""
+    def capture_graphs(self, progress: bool, depths: list[int] = ()) -> None:
+        """Capture the start-up step graphs (a no-op without graphs); `depths`: the draft
+        depths the engine may choose besides K (greedy graphs for each are captured too)."""
         if self.graph_runner is not None:
             with torch.inference_mode():
-                self.graph_runner.capture_startup(progress)
+                self.graph_runner.capture_startup(progress, depths)
+
+    @torch.inference_mode()
+    def time_step(self, batch: int, depth: int, repeats: int) -> float:
+        """Median seconds of a greedy step of `batch` padding rows drafting and verifying
+        `depth` tokens each, run as the engine runs it (a graph replay where one fits) with
+        its host copy, after one warm-up step."""
+        params = SamplingParams(temperature=0.0)
+        rows = [Request(f"profile-{i}", [0], params, frozenset(), -1 - i) for i in range(batch)]
+        for row, slot in zip(rows, self.pad_slots):
+            row.slot = slot
+        slots = torch.tensor(self.pad_slots[:batch]).to(self.device)
+        self.cache.reset(slots)                 # fresh sequences, as a prefill would start them
+        if self.drafter is not None:
+            self.drafter.reset(slots)
+        times = []
+        for _ in range(repeats + 1):
+            self.platform.synchronize()
+            start = time.perf_counter()
+            HostCopy(self.verify(rows, [depth] * batch), self.platform).receive()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
 
     def _fitting_blocks(self, wanted: int, block_size: int, fraction: float) -> int:
         """`wanted` blocks, or as many as fit in `fraction` of the device's memory."""
@@ -283,6 +314,12 @@ class ModelRunner:
             self._sampling_key = key
             self._sampling = SamplingBatch([r.params for r in requests], self.device, self.platform.ops)
         return self._sampling
+
+
+def _powers_of_4(top: int) -> list[int]:
+    """1, 4, 16, 64 below `top`, then `top` itself (at most 256)."""
+    top = min(top, 256)
+    return [b for b in (1, 4, 16, 64) if b < top] + [top]
 
 
 def logprobs(n: int, logits: torch.Tensor, tokens: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:

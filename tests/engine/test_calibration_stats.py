@@ -75,7 +75,7 @@ def setup():
 def run(setup, with_confidence=True, stop_token_ids=()):
     target, sequences = setup
     drafter = PlantingDrafter(sequences, target.config.vocab_size, with_confidence)
-    engine = Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=3)
+    engine = Engine(target, drafter, num_speculative_tokens=K, max_model_len=64, max_batch_size=3, speculation="fixed")
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True, stop_token_ids=list(stop_token_ids))
               for m in MAX_TOKENS]
     return engine.generate(PROMPTS, params), drafter.log

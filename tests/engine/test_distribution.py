@@ -21,6 +21,7 @@ from scipy.stats import chisquare
 import ascend_dspark.spec.verify as verify_module
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.engine.engine import Engine
+from ascend_dspark.engine.step_costs import StepCosts
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams
 from tests.helpers import new_cache, tiny_target
 
@@ -55,9 +56,10 @@ def exact_marginal(target, params: SamplingParams) -> np.ndarray:
     return joint.view(VOCAB, VOCAB * VOCAB).sum(0).numpy()
 
 
-def sampled_marginal(target, drafter, params: SamplingParams, k: int) -> np.ndarray:
+def sampled_marginal(target, drafter, params: SamplingParams, k: int, **engine_options) -> np.ndarray:
     engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=16, max_batch_size=DRAWS,
-                    max_prefill_tokens=DRAWS * len(PROMPT))           # all prompts in one prefill step
+                    max_prefill_tokens=DRAWS * len(PROMPT), **engine_options)   # all prompts in one prefill step
+    sampled_marginal.engine = engine
     requests = [SamplingParams(**{**params.__dict__, "seed": SEED_BASE + i}) for i in range(DRAWS)]
     outs = engine.generate([PROMPT] * DRAWS, requests)
     cells = np.array([o.token_ids[1] * VOCAB + o.token_ids[2] for o in outs])
@@ -91,6 +93,20 @@ def test_speculative_sampling_matches_target_distribution(target, kind):
         observed = sampled_marginal(target, drafter, params, k=3)
         p = chi_square_p(observed, exact_marginal(target, params))
         assert p > 1e-3, f"{kind} {params}: chi-square p = {p:.2e}"
+
+
+def test_confidence_policy_matches_target_distribution(target):
+    """The confidence policy plans each step's depth from the acceptances already read: the
+    first verify step drafts 3 (the optimistic prior pays for the step cost below), the
+    mismatched draft's rejections then make plain steps (depth 0) the better choice. Both
+    kinds of step feed tokens 2 and 3, whose joint law must stay the target's."""
+    costs = StepCosts(batch_sizes=[1, 256], depths=[0, 1, 2, 3], seconds=[[1.0, 2.5, 2.7, 2.9]] * 2, padded=False)
+    drafter = mismatched_drafter("dspark", target)
+    observed = sampled_marginal(target, drafter, PARAMS[0], k=3, speculation="confidence", step_costs=costs,
+                                overlap=False)       # each step plans from the one before
+    depths = sampled_marginal.engine.depth_counts
+    assert depths[3] > 0 and depths[0] > 0, depths
+    assert chi_square_p(observed, exact_marginal(target, PARAMS[0])) > 1e-3
 
 
 def test_plain_sampling_matches_target_distribution(target):

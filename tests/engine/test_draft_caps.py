@@ -36,7 +36,7 @@ def target():
 @pytest.mark.parametrize("caps, depth", [((0, 0), 0), ((1, 2), 2), ((None, 0), K), ((9, 1), K)])
 def test_the_draft_follows_the_largest_cap_and_output_stays_greedy(target, kind, caps, depth):
     spy = DepthSpy(real_drafter(kind, target))
-    engine = Engine(target, spy, num_speculative_tokens=K, max_model_len=64, max_batch_size=2)
+    engine = Engine(target, spy, num_speculative_tokens=K, max_model_len=64, max_batch_size=2, speculation="fixed")
     params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, num_speculative_tokens=c) for c in caps]
     outputs = engine.generate(PROMPTS, params)
     # Both requests decode side by side from the first step: every proposal has the same depth.

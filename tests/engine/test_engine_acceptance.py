@@ -39,7 +39,8 @@ def references(target):
 @pytest.mark.parametrize("kind", KINDS)
 def test_reference_drafter_accepts_every_draft(target, references, kind, k, max_model_len):
     drafter = ReferenceDrafter(real_drafter(kind, target), references, p_plant=1.0)
-    engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=max_model_len, max_batch_size=3)
+    engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=max_model_len, max_batch_size=3,
+                    speculation="fixed")
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
     outs = engine.generate(PROMPTS, params)          # 4 requests over 3 slots: one reuses a slot
     for prompt, ref, out in zip(PROMPTS, references, outs):

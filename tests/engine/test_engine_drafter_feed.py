@@ -72,7 +72,7 @@ def test_engine_feeds_the_drafter_the_committed_sequence(target, references, kin
     tokenizer = Tokenizer(tiny_tokenizer())
     prompts, params, engine_kw = scenario(name, references, tokenizer)
     drafter = RecordingDrafter(ReferenceDrafter(real_drafter(kind, target), references, p_plant=0.7), k)
-    engine = Engine(target, drafter, tokenizer, num_speculative_tokens=k, **engine_kw)
+    engine = Engine(target, drafter, tokenizer, num_speculative_tokens=k, speculation="fixed", **engine_kw)
     outs = engine.generate(prompts, params)
     drafter.check_run(prompts, outs, target)
 

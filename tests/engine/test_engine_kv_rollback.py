@@ -74,7 +74,7 @@ def references(target):
 def test_next_write_starts_at_the_length_and_nothing_past_it_is_seen(target, references, kind, k):
     spy = PoisoningSpyTarget(target)
     drafter = ReferenceDrafter(real_drafter(kind, target), references, p_plant=0.6)
-    engine = Engine(spy, drafter, num_speculative_tokens=k, max_model_len=64, max_batch_size=2)
+    engine = Engine(spy, drafter, num_speculative_tokens=k, max_model_len=64, max_batch_size=2, speculation="fixed")
     params = [SamplingParams(temperature=0.0, max_tokens=m, ignore_eos=True) for m in MAX_TOKENS]
     outs = engine.generate(PROMPTS, params)              # 3 requests over 2 slots: slot 0 is reused
 

@@ -59,7 +59,7 @@ def test_speculation_warns_where_half_precision_is_not_exact(dtype, invariant, w
     with caplog.at_level("WARNING", logger=runner.logger.name):
         for _ in range(2):
             Engine(target, real_drafter("dspark", target), num_speculative_tokens=3, max_model_len=64,
-                   max_batch_size=2, platform=platform)
+                   max_batch_size=2, platform=platform, speculation="fixed")
         Engine(target, None, max_model_len=64, max_batch_size=2, platform=platform)
     messages = [r.getMessage() for r in caplog.records if "not batch-invariant" in r.getMessage()]
     assert len(messages) == (1 if warned else 0)

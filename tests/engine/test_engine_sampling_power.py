@@ -253,7 +253,8 @@ def plain_verifier(params: SamplingParams, bug: str | None = None, seed: int = 0
 def sample_joint(target, tables, params: SamplingParams, k: int):
     """Counts of (g1, g2, g3) over N seeded requests in one batch, and the fraction of
     requests whose first verify step accepted every draft (took the bonus path)."""
-    engine = Engine(target, MixingDrafter(tables, k), num_speculative_tokens=k, max_model_len=16, max_batch_size=N)
+    engine = Engine(target, MixingDrafter(tables, k), num_speculative_tokens=k, max_model_len=16, max_batch_size=N,
+                    speculation="fixed")
     requests = [SamplingParams(**{**params.__dict__, "seed": SEED_BASE + i}) for i in range(N)]
     outs = engine.generate([PROMPT] * N, requests)
     cells = np.array([(o.token_ids[0] * V + o.token_ids[1]) * V + o.token_ids[2] for o in outs])

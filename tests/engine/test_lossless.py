@@ -15,6 +15,7 @@ import torch
 
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.engine.engine import Engine
+from ascend_dspark.engine.step_costs import StepCosts
 from ascend_dspark.spec.sampling import SamplingParams
 from tests.helpers import tiny_target
 
@@ -127,7 +128,8 @@ def test_long_accepted_prefixes_stay_identical(arch_target, references, kind):
     drafter = OracleDrafter(create_drafter(kind, target).to(torch.float64), PROMPTS, references)
     # The oracle double decides on the host (it reads slots and positions), which a captured
     # graph would freeze: its tests run eager steps.
-    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False,
+                    speculation="fixed")
     outs = engine.generate(PROMPTS, greedy())
     assert [o.token_ids for o in outs] == references
     assert min(o.stats.mean_accepted_length for o in outs) > 1.5      # acceptance really happened
@@ -137,7 +139,8 @@ def test_stops_on_eos_inside_an_accepted_block(arch_target, references):
     _, target, _ = arch_target
     eos = references[1][6]                           # a token the target really emits mid-block
     drafter = OracleDrafter(create_drafter("dspark", target).to(torch.float64), PROMPTS[1:2], references[1:2], p_plant=1.0)
-    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False,
+                    speculation="fixed")
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, stop_token_ids=[eos], ignore_eos=True)
     out = engine.generate(PROMPTS[1:2], params)[0]
     first = references[1].index(eos)
@@ -147,7 +150,63 @@ def test_stops_on_eos_inside_an_accepted_block(arch_target, references):
 def test_max_tokens_truncates_an_accepted_block(arch_target, references):
     _, target, _ = arch_target
     drafter = OracleDrafter(create_drafter("dspark", target).to(torch.float64), PROMPTS, references, p_plant=1.0)
-    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False,
+                    speculation="fixed")
     outs = engine.generate(PROMPTS, greedy(max_tokens=5))
     assert [o.token_ids for o in outs] == [r[:5] for r in references]
     assert all(o.finish_reason == "length" for o in outs)
+
+
+def varying_costs(seconds=(1.0, 1.3, 1.6, 1.9, 2.5, 3.1)):
+    """TEST DOUBLE of a measured step-cost table (engine/step_costs.py): deeper drafts cost
+    enough that the confidence policy's depth follows the predicted acceptance."""
+    return StepCosts(batch_sizes=[1, 4], depths=[0, 1, 2, 3, 5, 7], seconds=[list(seconds)] * 2, padded=False)
+
+
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_confidence_policy_is_token_identical(arch_target, references, kind):
+    """The depth changes from step to step (planned from results already read); the output
+    stays the target's greedy output."""
+    _, target, _ = arch_target
+    torch.manual_seed(2)
+    drafter = OracleDrafter(create_drafter(kind, target).to(torch.float64), PROMPTS, references, p_plant=0.6)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False,
+                    speculation="confidence", step_costs=varying_costs())
+    outs = engine.generate(PROMPTS, greedy())
+    assert [o.token_ids for o in outs] == references
+    assert sum(1 for n in engine.depth_counts[1:] if n) >= 2, engine.depth_counts
+
+
+def test_confidence_policy_decodes_plainly_when_drafting_never_pays(arch_target, references):
+    """Even the optimistic prior (0.8 per position) cannot repay a draft step costing 3x a
+    plain one: every step runs at depth 0, and the drafter proposes nothing."""
+    _, target, _ = arch_target
+    drafter = OracleDrafter(create_drafter("dspark", target).to(torch.float64), PROMPTS, references, p_plant=1.0)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False,
+                    step_costs=varying_costs((1.0, 3.0, 3.5, 4.0, 5.0, 6.0)))
+    assert engine.speculation == "confidence"                     # the default with a drafter
+    outs = engine.generate(PROMPTS, greedy())
+    assert [o.token_ids for o in outs] == references
+    assert engine.depth_counts[1:] == [0] * 7 and engine.depth_counts[0] > 0
+    assert all(set(o.stats.proposal_lengths) == {0} for o in outs)
+
+
+def test_confidence_policy_respects_per_request_caps(arch_target, references):
+    _, target, _ = arch_target
+    drafter = OracleDrafter(create_drafter("dspark", target).to(torch.float64), PROMPTS, references, p_plant=1.0)
+    engine = Engine(target, drafter, num_speculative_tokens=7, max_model_len=64, max_batch_size=4, graphs=False,
+                    step_costs=varying_costs((1.0, 1.01, 1.02, 1.03, 1.04, 1.05)))
+    caps = [0, 2, None, 5]
+    params = [SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True, num_speculative_tokens=c)
+              for c in caps]
+    outs = engine.generate(PROMPTS, params)
+    assert [o.token_ids for o in outs] == references
+    for cap, out in zip(caps, outs):
+        assert max(out.stats.proposal_lengths) <= (7 if cap is None else cap)
+    assert max(outs[2].stats.proposal_lengths) == 7             # nearly free drafting: the full depth
+
+
+def test_unknown_speculation_policy_is_refused(arch_target):
+    _, target, _ = arch_target
+    with pytest.raises(ValueError, match="speculation policy"):
+        Engine(target, create_drafter("dspark", target).to(torch.float64), speculation="sometimes")

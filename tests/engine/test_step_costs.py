@@ -1,0 +1,93 @@
+"""The measured step-cost table: lookups between and past the profiled points, the disk
+cache (one profile per device and shapes; `ASCEND_DSPARK_PROFILE=refresh` measures again),
+and a real profile of a tiny model's steps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ascend_dspark.drafters import create_drafter
+from ascend_dspark.engine import step_costs
+from ascend_dspark.engine.engine import Engine, depth_menu
+from ascend_dspark.engine.step_costs import StepCosts
+from tests.helpers import tiny_target
+
+TABLE = StepCosts(batch_sizes=[1, 4], depths=[0, 2, 4], seconds=[[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]], padded=False)
+
+
+def test_lookups_by_hand():
+    assert TABLE.step_seconds(1, 2) == 2.0
+    assert TABLE.step_seconds(1, 1) == pytest.approx(1.5)         # between depths 0 and 2
+    assert TABLE.step_seconds(2, 0) == pytest.approx(1.0 + 2.0 / 3)  # between batch 1 and 4
+    assert TABLE.step_seconds(8, 4) == pytest.approx(16.0)        # past batch 4: in proportion
+    assert TABLE.step_seconds(1, 9) == 4.0                         # past the deepest profiled depth
+    assert TABLE.steps_per_second(4, 20, 2) == pytest.approx(0.25)
+    padded = StepCosts([1, 4], [0, 2, 4], TABLE.seconds, padded=True)
+    assert padded.step_seconds(2, 0) == 3.0                        # a batch of 2 runs in the bucket of 4
+
+
+def test_json_round_trip_and_shape_checks():
+    assert StepCosts.from_json(TABLE.to_json()) == TABLE
+    with pytest.raises(ValueError, match="sorted"):
+        StepCosts([4, 1], [0], [[1.0], [1.0]], padded=False)
+    with pytest.raises(ValueError, match="table"):
+        StepCosts([1, 4], [0, 1], [[1.0, 1.0]], padded=False)
+
+
+def test_depth_menu():
+    assert depth_menu(7) == [0, 1, 2, 3, 5, 7]
+    assert depth_menu(2) == [0, 1, 2]
+    assert depth_menu(4) == [0, 1, 2, 3, 4]
+
+
+@pytest.fixture
+def tiny():
+    torch.manual_seed(0)
+    target, _ = tiny_target("llama", dtype=torch.float32)
+    return target, create_drafter("dspark", target)
+
+
+def test_profiled_once_then_cached(tiny, tmp_path, monkeypatch):
+    monkeypatch.setenv("ASCEND_DSPARK_CACHE", str(tmp_path))
+    calls = []
+    real = step_costs.profile_step_costs
+    monkeypatch.setattr(step_costs, "profile_step_costs", lambda *a, **k: calls.append(a) or real(*a, **k))
+    target, drafter = tiny
+    first = Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    assert len(calls) == 1
+    assert first.costs.batch_sizes == [1, 2] and first.costs.depths == [0, 1, 2, 3]
+    assert all(s > 0 for row in first.costs.seconds for s in row)
+    second = Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    assert len(calls) == 1 and second.costs == first.costs
+    monkeypatch.setenv("ASCEND_DSPARK_PROFILE", "refresh")
+    Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    assert len(calls) == 2
+    # other shapes (another K) are another profile
+    monkeypatch.delenv("ASCEND_DSPARK_PROFILE")
+    Engine(target, drafter, num_speculative_tokens=2, max_model_len=32, max_batch_size=2, graphs=False)
+    assert len(calls) == 3
+
+
+def test_an_unreadable_cache_is_measured_again(tiny, tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("ASCEND_DSPARK_CACHE", str(tmp_path))
+    target, drafter = tiny
+    Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    (cached,) = (tmp_path / "step_costs").glob("*.json")
+    cached.write_text("{not json")
+    engine = Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    assert "unreadable" in caplog.text and engine.costs.depths == [0, 1, 2, 3]
+
+
+def test_profiling_leaves_no_trace_in_request_slots(tiny, tmp_path, monkeypatch):
+    """The profile runs on the padding rows: the requests' slots start clean, and the output
+    equals an engine that never profiled (fixed policy)."""
+    monkeypatch.setenv("ASCEND_DSPARK_CACHE", str(tmp_path))
+    target, drafter = tiny
+    engine = Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    assert engine.runner.cache.lengths[:2].tolist() == [0, 0]
+    from ascend_dspark.spec.sampling import SamplingParams
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    fixed = Engine(target, None, max_model_len=32, max_batch_size=2)
+    assert [o.token_ids for o in engine.generate([[1, 2, 3], [4, 5]], params)] == \
+        [o.token_ids for o in fixed.generate([[1, 2, 3], [4, 5]], params)]
