@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--request-rate", type=float, nargs="+", default=None,
                         help="Poisson arrivals, requests/s: one rate, or one per --concurrency level (default: all at once)")
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=["spec", "plain", "nospec"])
     parser.add_argument("--num-prompts", type=int, default=None, help="per level (default: max(MIN, PER * C))")
     parser.add_argument("--min-prompts", type=int, default=8)
     parser.add_argument("--prompts-per-concurrency", type=int, default=4)

@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_PREFILL_TOKENS = 2048
 DEFAULT_KV_FRACTION = 0.9      # of the device's memory, for weights + KV + graphs together
 SPECULATION_POLICIES = ("fixed", "confidence")
+SLEEP_AFTER = 16               # consecutive steps planned at depth 0 before the drafter sleeps
 
 
 def depth_menu(num_speculative_tokens: int) -> list[int]:
@@ -142,6 +143,9 @@ class Engine:
             self.costs = step_costs or measured_step_costs(self.runner, self.runner.profile_batch_sizes, self.depths,
                                                            progress)
             self.acceptance = AcceptanceEstimator(self.num_speculative_tokens)
+        # The drafter sleeps (see `_plan_sleep`): requests admitted meanwhile never draft.
+        self.drafter_asleep = False
+        self._plain_streak = 0
         # Overlap pays where the device runs ahead of the host (graphs, asynchronous streams).
         self.overlap = self.platform.overlap_steps if overlap is None else overlap
         self._pending: _Launched | None = None
@@ -166,7 +170,8 @@ class Engine:
         if params.seed is None:        # fixed once, so a preempted request recomputes the same tokens
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         request = Request(request_id, list(prompt_ids), params, self.outputs.stop_ids(params), next(self._arrivals),
-                          detokenize=detokenize and self.tokenizer is not None, pinned_depth=pinned)
+                          detokenize=detokenize and self.tokenizer is not None, pinned_depth=pinned,
+                          drafter_asleep=self.drafter_asleep and not pinned)
         self.scheduler.add(request)
         self.requests[request_id] = request
 
@@ -235,11 +240,13 @@ class Engine:
         rows may have committed beyond what the host knows (a chained step)."""
         parts: dict[str, torch.Tensor] = {}
         if plan.prefill:
-            parts.update(self.runner.prefill(plan.prefill))
+            parts.update(self.runner.prefill(plan.prefill, [not c.request.drafter_asleep for c in plan.prefill]))
         verify_lens = self._verify_lens(plan.decode) if plan.decode else []
         if plan.decode:
             self.depth_counts[max(verify_lens)] += 1
-            parts.update(self.runner.verify(plan.decode, verify_lens, ahead))
+            # No row that could ever draft: a plain step, the drafter not even observing.
+            observe = any(not r.drafter_asleep and self._cap(r) > 0 for r in plan.decode)
+            parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe))
         return _Launched(plan, verify_lens, HostCopy(parts, self.platform))
 
     def _finish(self, launched: _Launched) -> list[RequestDelta]:
@@ -345,8 +352,12 @@ class Engine:
         `num_speculative_tokens`, at most the engine's K), and under the confidence policy at
         most the step's depth. The depth is planned from results already read (never from
         this step's drafts), so it cannot bias what the step accepts."""
-        caps = [self._cap(r) for r in requests]
-        if self.acceptance is None or not any(caps):
+        caps = [0 if r.drafter_asleep else self._cap(r) for r in requests]
+        if self.acceptance is None:
+            return caps
+        if self.drafter_asleep:
+            self._maybe_wake(len(requests))
+        if not any(caps):
             return caps
         # Seeded sampled requests verify their whole cap: which tokens a seed gives depends on
         # the depth (a draft accepted at position p vs a target sample there, both exact in
@@ -355,7 +366,35 @@ class Engine:
         depths = sorted({d for d in self.depths if d >= floor} | {floor})
         predicted = [self.acceptance.predict(r.acceptance) for r in requests]
         depth = best_depth(predicted, caps, depths, self.costs.steps_per_second)
+        self._plan_sleep(depth)
         return [min(c, depth) for c in caps]
+
+    def _plan_sleep(self, depth: int) -> None:
+        """A depth-0 step still runs the drafter: it reads every committed token, so that it
+        could draft at the next step. When the plan has been depth 0 for SLEEP_AFTER steps in
+        a row, the drafter sleeps: every request then in the engine (bar seeded sampled ones,
+        which keep their depth) and every one admitted while it sleeps never drafts, and
+        steps with only such rows are plain decode steps at plain decoding's cost (prefill
+        chunks of such requests skip the drafter too). Decided, like the depth, from results
+        already read."""
+        self._plain_streak = self._plain_streak + 1 if depth == 0 else 0
+        if self._plain_streak >= SLEEP_AFTER and not self.drafter_asleep:
+            self.drafter_asleep = True
+            for r in self.requests.values():
+                r.drafter_asleep = r.drafter_asleep or not r.pinned_depth
+            logger.info("speculation: %d steps in a row planned without drafts: the drafter sleeps "
+                        "(requests admitted from now on decode plainly until drafting could pay)", SLEEP_AFTER)
+
+    def _maybe_wake(self, rows: int) -> None:
+        """The drafter wakes (requests admitted from then on draft again) once the acceptance
+        measured across requests so far would make drafting pay at this batch size: while it
+        sleeps that estimate stands still, so this follows the load."""
+        estimate = self.acceptance.engine
+        k = self.num_speculative_tokens
+        if best_depth([estimate] * rows, [k] * rows, self.depths, self.costs.steps_per_second) > 0:
+            self.drafter_asleep = False
+            self._plain_streak = 0
+            logger.info("speculation: drafting could pay at batch %d again: the drafter wakes", rows)
 
     def _cap(self, request: Request) -> int:
         cap = request.params.num_speculative_tokens

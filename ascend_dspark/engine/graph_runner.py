@@ -120,8 +120,10 @@ class StepGraphRunner:
         k = self.runner.num_speculative_tokens
         keys = [(b, p, k) for b in self.buckets for p in STARTUP_FLAGS]
         keys += [(b, STARTUP_FLAGS[0], d) for b in self.buckets for d in depths if d != k]
-        for bucket, params, depth in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
-            self._graph_for(bucket, depth, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops))
+        keys = [(*key, True) for key in keys] + [(b, STARTUP_FLAGS[0], 0, False) for b in self.buckets if depths]
+        for bucket, params, depth, observe in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
+            self._graph_for(bucket, depth, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops),
+                            observe)
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 
@@ -134,7 +136,7 @@ class StepGraphRunner:
         return bucket
 
     def run(self, slots: list[int], verify_lens: list[int], num_drafts: int, params: list[SamplingParams],
-            identity: tuple, reach: list[int]) -> dict | None:
+            identity: tuple, reach: list[int], observe: bool = True) -> dict | None:
         """Replay the step for these rows; None when the batch needs the eager path.
         `identity` names the rows' requests uniquely (never reused): while it and the verify
         lengths stay the same, the static inputs already hold this batch. `reach[b]`: the
@@ -143,12 +145,12 @@ class StepGraphRunner:
         if bucket is None:
             return None
         pad = bucket - len(slots)
-        inputs = (identity, tuple(slots), tuple(verify_lens))
+        inputs = (identity, tuple(slots), tuple(verify_lens), observe)
         captured = self._last if self._last is not None and self._last_inputs == inputs else None
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
             # built on the host, uploaded through the staging buffers; padding rows copy row 0's flags
             sampling = SamplingBatch(params + [params[0]] * pad, torch.device("cpu"), self.platform.ops)
-            captured = self._graph_for(bucket, num_drafts, sampling)
+            captured = self._graph_for(bucket, num_drafts, sampling, observe)
             if captured is None:
                 return None
             self.staging.upload([(captured.slots, torch.tensor(slots + self.pad_slots[:pad])),
@@ -161,9 +163,10 @@ class StepGraphRunner:
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
 
-    def _graph_for(self, bucket: int, num_drafts: int, sampling: SamplingBatch) -> _Captured | None:
+    def _graph_for(self, bucket: int, num_drafts: int, sampling: SamplingBatch,
+                   observe: bool = True) -> _Captured | None:
         """The graph of this key, captured now if new; None when the key runs eagerly."""
-        key = (bucket, num_drafts, _flags(sampling))
+        key = (bucket, num_drafts, _flags(sampling), observe)
         if key in self.graphs:
             return self.graphs[key]
         if key not in self.eager and len(self.graphs) >= MAX_GRAPHS:
@@ -178,11 +181,11 @@ class StepGraphRunner:
 
     def _run_eagerly(self, key: tuple, why: str) -> None:
         self.eager[key] = why
-        logger.warning("step graph for bucket %d, %d drafts, sampling flags %s runs eagerly: %s",
-                       key[0], key[1], key[2], why)
+        logger.warning("step graph for bucket %d, %d drafts, sampling flags %s%s runs eagerly: %s",
+                       key[0], key[1], key[2], "" if key[3] else " (drafter asleep)", why)
 
     def _capture(self, key: tuple, sampling: SamplingBatch) -> _Captured:
-        bucket, num_drafts, _ = key
+        bucket, num_drafts, _, observe = key
         dev = self.runner.device
         slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
@@ -196,7 +199,8 @@ class StepGraphRunner:
         # Hints with the padding slot's reach; updated to the real rows' before every replay.
         hints = AttentionHints([self.runner.reserve] * bucket, kind="explicit")
         ctx = ForwardContext(self.platform.ops, num_keys=None, hints=hints, graph=graph)
-        outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, num_drafts, static, None, ctx))
+        outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, num_drafts, static, None, ctx,
+                                                                observe))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
         captured = _Captured(graph, slots, verify_lens, static, hints, outputs)
         self.graphs[key] = captured

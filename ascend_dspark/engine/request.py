@@ -44,6 +44,7 @@ class Request:
     logprobs: list = field(default_factory=list)    # per output token, when params.logprobs is set
     acceptance: RequestAcceptance = field(default_factory=RequestAcceptance)   # the confidence policy's estimate
     pinned_depth: bool = False        # seeded and sampled: always verifies its cap (engine._verify_lens)
+    drafter_asleep: bool = False      # never drafts: admitted or running while the drafter slept
 
     @property
     def tokens(self) -> list[int]:

@@ -128,7 +128,7 @@ class ModelRunner:
                 self.graph_runner.capture_startup(progress, depths)
 
     @torch.inference_mode()
-    def time_step(self, batch: int, depth: int, repeats: int) -> float:
+    def time_step(self, batch: int, depth: int, repeats: int, observe: bool = True) -> float:
         """Median seconds of a greedy step of `batch` padding rows drafting and verifying
         `depth` tokens each, run as the engine runs it (a graph replay where one fits) with
         its host copy, after one warm-up step."""
@@ -144,7 +144,7 @@ class ModelRunner:
         for _ in range(repeats + 1):
             self.platform.synchronize()
             start = time.perf_counter()
-            HostCopy(self.verify(rows, [depth] * batch), self.platform).receive()
+            HostCopy(self.verify(rows, [depth] * batch, observe=observe), self.platform).receive()
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
@@ -189,9 +189,13 @@ class ModelRunner:
         return wanted
 
     # -- prefill -----------------------------------------------------------------------------
-    def prefill(self, chunks: list[PrefillChunk]) -> dict[str, torch.Tensor]:
+    def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None) -> dict[str, torch.Tensor]:
         """One padded forward over the chunks; returns each row's sampled next token (used
-        for rows that finish a fresh prompt) and, if asked for, its logprobs."""
+        for rows that finish a fresh prompt) and, if asked for, its logprobs. `observe[b]`
+        (default: all): whether the drafter reads row b's chunk (not for a request whose
+        drafter sleeps, engine.py)."""
+        observe = [True] * len(chunks) if observe is None else observe
+        watch = self.drafter is not None and any(observe)
         dev = self.device
         reqs = [c.request for c in chunks]
         width = max(c.end - c.start for c in chunks)
@@ -221,7 +225,7 @@ class ModelRunner:
         ctx = ForwardContext(self.platform.ops, num_keys=max(c.end for c in chunks),
                              hints=AttentionHints([c.end for c in chunks], [c.end - c.start for c in chunks],
                                                   "explicit" if self._sliding else "causal"))
-        out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers, ctx)
+        out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers if watch else (), ctx)
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden, ctx.ops)                                     # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
@@ -230,8 +234,9 @@ class ModelRunner:
         # A fresh prompt's last position is followed by the token just sampled.
         last_col = (lens - 1).unsqueeze(1)
         nxt.scatter_(1, last_col, torch.where(samples_first.unsqueeze(1), first.unsqueeze(1), nxt.gather(1, last_col)))
-        if self.drafter is not None:
-            self.drafter.observe(slots, out.features, positions, nxt, lens, ctx)
+        if watch:
+            seen = lens * torch.tensor(observe).to(dev)
+            self.drafter.observe(slots, out.features, positions, nxt, seen, ctx)
         # The anchor of a request that finished its prefill: the sampled token, or (after a
         # preemption) its last committed token, which the prefill did not put in the cache.
         anchor = torch.where(samples_first, first, resumed_anchor)
@@ -243,20 +248,24 @@ class ModelRunner:
         return out
 
     # -- draft + verify ----------------------------------------------------------------------
-    def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0) -> dict[str, torch.Tensor]:
+    def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0,
+               observe: bool = True) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
         captured graph where one fits, else run eagerly over the columns the rows reach.
         `verify_lens[b]`: the drafts row b verifies (its request's cap); the drafter proposes
-        as many as the largest of them, so a batch capped at 0 runs no drafter at all.
-        `ahead`: positions the rows may have committed beyond what the host knows (a step
-        launched before the last one was read)."""
+        as many as the largest of them, so a batch capped at 0 proposes nothing. `observe`:
+        whether the drafter reads the committed tokens (False, with no drafts: a plain
+        decode step, the drafter untouched). `ahead`: positions the rows may have committed
+        beyond what the host knows (a step launched before the last one was read)."""
+        if not observe and max(verify_lens) > 0:
+            raise ValueError("a step that drafts must let the drafter observe")
         slots = [r.slot for r in requests]
         num_drafts = max(verify_lens)
         reach = [r.num_cached + ahead + self.reserve for r in requests]
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
         if self.graph_runner is not None and want_logprobs is None:
             out = self.graph_runner.run(slots, verify_lens, num_drafts, [r.params for r in requests],
-                                        tuple(r.arrival for r in requests), reach)
+                                        tuple(r.arrival for r in requests), reach, observe)
             if out is not None:
                 return out
         # The step mixes causal (target, Eagle3) and block-bidirectional (DFlash/DSpark) masks:
@@ -264,10 +273,10 @@ class ModelRunner:
         ctx = ForwardContext(self.platform.ops, num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
         dev = self.device
         return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev), num_drafts,
-                                self._sampling_for(requests), want_logprobs, ctx)
+                                self._sampling_for(requests), want_logprobs, ctx, observe)
 
     def verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, num_drafts: int, sampling: SamplingBatch,
-                    want_logprobs: int | None, ctx: ForwardContext) -> dict[str, torch.Tensor]:
+                    want_logprobs: int | None, ctx: ForwardContext, observe: bool = True) -> dict[str, torch.Tensor]:
         """The device work of a verify step, graph-capturable (no host reads, fixed shapes):
         `num_drafts` tokens drafted (0: none, a plain decode step), `verify_lens` of them verified.
 
@@ -290,13 +299,14 @@ class ModelRunner:
         inputs = torch.cat([anchors.unsqueeze(1), draft_tokens], dim=1)
         positions = anchor_pos.unsqueeze(1) + torch.arange(k + 1, device=dev)
         valid = torch.ones_like(inputs, dtype=torch.bool)
-        out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers, ctx)
+        drafter = self.drafter if observe else None        # None: the drafter sleeps this step
+        out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers if drafter else (), ctx)
         logits = self.target.logits(out.hidden, ctx.ops)
         result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
         num_accepted = result.num_accepted
         self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)
-        if self.drafter is not None:
-            self.drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1, ctx)
+        if drafter is not None:
+            drafter.observe(slots, out.features, positions, result.tokens.clamp(min=0), num_accepted + 1, ctx)
         self.anchors[slots] = result.tokens.gather(1, num_accepted.unsqueeze(1)).squeeze(1)
         if self.pad_slots:
             self.cache.lengths[self.pad_slots[0]:].zero_()       # padding rows always verify at 0..K

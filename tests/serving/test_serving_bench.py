@@ -28,6 +28,7 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
     rc = serve_bench.main(["--launch", "--concurrency", "1", "3", "--num-prompts", "3", "--max-tokens", str(MAX_TOKENS),
                            "--request-rate", "inf", "200",
                            "--dataset", "gsm8k-test", "--max-prompt-chars", "120", "--warmup", "0",
+                           "--modes", "spec", "nospec", "fixed", "plain",
                            "--slo-ttft-ms", "60000", "--slo-tpot-ms", "0.001", "--out", str(out), "--",
                            "--model", str(tiny_model_dir), "--device", "cpu", "--dtype", "float32",
                            "--max-model-len", str(MAX_MODEL_LEN), "--served-model-name", "tiny"])
@@ -39,9 +40,10 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
     assert meta["servers"]["spec"]["drafter"] == "dspark" and meta["servers"]["spec"]["num_speculative_tokens"] == 7
     assert meta["servers"]["plain"]["drafter"] == "none" and meta["servers"]["plain"]["num_speculative_tokens"] == 0
     assert meta["servers"]["plain"]["launched_with"][-2:] == ["--drafter", "none"]
+    assert meta["servers"]["fixed"]["launched_with"][-2:] == ["--speculation", "fixed"]
     assert [(r["mode"], r["concurrency"]) for r in rows] == [
-        ("spec", 1), ("spec", 3), ("nospec", 1), ("nospec", 3), ("plain", 1), ("plain", 3)]
-    assert [r["request_rate"] for r in rows] == [None, 200.0] * 3
+        ("spec", 1), ("spec", 3), ("nospec", 1), ("nospec", 3), ("fixed", 1), ("fixed", 3), ("plain", 1), ("plain", 3)]
+    assert [r["request_rate"] for r in rows] == [None, 200.0] * 4
     for r in rows:
         assert r["completed"] == 3 and r["failed"] == 0, r["errors"]
         assert r["total_output_tokens"] == 3 * MAX_TOKENS                 # ignore_eos: every request is full length
@@ -52,11 +54,16 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
         assert r["goodput"] == 0                                        # nobody meets a 1 us TPOT
         spec = r["server_speculation"]
         assert spec["generation_tokens"] == 3 * MAX_TOKENS                # the server counted the same tokens
-        if r["mode"] == "spec":
-            assert spec["num_drafts"] > 0 and 0 < spec["num_draft_tokens"] <= 7 * spec["num_drafts"]
+        lengths = spec["verify_length_counts"]
+        assert sum(lengths) == spec["num_verify_steps"]
+        if r["mode"] == "fixed":                                      # K every step
+            assert spec["num_drafts"] > 0 and spec["num_draft_tokens"] == 7 * spec["num_drafts"]
+            assert lengths == [0] * 7 + [spec["num_verify_steps"]]
+        elif r["mode"] == "spec":                                     # the confidence policy: 0..K
+            assert spec["num_draft_tokens"] <= 7 * spec["num_drafts"]
         else:
             assert spec["num_drafts"] == 0 and spec["mean_accepted_length"] == 1.0
-    for kind in ("spec", "plain"):                                   # both servers stopped cleanly
+    for kind in ("spec", "fixed", "plain"):                          # every server stopped cleanly
         log = (tmp_path / f"sweep.{kind}.server.log").read_text()
         assert "Traceback" not in log, log[-3000:]
 

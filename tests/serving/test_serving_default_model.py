@@ -20,6 +20,9 @@ def test_default_model_with_its_dspark_draft_matches_the_offline_llm(smollm2_cac
     # One torch thread in both processes: the same float32 kernels on both sides, and no
     # OpenMP oversubscription on a shared 2-core machine (which makes every step 10x slower).
     env = server_env("default", threads=1, max_model_len=MAX_MODEL_LEN, max_num_seqs=2)
+    # K drafts every step: on this CPU the confidence policy rightly decodes plainly (a draft
+    # step costs more than its tokens here), and this test is about the draft speculating.
+    env["ASCEND_DSPARK_SERVE_SPECULATION"] = "fixed"
     with running_server(env, tmp_path / "server.log") as server:
         client = server.client()
         got = client.chat.completions.create(model="default", messages=MESSAGES, max_tokens=MAX_TOKENS, temperature=0)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The confidence scheduler's GPU figures (BENCHMARKS.md, "Confidence-scheduled verification"),
+# side by side in one run of one GPU (about five minutes on an H100):
+#   1. the Poisson serving sweep at concurrency 1 / 4 / 16 / 64 (GSM8K test prompts, 128 tokens,
+#      greedy): the confidence policy (the default), fixed K = 7, and plain decoding (--drafter none);
+#   2. batch 1 offline, plain vs DSpark / DFlash under both policies (bench_generate.py);
+#   3. the step-cost table the spec server measured at start-up (for plot_scheduler.py).
+#
+#   OUT=results_dir GGUF=SmolLM2-135M-Instruct.gguf [WHEELS=dir of fastapi/uvicorn/pydantic wheels] \
+#       benchmarks/scheduler_gpu.sh
+set -uo pipefail
+OUT=${OUT:?where the results go}
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$WHEELS"/*.whl || exit 3
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export ASCEND_DSPARK_DEFAULT_GGUF=${GGUF:?the default model GGUF} ASCEND_DSPARK_CACHE=${ASCEND_DSPARK_CACHE:-/tmp/ascend-dspark-cache}
+export PYTHONUNBUFFERED=1
+quiet() { grep -v "it/s\]"; }
+timeout 420 python3 benchmarks/serve_bench.py --launch --concurrency 1 4 16 64 --request-rate 2 8 32 128 \
+  --max-tokens 128 --modes spec fixed plain --slo-ttft-ms 500 --slo-tpot-ms 20 \
+  --out "$OUT/poisson_scheduler.json" -- --device cuda --max-num-seqs 64 2>&1 | quiet
+cp "$ASCEND_DSPARK_CACHE"/step_costs/*.json "$OUT/" 2>/dev/null
+timeout 150 python3 benchmarks/bench_generate.py --device cuda --drafters none dspark dflash \
+  --speculation confidence fixed --batch-sizes 1 --num-prompts 8 --max-tokens 128 \
+  --out "$OUT/generate_policies.json" 2>&1 | quiet
