@@ -149,6 +149,7 @@ class Engine:
         # Overlap pays where the device runs ahead of the host (graphs, asynchronous streams).
         self.overlap = self.platform.overlap_steps if overlap is None else overlap
         self._pending: _Launched | None = None
+        self._ran_prefill = False          # whether the last step() launched a prefill chunk (timings)
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
         self.timings = GenerateTimings()
@@ -221,6 +222,7 @@ class Engine:
         chain, and the in-flight step is read first. A step that ran for a request that
         stopped in the step before it is discarded, so the tokens are the same as without
         overlap."""
+        self._ran_prefill = False
         pending, self._pending = self._pending, None
         if pending is not None and self._chain(pending):
             self._pending = self._launch(StepPlan(decode=pending.plan.decode), ahead=self.num_speculative_tokens + 1)
@@ -239,6 +241,7 @@ class Engine:
         """Queue the plan's device work and its one device -> host copy. `ahead`: positions the
         rows may have committed beyond what the host knows (a chained step)."""
         parts: dict[str, torch.Tensor] = {}
+        self._ran_prefill = self._ran_prefill or bool(plan.prefill)
         if plan.prefill:
             parts.update(self.runner.prefill(plan.prefill, [not c.request.drafter_asleep for c in plan.prefill]))
         verify_lens = self._verify_lens(plan.decode) if plan.decode else []
@@ -333,10 +336,9 @@ class Engine:
         self.platform.synchronize()
         while self.has_unfinished():
             t0 = time.perf_counter()
-            prefilling = bool(self.scheduler.waiting or self.scheduler.prefilling)
             deltas = self.step()
             elapsed = time.perf_counter() - t0            # step() ends with its host copy: synchronised
-            if prefilling:
+            if self._ran_prefill:
                 self.timings.prefill_s += elapsed
             else:
                 self.timings.decode_s += elapsed

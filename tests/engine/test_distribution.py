@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -56,11 +57,16 @@ def exact_marginal(target, params: SamplingParams) -> np.ndarray:
     return joint.view(VOCAB, VOCAB * VOCAB).sum(0).numpy()
 
 
-def sampled_marginal(target, drafter, params: SamplingParams, k: int, **engine_options) -> np.ndarray:
+def sampled_marginal(target, drafter, params: SamplingParams, k: int, seeded: bool = True,
+                     **engine_options) -> np.ndarray:
     engine = Engine(target, drafter, num_speculative_tokens=k, max_model_len=16, max_batch_size=DRAWS,
                     max_prefill_tokens=DRAWS * len(PROMPT), **engine_options)   # all prompts in one prefill step
     sampled_marginal.engine = engine
-    requests = [SamplingParams(**{**params.__dict__, "seed": SEED_BASE + i}) for i in range(DRAWS)]
+    if seeded:
+        requests = [SamplingParams(**{**params.__dict__, "seed": SEED_BASE + i}) for i in range(DRAWS)]
+    else:                   # the engine draws each seed: from Python's generator, seeded here
+        random.seed(SEED_BASE)
+        requests = [params] * DRAWS
     outs = engine.generate([PROMPT] * DRAWS, requests)
     cells = np.array([o.token_ids[1] * VOCAB + o.token_ids[2] for o in outs])
     return np.bincount(cells, minlength=VOCAB * VOCAB)
@@ -102,8 +108,9 @@ def test_confidence_policy_matches_target_distribution(target):
     kinds of step feed tokens 2 and 3, whose joint law must stay the target's."""
     costs = StepCosts(batch_sizes=[1, 256], depths=[0, 1, 2, 3], seconds=[[1.0, 2.5, 2.7, 2.9]] * 2, padded=False)
     drafter = mismatched_drafter("dspark", target)
-    observed = sampled_marginal(target, drafter, PARAMS[0], k=3, speculation="confidence", step_costs=costs,
-                                overlap=False)       # each step plans from the one before
+    # Unseeded requests (a seeded one always verifies its cap); each step plans from the one before.
+    observed = sampled_marginal(target, drafter, PARAMS[0], k=3, seeded=False, speculation="confidence",
+                                step_costs=costs, overlap=False)
     depths = sampled_marginal.engine.depth_counts
     assert depths[3] > 0 and depths[0] > 0, depths
     assert chi_square_p(observed, exact_marginal(target, PARAMS[0])) > 1e-3
