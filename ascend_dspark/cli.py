@@ -21,7 +21,7 @@ def _generate(args: argparse.Namespace) -> int:
     from ascend_dspark.spec.sampling import SamplingParams
 
     llm = LLM(model=args.model, drafter=args.drafter, num_speculative_tokens=args.num_speculative_tokens,
-              device=args.device, dtype=args.dtype, max_model_len=args.max_model_len)
+              device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, speculation=args.speculation)
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens)
     if args.raw:
@@ -116,6 +116,8 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
     gen.add_argument("--model", default="default", help="'default' (SmolLM2-135M-Instruct), an HF dir or a .gguf")
     gen.add_argument("--drafter", default="dspark", help="none | eagle3 | dflash | dspark | checkpoint dir")
     gen.add_argument("--num-speculative-tokens", "-k", type=int, default=7)
+    gen.add_argument("--speculation", choices=["confidence", "fixed"], default=None,
+                     help="each step's draft depth chosen for tokens/s (confidence, the default) or always K (fixed)")
     gen.add_argument("--temperature", type=float, default=0.0)
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--top-p", type=float, default=1.0)

@@ -41,7 +41,7 @@ def identical(got: list[list[int]], want: list[list[int]]) -> tuple[int, list[in
 def generate(model, drafter, tokenizer, prompts, batch, k, params):
     from ascend_dspark.engine.engine import Engine
 
-    engine = Engine(model, drafter, tokenizer, k, max_model_len=640, max_batch_size=batch)
+    engine = Engine(model, drafter, tokenizer, k, max_model_len=640, max_batch_size=batch, speculation="fixed")
     return [o.token_ids for o in engine.generate(prompts, params)]
 
 

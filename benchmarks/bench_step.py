@@ -128,7 +128,8 @@ def drafter_step_ms(platform, target, kind: str, batch: int, steps: int = 48) ->
 
     drafter = None if kind == "none" else create_drafter(kind, target).to(
         platform.device, next(target.parameters()).dtype).eval()
-    engine = Engine(target, drafter, None, 7, max_model_len=512, max_batch_size=batch, platform=platform)
+    engine = Engine(target, drafter, None, 7, max_model_len=512, max_batch_size=batch, platform=platform,
+                    speculation="fixed")
     prompts = [[(13 * i + 7 * b) % 1000 + 10 for i in range(64)] for b in range(batch)]
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     engine.generate(prompts, params)                                     # warm-up

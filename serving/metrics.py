@@ -13,6 +13,7 @@ GET /speculation and the live chart of the built-in page.
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections import deque
@@ -27,6 +28,9 @@ from prometheus_client import (
 )
 
 from ascend_dspark.engine.outputs import RequestStats
+from ascend_dspark.training.metrics import auroc, brier, ece
+
+CALIBRATION_WINDOW = 20_000
 
 disable_created_metrics()      # no `*_created` series (vLLM turns them off too)
 
@@ -77,6 +81,12 @@ class Metrics:
         self.in_flight = gauge("ascend_dspark:sequences_in_flight", "Sequences admitted by the server and not finished.")
         self.engine_alive = gauge("ascend_dspark:engine_alive", "1 while the engine loop runs, 0 once it died.")
         self.totals = SpeculationTotals()
+        self.confidence_ece = gauge("ascend_dspark:confidence_ece",
+                                    "Confidence head: expected calibration error over the recent reached draft positions.")
+        self.confidence_auroc = gauge("ascend_dspark:confidence_auroc",
+                                      "Confidence head: AUROC of c_k for acceptance at the recent reached positions.")
+        self.confidence_brier = gauge("ascend_dspark:confidence_brier",
+                                      "Confidence head: Brier score over the recent reached draft positions.")
 
     def generated(self, n: int, now: float) -> None:
         """`n` new tokens at time.monotonic() `now`."""
@@ -86,7 +96,7 @@ class Metrics:
     def record_spec_steps(self, stats: RequestStats, first_step: int) -> None:
         """Count the verify steps `stats` gained since `first_step` (stats are cumulative)."""
         new = list(zip(stats.accepted_lengths[first_step:], stats.proposal_lengths[first_step:]))
-        self.totals.record(new)
+        self.totals.record(new, stats.confidences[first_step:] if stats.confidences else None)
         for accepted, proposed in new:
             if proposed == 0:
                 continue
@@ -104,6 +114,11 @@ class Metrics:
         self._rejected.labels(self.model_name, reason).inc()
 
     def render(self) -> bytes:
+        calibration = self.totals.calibration()
+        if calibration["count"]:
+            self.confidence_ece.set(calibration["ece"])
+            self.confidence_auroc.set(calibration["auroc"])
+            self.confidence_brier.set(calibration["brier"])
         return generate_latest(self.registry)
 
 
@@ -128,15 +143,21 @@ class SpeculationTotals:
         self.reached: list[int] = []
         self.accepted: list[int] = []
         self.verify_lengths: list[int] = []     # request-steps per drafts verified (0..K): the depths chosen
+        # (c_k, accepted) at the most recent reached positions: the confidence head's calibration
+        self._pairs: deque[tuple[float, bool]] = deque(maxlen=CALIBRATION_WINDOW)
         self.generation_tokens = 0
         self._recent: deque[tuple[float, int]] = deque()
 
-    def record(self, steps: list[tuple[int, int]]) -> None:
-        """(accepted length incl. the bonus token, drafts verified) of new verify steps."""
+    def record(self, steps: list[tuple[int, int]], confidences: list[list[float]] | None = None) -> None:
+        """(accepted length incl. the bonus token, drafts verified) of new verify steps, and
+        the drafter's c_1..c_verified of each, where it has a confidence head."""
         if not steps:
             return
         with self._lock:
-            for accepted, proposed in steps:
+            for i, (accepted, proposed) in enumerate(steps):
+                if confidences is not None:
+                    n = min(accepted - 1, proposed)
+                    self._pairs.extend((confidences[i][k], k < n) for k in range(min(n + 1, proposed)))
                 self.verify_steps += 1
                 self.committed += accepted
                 if len(self.verify_lengths) <= proposed:
@@ -157,6 +178,18 @@ class SpeculationTotals:
                     self.reached[k] += 1
                 for k in range(n):
                     self.accepted[k] += 1
+
+    def calibration(self) -> dict:
+        """ECE, AUROC and Brier of the confidence head's c_k against acceptance at the last
+        CALIBRATION_WINDOW reached positions (the conditional view, as the scheduler uses it)."""
+        with self._lock:
+            pairs = list(self._pairs)
+        if not pairs:
+            return {"count": 0, "ece": None, "auroc": None, "brier": None}
+        probs, labels = [p for p, _ in pairs], [y for _, y in pairs]
+        value = lambda x: None if math.isnan(x) else x       # noqa: E731 - JSON has no NaN
+        return {"count": len(pairs), "ece": value(ece(probs, labels)), "auroc": value(auroc(probs, labels)),
+                "brier": value(brier(probs, labels))}
 
     def generated(self, n: int, now: float) -> None:
         with self._lock:

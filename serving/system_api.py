@@ -75,6 +75,13 @@ async def metrics(request: Request) -> Response:
     return Response(get_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
+class ConfidenceCalibration(BaseModel):
+    count: int = Field(description="reached draft positions in the window (0: no confidence head, or nothing yet)")
+    ece: float | None = Field(description="expected calibration error, 20 equal-width bins")
+    auroc: float | None = Field(description="how well c_k ranks accepted above rejected drafts (0.5: not at all)")
+    brier: float | None = Field(description="mean squared error of c_k as a probability of acceptance")
+
+
 class SpeculationTotalsResponse(BaseModel):
     """Speculation of every request since the server started (all choices, all requests)."""
 
@@ -92,6 +99,8 @@ class SpeculationTotalsResponse(BaseModel):
     position_accepted: list[int]
     verify_length_counts: list[int] = Field(
         description="request-steps by the drafts they verified, 0..K (the depths the speculation policy chose)")
+    confidence_calibration: ConfidenceCalibration = Field(
+        description="the confidence head's c_k against acceptance at the most recent reached draft positions")
     generation_tokens: int = Field(description="tokens generated since start")
     tokens_per_second: float = Field(description="tokens generated over the last window_s seconds, per second")
     window_s: float
@@ -107,7 +116,8 @@ async def speculation(request: Request) -> SpeculationTotalsResponse:
     return SpeculationTotalsResponse(
         model=state.config.model_name, drafter=state.config.drafter, num_speculative_tokens=state.num_speculative_tokens,
         running=snap.running, waiting=snap.waiting, uptime_s=round(time.time() - state.started, 3),
-        **state.metrics.totals.snapshot(state.num_speculative_tokens))
+        **state.metrics.totals.snapshot(state.num_speculative_tokens),
+        confidence_calibration=state.metrics.totals.calibration())
 
 
 @router.get("/version", response_model=VersionResponse)

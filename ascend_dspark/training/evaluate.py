@@ -92,7 +92,8 @@ def evaluate(llm_or_engine, tokenizer=None, prompts: Iterable = (), temperatures
              on_row: Callable[[dict], None] | None = None) -> dict:
     """Evaluate one engine's drafter on prompts grouped by their `.source` (the dataset).
 
-    `llm_or_engine`: an `LLM` or an `Engine`; `tokenizer` defaults to theirs. Prompts are
+    `llm_or_engine`: an `LLM` or an `Engine` (with `speculation="fixed"` for DeepSpec's
+    full-block protocol: the confidence policy verifies fewer); `tokenizer` defaults to theirs. Prompts are
     objects with `.source` and `.messages` (`training.prompts.Prompt`). Returns a report
     (see the module docstring); `on_row` sees each result row as soon as it is done."""
     engine = getattr(llm_or_engine, "engine", llm_or_engine)
@@ -134,8 +135,8 @@ def evaluate_drafters(target, tokenizer, drafters: dict[str, object], prompts: S
     for name, drafter in drafters.items():
         k = num_speculative_tokens or (drafter.max_draft_tokens if drafter is not None else 1)
         engine = Engine(target, drafter, tokenizer, k, max_model_len=longest + max_new_tokens + 1,
-                        max_batch_size=batch_size, platform=platform,
-                        graph_buckets=buckets)
+                        max_batch_size=batch_size, platform=platform, graph_buckets=buckets,
+                        speculation="fixed")              # the protocol: full-block proposals
         part = evaluate(engine, tokenizer, prompts, temperatures, max_new_tokens, batch_size, seed, name, on_row)
         report = part if not report else {**report, "results": report["results"] + part["results"]}
         del engine
