@@ -137,6 +137,7 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
         add(sub)
     if _torch_import_error() is not None:
         return parser          # the training commands import torch at once; `doctor` says why it fails
+    from ascend_dspark.training.calibrate import add_calibrate_parser
     from ascend_dspark.training.cli import add_train_parser
     from ascend_dspark.training.evaluate import add_eval_parser
     from ascend_dspark.training.regen import add_regen_parser
@@ -144,6 +145,7 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
     add_regen_parser(sub)
     add_train_parser(sub)
     add_eval_parser(sub)
+    add_calibrate_parser(sub)
     return parser
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from ascend_dspark.drafters import create_drafter, save_drafter
+from ascend_dspark.drafters import create_drafter, load_drafter, save_drafter
 from ascend_dspark.models import load_target
 from tests.helpers import tiny_hf_checkpoint
 
@@ -92,3 +92,25 @@ def test_console_script_lists_every_command(capsys):
         main(["--help"])
     assert exit_.value.code == 0
     assert "{generate,doctor,serve,regen,train,eval}" in capsys.readouterr().out
+
+
+def test_calibrate_writes_temperatures_the_loader_reads(tiny_dir, tmp_path, capsys):
+    target, _ = load_target(tiny_dir, torch.float32, torch.device("cpu"))
+    path = save_drafter(create_drafter("dspark", target), tmp_path / "draft")
+    assert main(["calibrate", "--model", str(tiny_dir), "--drafter", str(path), "--datasets", "gsm8k-train",
+                 "--limit", "3", "--max-new-tokens", "12", "--device", "cpu", "--batch-size", "3"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    temperatures = load_drafter(path, target).confidence_temperatures
+    assert len(temperatures) == 7 and all(t > 0 for t in temperatures)
+
+
+def test_calibrate_refuses_evaluation_sets_and_drafts_without_a_head(tiny_dir, tmp_path, capsys):
+    target, _ = load_target(tiny_dir, torch.float32, torch.device("cpu"))
+    dspark = save_drafter(create_drafter("dspark", target), tmp_path / "dspark")
+    assert main(["calibrate", "--model", str(tiny_dir), "--drafter", str(dspark), "--datasets", "gsm8k-test",
+                 "--device", "cpu"]) == 2
+    assert "evaluation sets" in capsys.readouterr().err
+    dflash = save_drafter(create_drafter("dflash", target), tmp_path / "dflash")
+    assert main(["calibrate", "--model", str(tiny_dir), "--drafter", str(dflash), "--datasets", "gsm8k-train",
+                 "--limit", "1", "--device", "cpu"]) == 2
+    assert "no confidence head" in capsys.readouterr().err

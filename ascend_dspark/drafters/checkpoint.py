@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ascend_dspark.spec.calibration import read_temperatures
+
 from .base import Drafter
 from .deepspec import load_deepspec_drafter
 from .draft_dir import read_config
@@ -29,6 +31,11 @@ def load_drafter(path: str | Path, target: nn.Module, dtype: torch.dtype | None 
     raw = read_config(path, "drafter checkpoint")
     if raw.get("format") != FORMAT and "architectures" in raw:
         if (raw.get("architectures") or [None])[0] in ZLAB_ARCHS:
-            return load_zlab_drafter(path, target, dtype=dtype)
-        return load_deepspec_drafter(path, target, dtype=dtype)
-    return load_native_drafter(path, target, dtype)
+            drafter = load_zlab_drafter(path, target, dtype=dtype)
+        else:
+            drafter = load_deepspec_drafter(path, target, dtype=dtype)
+    else:
+        drafter = load_native_drafter(path, target, dtype)
+    # The confidence head's per-position temperatures, where `ascend-dspark calibrate` fitted them.
+    drafter.confidence_temperatures = read_temperatures(path)
+    return drafter

@@ -142,7 +142,8 @@ class Engine:
         if self.speculation == "confidence":
             self.costs = step_costs or measured_step_costs(self.runner, self.runner.profile_batch_sizes, self.depths,
                                                            progress)
-            self.acceptance = AcceptanceEstimator(self.num_speculative_tokens)
+            self.acceptance = AcceptanceEstimator(self.num_speculative_tokens,
+                                                  temperatures=getattr(drafter, "confidence_temperatures", None))
         # The drafter sleeps (see `_plan_sleep`): requests admitted meanwhile never draft.
         self.drafter_asleep = False
         self._plain_streak = 0

@@ -10,7 +10,8 @@ The estimate, per position k:
   request (the prior for a request's first steps, and for drafters that give nothing else);
 - per request: a faster moving average of its own realised acceptance, started from the
   engine-wide value (text that drafts well keeps drafting well);
-- with a confidence head (DSpark): the request's latest read confidences, calibrated online
+- with a confidence head (DSpark): the request's latest read confidences, scaled by the
+  draft's fitted temperatures where it has them (spec/calibration.py), calibrated online
   by the ratio of realised acceptance to predicted confidence at that position over every
   request, weighted 0.3 against the request's own rate 0.7.
 
@@ -31,6 +32,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .calibration import scale
+
 
 @dataclass
 class RequestAcceptance:
@@ -42,8 +45,12 @@ class RequestAcceptance:
 
 class AcceptanceEstimator:
     def __init__(self, depth: int, prior: float = 0.8, request_rate: float = 0.1,
-                 engine_rate: float = 0.02, calibration_decay: float = 0.999) -> None:
+                 engine_rate: float = 0.02, calibration_decay: float = 0.999,
+                 temperatures: list[float] | None = None) -> None:
+        """`temperatures`: the draft's fitted per-position temperatures (spec/calibration.py),
+        applied to every confidence before the online ratio corrects what is left."""
         self.depth = depth
+        self.temperatures = temperatures
         self.engine = [prior] * depth
         self.request_rate = request_rate
         self.engine_rate = engine_rate
@@ -57,6 +64,8 @@ class AcceptanceEstimator:
         drafter's c_1..c_verified for them (None without a confidence head)."""
         if not state.rates:
             state.rates = list(self.engine)
+        if confidence:
+            confidence = self._scaled(confidence)
         for k in range(min(num_accepted + 1, verified, self.depth)):
             accepted = 1.0 if k < num_accepted else 0.0
             self.engine[k] += self.engine_rate * (accepted - self.engine[k])
@@ -77,6 +86,12 @@ class AcceptanceEstimator:
                 c = 0.7 * c + 0.3 * min(state.confidence[k] * self.calibration(k), 1.0)
             out.append(c)
         return out
+
+    def _scaled(self, confidence: list[float]) -> list[float]:
+        if self.temperatures is None:
+            return confidence
+        ts = self.temperatures
+        return [scale(c, ts[min(k, len(ts) - 1)]) for k, c in enumerate(confidence)]
 
     def calibration(self, k: int) -> float:
         """Realised acceptance over predicted confidence at position k (1 until observed)."""
