@@ -30,8 +30,10 @@ CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
+    # K drafts every step: the speculation fields checked here need steps that draft (the
+    # confidence policy would rightly stop drafting with this random draft).
     env = server_env(tiny_model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=16, queue_size=64, max_n=8,
-                     api_key=API_KEY, max_body_bytes=65536, served_model_name="tiny")
+                     api_key=API_KEY, max_body_bytes=65536, served_model_name="tiny", speculation="fixed")
     with running_server(env, tmp_path_factory.mktemp("log") / "server.log") as srv:
         yield srv
     log = srv.log()

@@ -97,7 +97,7 @@ def setup():
     for eos in dict.fromkeys(refs[0].token_ids[2:MAX_NEW]):
         tokenizer = Tokenizer(tiny_tokenizer(), eos_token_ids=[eos])
         engine = Engine(target, GreedyOracle(table, target.config.vocab_size), tokenizer, K,
-                        max_model_len=96, max_batch_size=2)
+                        max_model_len=96, max_batch_size=2, speculation="fixed")      # the protocol's full blocks
         out = engine.generate(ids[:1], SamplingParams(temperature=0.0, max_tokens=MAX_NEW))[0]
         if out.finish_reason == "stop" and len(out.token_ids) - 1 < sum(out.stats.accepted_lengths):
             return target, table, tokenizer, engine, ids
@@ -172,7 +172,7 @@ def test_without_matplotlib_one_warning_and_no_plots(report, tmp_path, monkeypat
 def test_a_drafter_without_confidences_has_no_calibration(setup, tmp_path):
     target, table, tokenizer, _, _ = setup
     engine = Engine(target, GreedyOracle(table, target.config.vocab_size, with_confidence=False), tokenizer, K,
-                    max_model_len=96, max_batch_size=1)
+                    max_model_len=96, max_batch_size=1, speculation="fixed")
     rep = evaluate(engine, tokenizer, PROMPTS[2:], (0.0,), MAX_NEW, drafter_name="plain-oracle")
     assert rep["results"][0]["calibration"] is None
     assert markdown_table(rep).splitlines()[2].endswith("| - | - | - | - |")
