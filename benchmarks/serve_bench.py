@@ -20,8 +20,8 @@ Modes:
   plain   plain decoding: a second server, the same flags plus `--drafter none` (`--launch`
           starts it after the first one stops; with `--url`, give it as `--plain-url`)
   nospec  the speculating server with `num_speculative_tokens: 0` on every request: no step
-          drafts, but the drafter still observes every verified token (so it could draft
-          later), so this is plain decoding plus the drafter's upkeep
+          drafts and the drafter does not run (a request capped at 0 never drafts), so this is
+          plain decoding on the speculating server
 
 For each mode and each concurrency C, `--num-prompts` prompts (default max(8, 4 C)) go out with at
 most C in flight, each as soon as a slot frees (vLLM's `--max-concurrency` with an infinite

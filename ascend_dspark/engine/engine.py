@@ -244,12 +244,12 @@ class Engine:
         parts: dict[str, torch.Tensor] = {}
         self._ran_prefill = self._ran_prefill or bool(plan.prefill)
         if plan.prefill:
-            parts.update(self.runner.prefill(plan.prefill, [not c.request.drafter_asleep for c in plan.prefill]))
+            parts.update(self.runner.prefill(plan.prefill, [self._may_draft(c.request) for c in plan.prefill]))
         verify_lens = self._verify_lens(plan.decode) if plan.decode else []
         if plan.decode:
             self.depth_counts[max(verify_lens)] += 1
             # No row that could ever draft: a plain step, the drafter not even observing.
-            observe = any(not r.drafter_asleep and self._cap(r) > 0 for r in plan.decode)
+            observe = any(self._may_draft(r) for r in plan.decode)
             parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe))
         return _Launched(plan, verify_lens, HostCopy(parts, self.platform))
 
@@ -398,6 +398,10 @@ class Engine:
             self.drafter_asleep = False
             self._plain_streak = 0
             logger.info("speculation: drafting could pay at batch %d again: the drafter wakes", rows)
+
+    def _may_draft(self, request: Request) -> bool:
+        """Whether the request can ever draft (so the drafter must keep reading its tokens)."""
+        return not request.drafter_asleep and self._cap(request) > 0
 
     def _cap(self, request: Request) -> int:
         cap = request.params.num_speculative_tokens
