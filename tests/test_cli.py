@@ -91,7 +91,7 @@ def test_console_script_lists_every_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
-    assert "{generate,doctor,serve,regen,train,eval}" in capsys.readouterr().out
+    assert "{generate,doctor,serve,regen,train,eval,calibrate}" in capsys.readouterr().out
 
 
 def test_calibrate_writes_temperatures_the_loader_reads(tiny_dir, tmp_path, capsys):
