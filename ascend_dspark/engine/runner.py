@@ -128,7 +128,7 @@ class ModelRunner:
                 self.graph_runner.capture_startup(progress, depths)
 
     @torch.inference_mode()
-    def time_step(self, batch: int, depth: int, repeats: int, observe: bool = True) -> float:
+    def time_step(self, batch: int, depth: int, repeats: int) -> float:
         """Median seconds of a greedy step of `batch` padding rows drafting and verifying
         `depth` tokens each, run as the engine runs it (a graph replay where one fits) with
         its host copy, after one warm-up step."""
@@ -144,7 +144,7 @@ class ModelRunner:
         for _ in range(repeats + 1):
             self.platform.synchronize()
             start = time.perf_counter()
-            HostCopy(self.verify(rows, [depth] * batch, observe=observe), self.platform).receive()
+            HostCopy(self.verify(rows, [depth] * batch), self.platform).receive()
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
