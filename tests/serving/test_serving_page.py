@@ -37,8 +37,10 @@ K = 7
 
 @pytest.fixture(scope="module")
 def server(tiny_model_dir, tmp_path_factory):
+    # K drafts every step: the page's request and the API's repeat of it must speculate alike
+    # (under the confidence policy the second one's depths depend on what the first taught it).
     env = server_env(tiny_model_dir, max_model_len=MAX_MODEL_LEN, max_num_seqs=4, api_key=API_KEY,
-                     served_model_name="tiny", num_speculative_tokens=K)
+                     served_model_name="tiny", num_speculative_tokens=K, speculation="fixed")
     with running_server(env, tmp_path_factory.mktemp("log") / "server.log") as srv:
         yield srv
     assert "Traceback" not in srv.log(), srv.log()[-4000:]
