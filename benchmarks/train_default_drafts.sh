@@ -18,7 +18,8 @@
 # (default "dspark_smollm2 dflash_smollm2"; "dspark_deep_smollm2 dflash_deep_smollm2" for the
 # 2-layer drafts); INIT the directory holding one draft per config name to continue from
 # (default: the shipped drafts; a draft with train_progress.json continues its schedule);
-# TRAIN_SET extra `--set` overrides for train (e.g. "lr=4e-4"); FIT=1 ends the schedule
+# PROMPT_OFFSET the training prompt this run's regeneration starts at (continued drafts: past the
+# prompts earlier runs reached, their samples_seen_total / SAMPLES); TRAIN_SET extra `--set` overrides for train (e.g. "lr=4e-4"); FIT=1 ends the schedule
 # inside the budget (the default when INIT has no progress: a fresh schedule per run).
 set -euo pipefail
 PHASE=${1:?phase: stage | setup | regen | train | eval | merge | collect | bench | all}
@@ -94,6 +95,14 @@ $(find /tmp -name '*.gguf' -size +90M 2>/dev/null | grep -v "^$BOX_STAGE/model.g
   (cd "$CODE" && PYTHONPATH="$CODE:/tmp/site" ASCEND_DSPARK_DEFAULT_GGUF="$BOX_STAGE/model.gguf" \
     $PY -c "from ascend_dspark.models.loader import resolve_checkpoint; print(resolve_checkpoint('default'))")
   mkdir -p "$RUN" && gunzip -c "$STAGE/prompts_train.jsonl.gz" > "$RUN/prompts_train.jsonl" && cp "$STAGE/prompts_eval.jsonl" "$RUN/"
+  # Regeneration is deterministic per (prompt, sample seed) and a run reaches only the first few
+  # thousand prompts, so a continued draft would see the same responses again: PROMPT_OFFSET
+  # starts this run's prompt list there (rotated, nothing dropped).
+  o=${PROMPT_OFFSET:-0}
+  if [ "$o" -gt 0 ]; then
+    { tail -n +$((o + 1)) "$RUN/prompts_train.jsonl"; head -n "$o" "$RUN/prompts_train.jsonl"; } > "$RUN/p.jsonl"
+    mv "$RUN/p.jsonl" "$RUN/prompts_train.jsonl"
+  fi
   exit 0
 fi
 
