@@ -36,7 +36,7 @@ class ServerConfig:
     speculation: str = "confidence"        # "confidence": each step's depth planned for tokens/s; "fixed": always K
     device: str | None = None              # None: detect (NPU > CUDA > CPU) or ASCEND_DSPARK_DEVICE
     dtype: str | None = None               # None: the device's default
-    served_model_name: str | None = None   # the `model` clients send; None: the value of `model`
+    served_model_name: str | None = None   # the `model` names clients send (comma-separated aliases); None: `model`
     seed: int = 0                          # initialises a drafter that has no checkpoint
     # capacity
     max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
@@ -52,8 +52,15 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
 
     @property
+    def model_names(self) -> list[str]:
+        """Every name a request may give as `model` (vLLM's `--served-model-name a b`): the
+        first is the primary one (metrics, logs)."""
+        names = [n.strip() for n in (self.served_model_name or "").split(",") if n.strip()]
+        return names or [self.model]
+
+    @property
     def model_name(self) -> str:
-        return self.served_model_name or self.model
+        return self.model_names[0]
 
     @property
     def capacity(self) -> int:
@@ -123,13 +130,17 @@ _HELP = {
                    "measured step cost) | fixed (always K)",
     "device": "cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)",
     "dtype": "float32 | bfloat16 | float16 (default: the device's)",
-    "served_model_name": "the model name clients send (default: the value of --model)",
+    "served_model_name": "the model names clients may send, aliases all served alike: "
+                         "--served-model-name a b, or a,b in the environment (default: the value of --model)",
     "max_num_seqs": "sequences decoded at once",
     "queue_size": "sequences waiting for a slot before requests get 429",
     "max_n": "largest n (choices per request)",
     "host": "address to bind; anything but loopback exposes the server",
     "api_key": "require 'Authorization: Bearer KEY' on /v1 (prefer the environment variable)",
 }
+
+
+_LISTS = ("served_model_name",)     # flags that take several values (kept comma-joined in the config)
 
 
 def add_arguments(parser) -> None:
@@ -141,12 +152,17 @@ def add_arguments(parser) -> None:
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = _HELP.get(f.name, f.name.replace("_", " "))
         shown = "" if f.name == "api_key" or default is None else f"; default {default}"
+        many = {"nargs": "+"} if f.name in _LISTS else {}
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
-                            help=f"{help_} (env {env_name(f.name)}{shown})")
+                            help=f"{help_} (env {env_name(f.name)}{shown})", **many)
 
 
 def from_args(args, environ: Mapping[str, str] | None = None) -> ServerConfig:
-    return ServerConfig.from_env(environ, **{f.name: getattr(args, f.name, None) for f in fields(ServerConfig)})
+    values = {f.name: getattr(args, f.name, None) for f in fields(ServerConfig)}
+    for name in _LISTS:
+        if isinstance(values.get(name), list):
+            values[name] = ",".join(values[name])
+    return ServerConfig.from_env(environ, **values)
 
 
 def env_name(field_name: str) -> str:

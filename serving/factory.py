@@ -7,7 +7,7 @@ requests finish (or cancels them after `--timeout-graceful-shutdown`, which abor
 engine requests); then new requests are refused, whatever is still admitted gets up to
 `shutdown_grace_s` to finish, the rest is aborted and the loop thread ends.
 
-Routes live in one router per concern (openai_api, system_api, page: the built-in chat
+Routes live in one router per concern (openai_api, tokenizer_api, system_api, page: the built-in chat
 and speculation page at /); a new one is one more router included here.
 """
 
@@ -29,10 +29,12 @@ from .state import ServerState
 from .system_api import package_version
 
 logger = logging.getLogger(__name__)
+# What needs the API key, when one is set: the OpenAI routes and the tokenizer's (vLLM's layout).
+KEYED_PATHS = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 def create_app(config: ServerConfig) -> FastAPI:
-    from . import openai_api, page, system_api
+    from . import openai_api, page, system_api, tokenizer_api
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -50,8 +52,9 @@ def create_app(config: ServerConfig) -> FastAPI:
     app.state.server = None
     install_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
-    app.add_middleware(ApiKey, api_key=config.api_key)           # outermost: before the body is read
+    app.add_middleware(ApiKey, api_key=config.api_key, prefix=KEYED_PATHS)    # outermost: before the body is read
     app.include_router(openai_api.router)
+    app.include_router(tokenizer_api.router)
     app.include_router(system_api.router)
     app.include_router(page.router)
     _document_our_errors(app)

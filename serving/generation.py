@@ -58,8 +58,12 @@ class Endpoint(Protocol):
         ...
 
     def limits(self, req) -> tuple[int | None, int | None]:
-        """(max_tokens, logprobs): the output cap (None: what the model's length leaves) and the
-        alternatives per token (None: no logprobs)."""
+        """(max_tokens, logprobs): the output cap (None: what the model's length leaves; 0: none,
+        the prompt is only echoed) and the alternatives per token (None: no logprobs)."""
+        ...
+
+    def echo(self, state: ServerState, req, prompts: list[list[int]]) -> list[Echo] | None:
+        """What each prompt's choices start with (`echo`), or None: nothing."""
         ...
 
     def logprobs(self, state: ServerState, entries: list, offset: int) -> dict:
@@ -84,17 +88,23 @@ async def respond(state: ServerState, request: Request, req: _GenerationFields, 
     arrival = time.monotonic()
     prompts = endpoint.prompts(state, req)
     max_tokens, top_logprobs = endpoint.limits(req)
+    echoes = endpoint.echo(state, req, prompts)
     rid = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
-    sequences = make_sequences(state, req, prompts, max_tokens, top_logprobs, endpoint.prompt_param, rid)
+    # Echoed logprobs are the prompt's, from the prefill (a prompt-only request still samples
+    # one token, which the choice drops: the engine always generates).
+    prompt_logprobs = top_logprobs if echoes is not None else None
+    sequences = make_sequences(state, req, prompts, max_tokens, top_logprobs, endpoint.prompt_param, rid,
+                               prompt_logprobs)
     submission = await admit(state, sequences, arrival)
-    choices = [Choice() for _ in sequences]
+    choices = [Choice(echo=echoes[k // req.n] if echoes is not None else None, keep_output=max_tokens != 0)
+               for k in range(len(sequences))]
     deadline, created = arrival + state.config.request_timeout_s, int(time.time())
 
     def logprobs(entries: list, offset: int) -> dict | None:
         return endpoint.logprobs(state, entries, offset) if top_logprobs is not None and entries else None
 
     if req.stream:
-        head = {"id": rid, "object": endpoint.chunk_object, "created": created, "model": state.config.model_name}
+        head = {"id": rid, "object": endpoint.chunk_object, "created": created, "model": req.model}
 
         def on_delta(index: int, delta: RequestDelta) -> list[dict]:
             choice = choices[index]
@@ -116,15 +126,18 @@ async def respond(state: ServerState, request: Request, req: _GenerationFields, 
 
     await collect(submission, deadline, request, choices)
     return endpoint.response(
-        id=rid, created=created, model=state.config.model_name,
+        id=rid, created=created, model=req.model,
         usage=usage(prompts, choices), speculation=speculation(choices),
         choices=[endpoint.choice(i, c, logprobs(c.logprobs, 0)) for i, c in enumerate(choices)])
 
 
-def check_model(state: ServerState, model: str) -> None:
-    if model != state.config.model_name:
-        raise APIError(404, f"model '{model}' is not served here; this server serves '{state.config.model_name}'",
-                       param="model", code="model_not_found")
+def check_model(state: ServerState, model: str | None) -> None:
+    """A request naming a model must name one of the served names (aliases); OpenAI answers
+    an unknown one with 404 `model_not_found`."""
+    names = state.config.model_names
+    if model is not None and model not in names:
+        raise APIError(404, f"model '{model}' is not served here; this server serves "
+                            f"{', '.join(repr(n) for n in names)}", param="model", code="model_not_found")
 
 
 def choice_seed(seed: int | None, index: int) -> int | None:
@@ -135,9 +148,11 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def make_sequences(state: ServerState, req: _GenerationFields, prompts: list[list[int]], max_tokens: int | None,
-                   logprobs: int | None, prompt_param: str, request_id: str) -> list[Sequence]:
+                   logprobs: int | None, prompt_param: str, request_id: str,
+                   prompt_logprobs: int | None = None) -> list[Sequence]:
     """n sequences per prompt, with everything the engine would refuse checked here first
-    so the client gets a 400 naming the parameter."""
+    so the client gets a 400 naming the parameter. `max_tokens` 0 runs one token (dropped
+    by the choice)."""
     cfg = state.config
     if req.n > cfg.max_n:
         raise APIError(400, f"n is {req.n}; this server allows at most {cfg.max_n}", param="n")
@@ -152,18 +167,20 @@ def make_sequences(state: ServerState, req: _GenerationFields, prompts: list[lis
                                 f"{cfg.max_model_len} tokens (prompt and output together)",
                            param=prompt_param, code="context_length_exceeded")
         for i in range(req.n):
-            params = _sampling_params(req, max_tokens or max(1, cfg.max_model_len - len(ids)),
-                                      choice_seed(req.seed, i), logprobs)
+            cap = max(1, cfg.max_model_len - len(ids)) if max_tokens is None else max(1, max_tokens)
+            params = _sampling_params(req, cap, choice_seed(req.seed, i), logprobs, prompt_logprobs)
             sequences.append(Sequence(f"{request_id}-{p}-{i}", ids, params))
     return sequences
 
 
-def _sampling_params(req: _GenerationFields, max_tokens: int, seed: int | None, logprobs: int | None) -> SamplingParams:
+def _sampling_params(req: _GenerationFields, max_tokens: int, seed: int | None, logprobs: int | None,
+                     prompt_logprobs: int | None) -> SamplingParams:
     try:
         return SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
                               min_p=req.min_p, seed=seed, max_tokens=max_tokens, stop=list(req.stop or []),
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                              num_speculative_tokens=req.num_speculative_tokens, logprobs=logprobs)
+                              num_speculative_tokens=req.num_speculative_tokens, logprobs=logprobs,
+                              prompt_logprobs=prompt_logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
 
@@ -192,28 +209,47 @@ async def admit(state: ServerState, sequences: list[Sequence], arrival: float) -
     return submission
 
 
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as its choices repeat it (`echo`): its text and token ids."""
+
+    text: str
+    token_ids: list[int]
+
+
 @dataclass
 class Choice:
-    """One sequence's output so far."""
+    """One sequence's output so far. With `echo`, the first delta's text and logprobs start
+    with the prompt's (the first prompt token has no logprob: None); without `keep_output`
+    (max_tokens 0) the generated token is dropped and the choice is the prompt alone."""
 
     text: str = ""
     num_tokens: int = 0
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
-    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    logprobs: list[tuple[int, float | None, list[tuple[int, float]] | None]] = field(default_factory=list)
+    echo: Echo | None = None
+    keep_output: bool = True
 
     def add(self, delta: RequestDelta) -> tuple[str, list]:
         """Fold in a delta; returns (new text, new logprob entries)."""
-        text = delta.text_delta or ""
-        self.text += text
-        self.num_tokens = delta.num_output_tokens
-        self.finish_reason = delta.finish_reason
-        self.stats = delta.stats
+        text = (delta.text_delta or "") if self.keep_output else ""
         new = []
-        lps = delta.logprobs
-        if lps:
-            new = [(tok, lp, top) for tok, (lp, top) in zip(delta.new_token_ids, lps)]
-            self.logprobs += new
+        if delta.logprobs and self.keep_output:
+            new = [(tok, lp, top) for tok, (lp, top) in zip(delta.new_token_ids, delta.logprobs)]
+        if self.echo is not None:                      # the first delta: the prompt comes first
+            echo, self.echo = self.echo, None
+            text = echo.text + text
+            if delta.prompt_logprobs is not None:
+                head = [(echo.token_ids[0], None, None)]
+                head += [(tok, lp, top) for tok, (lp, top) in zip(echo.token_ids[1:], delta.prompt_logprobs)]
+                new = head + new
+        self.text += text
+        self.logprobs += new
+        self.num_tokens = delta.num_output_tokens if self.keep_output else 0
+        stopped_early = not self.keep_output and delta.finish_reason == "stop"     # the dropped token was EOS
+        self.finish_reason = "length" if stopped_early else delta.finish_reason
+        self.stats = delta.stats
         return text, new
 
 

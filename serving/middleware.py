@@ -1,7 +1,7 @@
 """Checks that run before a request reaches a route, as plain ASGI middleware so they cost
 nothing on the streaming path and answer before the body is parsed.
 
-- ApiKey: with a key configured, /v1/* needs `Authorization: Bearer <key>`, compared in
+- ApiKey: with a key configured, /v1/* (and the tokenizer routes) needs `Authorization: Bearer <key>`, compared in
   constant time (hmac.compare_digest) so response timing does not leak the key. /health,
   /metrics and /version stay open for probes and scrapers (as in vLLM).
 - BodyLimit: a body over the limit is a 413 whether it declares its length or is chunked.
@@ -21,7 +21,7 @@ DRAIN_FACTOR = 16          # read at most this many times the limit before givin
 
 
 class ApiKey:
-    def __init__(self, app, api_key: str | None, prefix: str = "/v1/") -> None:
+    def __init__(self, app, api_key: str | None, prefix: str | tuple[str, ...] = "/v1/") -> None:
         self.app = app
         self.key = api_key.encode() if api_key else None
         self.prefix = prefix

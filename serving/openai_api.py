@@ -43,8 +43,8 @@ def _generation_responses(chunk) -> dict:
 @router.get("/models", response_model=ModelList)
 async def models(request: Request) -> ModelList:
     state = get_state(request)
-    return ModelList(data=[ModelCard(id=state.config.model_name, created=state.started,
-                                     max_model_len=state.config.max_model_len)])
+    return ModelList(data=[ModelCard(id=name, created=state.started, max_model_len=state.config.max_model_len)
+                           for name in state.config.model_names])
 
 
 @router.post("/completions", response_model=CompletionResponse, responses=_generation_responses(CompletionChunk))
@@ -60,7 +60,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request):
 
 class Completions:
     """Prompts are text or token ids, several at once; a choice is text, logprobs in the
-    legacy layout (parallel lists, each token's offset in the choice's text)."""
+    legacy layout (parallel lists, each token's offset in the choice's text). With `echo` the
+    choice starts with the prompt, and its logprobs with the prompt tokens' (what
+    log-likelihood evaluations send: `echo`, `logprobs`, `max_tokens` 0 or 1), as vLLM
+    answers: the first prompt token's logprob and alternatives are null, `top_logprobs` holds
+    the top-n plus the token itself, and -inf is reported as -9999 (JSON has no infinity)."""
 
     id_prefix, chunk_object, prompt_param, response = "cmpl", "text_completion", "prompt", CompletionResponse
 
@@ -68,15 +72,24 @@ class Completions:
         return [state.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in req.prompts()]
 
     def limits(self, req: CompletionRequest) -> tuple[int | None, int | None]:
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens 0 returns only the prompt: it needs echo: true", param="max_tokens")
         return req.max_tokens, req.logprobs
+
+    def echo(self, state: ServerState, req: CompletionRequest, prompts: list[list[int]]) -> list[gen.Echo] | None:
+        if not req.echo:
+            return None
+        return [gen.Echo(p if isinstance(p, str) else state.tokenizer.decode(ids, skip_special_tokens=False), ids)
+                for p, ids in zip(req.prompts(), prompts)]
 
     def logprobs(self, state: ServerState, entries: list, offset: int) -> dict:
         tokens, token_lps, tops, offsets = [], [], [], []
         for tok, lp, top in entries:
             text = _token_text(state, tok)
             tokens.append(text)
-            token_lps.append(lp)
-            tops.append({_token_text(state, t): v for t, v in top})
+            token_lps.append(None if lp is None else max(lp, MIN_LOGPROB))
+            tops.append(None if top is None else {**{_token_text(state, t): max(v, MIN_LOGPROB) for t, v in top},
+                                                  text: max(lp, MIN_LOGPROB)})
             offsets.append(offset)
             offset += len(text)
         return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
@@ -110,6 +123,9 @@ class Chat:
     def limits(self, req: ChatCompletionRequest) -> tuple[int | None, int | None]:
         return req.max_completion_tokens or req.max_tokens, (req.top_logprobs or 0) if req.logprobs else None
 
+    def echo(self, state: ServerState, req: ChatCompletionRequest, prompts: list[list[int]]) -> None:
+        return None
+
     def logprobs(self, state: ServerState, entries: list, offset: int) -> dict:
         def item(tok: int, lp: float) -> dict:
             text = _token_text(state, tok)
@@ -132,6 +148,7 @@ class Chat:
 
 
 COMPLETIONS, CHAT = Completions(), Chat()
+MIN_LOGPROB = -9999.0          # what -inf is reported as (vLLM's value)
 
 
 def _token_text(state: ServerState, token_id: int) -> str:

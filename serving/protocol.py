@@ -74,7 +74,11 @@ class _GenerationFields(_Strict):
 
 class CompletionRequest(_GenerationFields):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, description="default: what is left of the model's length; "
+                                                           "0 (with echo): the prompt only")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = Field(False, description="prepend the prompt to the text (and, with logprobs, the prompt "
+                                          "tokens' logprobs: the first token's is null)")
 
     @field_validator("prompt")
     @classmethod

@@ -275,6 +275,8 @@ class Engine:
                                             confidence[j][:verified[j]] if confidence is not None else None)
             touched += requests
         first_logprobs = logprob_rows(host, "first_", [c.request for c in plan.prefill]) if plan.prefill else None
+        if "prompt_logprob" in host:
+            self.outputs.record_prompt_logprobs(plan.prefill, host)
         for b, chunk in enumerate(plan.prefill):
             r = chunk.request
             r.num_cached = chunk.end
@@ -347,7 +349,9 @@ class Engine:
         bar.close()
         self.timings.generated_tokens = sum(len(r.output) for r in requests)
         return [RequestOutput(r.prompt_ids, r.output, r.finish_reason or "length", r.stats,
-                              r.text if r.params.stop else None) for r in requests]
+                              r.text if r.params.stop else None,
+                              prompt_logprobs=r.prompt_logprobs if r.params.prompt_logprobs is not None else None)
+                for r in requests]
 
     # -- host bookkeeping ----------------------------------------------------------------------
     def _verify_lens(self, requests: list[Request]) -> list[int]:

@@ -69,8 +69,27 @@ class OutputProcessor:
             r.text = r.text[: min(hits)]
             r.finish_reason = "stop"
 
+    def record_prompt_logprobs(self, chunks: list, host: dict[str, list]) -> None:
+        """Keep the prompt logprobs a prefill computed (runner.ModelRunner._prompt_logprobs):
+        position p gives the logprob of prompt token p + 1. Each prompt token is recorded
+        once, in order: a chunk's last position predicts the next chunk's first token, and a
+        request recomputed after preemption records nothing twice."""
+        rows, _ = prompt_logprob_rows([c.request for c in chunks])
+        ids, vals = host.get("prompt_top_ids"), host.get("prompt_top_logprobs")
+        for j, b in enumerate(rows):
+            chunk, r = chunks[b], chunks[b].request
+            n = r.params.prompt_logprobs
+            for k, lp in enumerate(host["prompt_logprob"][j][: chunk.end - chunk.start]):
+                p = chunk.start + k
+                if p + 1 < len(r.prompt_ids) and p == len(r.prompt_logprobs):
+                    r.prompt_logprobs.append((lp, list(zip(ids[j][k][:n], vals[j][k][:n])) if n else []))
+
     def delta(self, r: Request) -> RequestDelta:
-        """What the request produced since its last delta."""
+        """What the request produced since its last delta (the first one also carries the
+        prompt logprobs, when asked for)."""
+        prompt_logprobs = None
+        if r.params.prompt_logprobs is not None and not r.prompt_logprobs_sent:
+            prompt_logprobs, r.prompt_logprobs_sent = list(r.prompt_logprobs), True
         new_tokens = r.output[r.emitted_tokens:]
         new_logprobs = r.logprobs[r.emitted_tokens:] if r.params.logprobs is not None else None
         r.emitted_tokens = len(r.output)
@@ -83,7 +102,7 @@ class OutputProcessor:
             end = max(end, r.emitted_text)
             text_delta, r.emitted_text = r.text[r.emitted_text:end], end
         return RequestDelta(r.request_id, new_tokens, text_delta, r.finish_reason, r.stats,
-                            len(r.prompt_ids), len(r.output), new_logprobs)
+                            len(r.prompt_ids), len(r.output), new_logprobs, prompt_logprobs)
 
 
 def logprob_rows(host: dict[str, list], prefix: str, requests: list[Request]) -> list | None:
@@ -104,3 +123,10 @@ def logprob_rows(host: dict[str, list], prefix: str, requests: list[Request]) ->
             tops = ([tops[0]], [tops[1]])
         rows.append([(lp, list(zip(tops[0][j][:n], tops[1][j][:n])) if n else []) for j, lp in enumerate(row)])
     return rows
+
+
+def prompt_logprob_rows(requests: list[Request]) -> tuple[list[int], int]:
+    """The rows of a prefill whose requests asked for prompt logprobs, and the most top
+    alternatives any of them wants; ([], 0) when none did (the prefill then costs nothing more)."""
+    rows = [b for b, r in enumerate(requests) if r.params.prompt_logprobs is not None]
+    return rows, max((requests[b].params.prompt_logprobs for b in rows), default=0)

@@ -93,6 +93,8 @@ class RequestOutput:
     stats: RequestStats
     text: str | None = None
     prompt: str | None = None
+    # With SamplingParams.prompt_logprobs: (logprob, [(id, logprob) x top-n]) of each prompt token after the first.
+    prompt_logprobs: list | None = None
 
 
 def merge_stats(stats: list[RequestStats]) -> RequestStats:

@@ -42,6 +42,10 @@ class Request:
     detokenize: bool = False          # keep `text` up to date every step (streaming, stop strings)
     detokenizer: IncrementalText = field(default_factory=IncrementalText)
     logprobs: list = field(default_factory=list)    # per output token, when params.logprobs is set
+    # Per prompt token after the first, when params.prompt_logprobs is set: (logprob, top-n);
+    # sent once, with the request's first delta.
+    prompt_logprobs: list = field(default_factory=list)
+    prompt_logprobs_sent: bool = False
     acceptance: RequestAcceptance = field(default_factory=RequestAcceptance)   # the confidence policy's estimate
     pinned_depth: bool = False        # seeded and sampled: always verifies its cap (engine._verify_lens)
     drafter_asleep: bool = False      # never drafts: admitted or running while the drafter slept
@@ -73,6 +77,8 @@ class RequestDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # per new token: (its logprob, top-n)
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # per prompt token after the
+                                                                                # first (first delta only)
 
     @property
     def finished(self) -> bool:

@@ -33,11 +33,13 @@ from ascend_dspark.spec.verify import verify
 from ops.context import AttentionHints, ForwardContext
 
 from .graph_runner import StepGraphRunner, default_buckets
+from .output_processor import prompt_logprob_rows
 from .request import Request
 from .scheduler import PrefillChunk
 
 logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
+PROMPT_LOGPROB_SLICE = 256     # prompt positions whose logits are materialised at once
 
 
 def warn_if_not_exact(platform: Platform, dtype: torch.dtype, device: torch.device) -> None:
@@ -226,6 +228,7 @@ class ModelRunner:
                              hints=AttentionHints([c.end for c in chunks], [c.end - c.start for c in chunks],
                                                   "explicit" if self._sliding else "causal"))
         out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers if watch else (), ctx)
+        out_hidden = out.hidden
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden, ctx.ops)                                     # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
@@ -245,7 +248,25 @@ class ModelRunner:
         want_logprobs = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
         if want_logprobs is not None:
             out.update(logprobs(want_logprobs, last[:, 0], first, "first_"))
+        rows, n = prompt_logprob_rows(reqs)
+        if rows:
+            out.update(self._prompt_logprobs(out_hidden, nxt, rows, n, ctx))
         return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, nxt: torch.Tensor, rows: list[int], n: int,
+                         ctx: ForwardContext) -> dict[str, torch.Tensor]:
+        """The target's logprob of the token after every position of the chunk rows `rows`
+        (and the top-n alternatives), from this prefill's hidden states: one float32
+        log-softmax per slice of positions, so a long chunk never holds [width, vocab] logits
+        of every row at once. Positions whose next token is not a prompt token are reported
+        too; the engine keeps only the prompt's."""
+        index = torch.tensor(rows).to(self.device)
+        hidden, nxt = hidden.index_select(0, index), nxt.index_select(0, index)
+        parts: list[dict[str, torch.Tensor]] = []
+        for start in range(0, hidden.shape[1], PROMPT_LOGPROB_SLICE):
+            end = start + PROMPT_LOGPROB_SLICE
+            parts.append(logprobs(n, self.target.logits(hidden[:, start:end], ctx.ops), nxt[:, start:end], "prompt_"))
+        return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
     # -- draft + verify ----------------------------------------------------------------------
     def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0,

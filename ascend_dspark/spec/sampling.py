@@ -54,6 +54,9 @@ class SamplingParams:
     # None: K). 0: no speculation. Checked here only: the server passes it through.
     num_speculative_tokens: int | None = None
     logprobs: int | None = None   # report the target's logprob of each token, and this many top alternatives
+    # Also report the target's logprob of every prompt token after the first (and this many top
+    # alternatives), from the prefill forward: what log-likelihood evaluations ask for.
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -72,6 +75,8 @@ class SamplingParams:
             raise ValueError(f"num_speculative_tokens must be >= 0, got {self.num_speculative_tokens}")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}")
         if self.seed is not None and not 0 <= self.seed < 2**63:
             raise ValueError(f"seed must be in [0, 2**63), got {self.seed}")
 

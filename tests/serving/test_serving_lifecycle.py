@@ -148,3 +148,18 @@ def test_settings_flags_win_over_environment_over_defaults(caplog):
         assert not caplog.records
         ServerConfig(host="0.0.0.0").validate()
     assert "without an API key" in caplog.text
+
+
+def test_served_model_name_takes_several_aliases():
+    import argparse
+
+    from serving.config import ServerConfig, add_arguments, from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_args(parser.parse_args(["--served-model-name", "smol", "smollm2"]), {})
+    assert config.model_names == ["smol", "smollm2"] and config.model_name == "smol"
+    env = {"ASCEND_DSPARK_SERVE_SERVED_MODEL_NAME": "a, b"}
+    assert from_args(parser.parse_args([]), env).model_names == ["a", "b"]
+    assert from_args(parser.parse_args(["--served-model-name", "c"]), env).model_names == ["c"]
+    assert ServerConfig(model="default").model_names == ["default"]

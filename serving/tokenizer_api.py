@@ -1,0 +1,124 @@
+"""The tokenizer over HTTP, in vLLM's shapes: `POST /tokenize`, `POST /detokenize` and
+`GET /tokenizer_info`, at the server's root as vLLM has them.
+
+Evaluation harnesses use them to count and cut prompts with the server's own tokenizer, so
+they need no local copy of it: lm-eval's `local-completions` switches to its remote
+tokenizer when `/tokenizer_info` answers a dict with `eos_token` and `/tokenize` answers
+`tokens`, and renders chat prompts with the `chat_template` from `/tokenizer_info`.
+
+    /tokenize     {model?, prompt, add_special_tokens=true, return_token_strs=false}, or the
+                  chat form {model?, messages, add_generation_prompt=true, ...}: the template
+                  rendered to text, then encoded (add_special_tokens=false, as vLLM: the
+                  template writes its own) -> {count, max_model_len, tokens, token_strs}
+    /detokenize   {model?, tokens} -> {prompt}
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, Field
+
+from .errors import APIError, documented
+from .generation import check_model
+from .protocol import ChatMessage, _Strict
+from .state import ServerState, get_state
+
+router = APIRouter(tags=["tokenizer"], responses=documented(401, 503))
+
+
+class TokenizeCompletionRequest(_Strict):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    return_token_strs: bool = False
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+@router.post("/tokenize", response_model=TokenizeResponse, responses=documented(400, 404))
+async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> TokenizeResponse:
+    state = get_state(request)
+    check_model(state, req.model)
+    hf = state.tokenizer.hf
+    text = req.prompt if isinstance(req, TokenizeCompletionRequest) else _render_chat(state, req)
+    tokens = [int(t) for t in hf.encode(text, add_special_tokens=req.add_special_tokens)]
+    return TokenizeResponse(count=len(tokens), max_model_len=state.config.max_model_len, tokens=tokens,
+                            token_strs=list(hf.convert_ids_to_tokens(tokens)) if req.return_token_strs else None)
+
+
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=documented(400, 404))
+async def detokenize(req: DetokenizeRequest, request: Request) -> DetokenizeResponse:
+    state = get_state(request)
+    check_model(state, req.model)
+    vocab = state.tokenizer.vocab_size
+    bad = [t for t in req.tokens if not 0 <= t < vocab]
+    if bad:
+        raise APIError(400, f"token ids must be in [0, {vocab}); got {bad[0]}", param="tokens")
+    return DetokenizeResponse(prompt=state.tokenizer.decode(req.tokens, skip_special_tokens=False))
+
+
+@router.get("/tokenizer_info")
+async def tokenizer_info(request: Request) -> dict:
+    """The tokenizer's settings (its init kwargs, special tokens as text), its class, chat
+    template, and `model_max_length` = the server's max_model_len (what it accepts)."""
+    state = get_state(request)
+    hf = state.tokenizer.hf
+    info = {k: _plain(v) for k, v in getattr(hf, "init_kwargs", {}).items()}
+    info = {k: v for k, v in info.items() if v is not _SKIP}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        info[name] = getattr(hf, name, None)
+    info.update(tokenizer_class=type(hf).__name__, chat_template=getattr(hf, "chat_template", None),
+                model_max_length=state.config.max_model_len, vocab_size=state.tokenizer.vocab_size)
+    return info
+
+
+def _render_chat(state: ServerState, req: TokenizeChatRequest) -> str:
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    try:
+        return state.tokenizer.hf.apply_chat_template(messages, tokenize=False,
+                                                      add_generation_prompt=req.add_generation_prompt,
+                                                      continue_final_message=req.continue_final_message)
+    except Exception as exc:      # no template, or the template refuses the conversation (jinja raise)
+        raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
+
+
+_SKIP = object()
+
+
+def _plain(value):
+    """A JSON value for an init kwarg: special tokens (AddedToken) as their text; what has no
+    JSON form is left out."""
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    if hasattr(value, "content"):
+        return str(value.content)
+    if isinstance(value, (list, tuple)):
+        items = [_plain(v) for v in value]
+        return _SKIP if any(v is _SKIP for v in items) else items
+    if isinstance(value, dict):
+        items = {str(k): _plain(v) for k, v in value.items()}
+        return _SKIP if any(v is _SKIP for v in items.values()) else items
+    return _SKIP
