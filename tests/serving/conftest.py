@@ -28,4 +28,16 @@ def default_server(smollm2_cache, tmp_path_factory):
     assert "Traceback" not in log, log[-4000:]
 
 
+@pytest.fixture(scope="session")
+def hf_tokenizer(smollm2_cache):
+    """The default model's tokenizer as transformers reads it from the GGUF file, apart from
+    the server's loader: the oracle of the tokenizer routes."""
+    from transformers import AutoTokenizer
+
+    from ascend_dspark.models.loader import default_gguf
+
+    path = default_gguf()
+    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+
+
 DEFAULT_MAX_MODEL_LEN = 1024

@@ -13,16 +13,6 @@ TEXTS = ["Natalia sold clips to 48 of her friends in April.", "  spaces\tand\nne
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 7 * 6?"}]
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer(smollm2_cache):
-    from transformers import AutoTokenizer
-
-    from ascend_dspark.models.loader import default_gguf
-
-    path = default_gguf()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-
-
 def test_tokenize_matches_the_tokenizer_and_round_trips(default_server, hf_tokenizer):
     for text in TEXTS:
         status, body = default_server.json("POST", "/tokenize", {"model": "smol", "prompt": text,
