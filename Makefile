@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON_BOOT))
 PROMPT ?= Explain in two sentences why the sky is blue.
 
-.PHONY: install run serve test test-cuda mutants bench clean test-lowest npu-contracts npu-contracts-check
+.PHONY: install run serve eval-server test test-cuda mutants bench clean test-lowest npu-contracts npu-contracts-check
 
 # Exact versions from constraints.txt (pyproject.toml holds the supported ranges).
 $(STAMP): pyproject.toml constraints.txt
@@ -28,6 +28,12 @@ run: install
 SERVE_ARGS ?=
 serve: install
 	$(BIN)/ascend-dspark serve $(SERVE_ARGS)
+
+# lm-eval's local-completions against the server on a GSM8K slice of the shipped data, beside
+# the same slice through transformers in-process (benchmarks/eval_server.py; BENCHMARKS.md).
+EVAL_ARGS ?= --num-docs 20
+eval-server: install
+	$(BIN)/python benchmarks/eval_server.py $(EVAL_ARGS)
 
 # The import layers first (pyproject.toml [tool.importlinter], ARCHITECTURE.md), then the suite.
 test: install
