@@ -92,7 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--offset", type=int, default=0, help="skip this many documents of the test split first")
     p.add_argument("--max-gen-toks", type=int, default=256)
     p.add_argument("--max-model-len", type=int, default=2048)
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads on both sides")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads on both sides (on a shared CPU more than one can make every step "
+                        "many times slower: OpenMP threads spin waiting for each other)")
     p.add_argument("--skip-transformers", action="store_true")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)

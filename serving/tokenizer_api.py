@@ -26,20 +26,27 @@ from .state import ServerState, get_state
 router = APIRouter(tags=["tokenizer"], responses=documented(401, 503))
 
 
-class TokenizeCompletionRequest(_Strict):
+class TokenizeRequest(_Strict):
+    """vLLM's two request forms in one body (so a mistake gets one plain message): `prompt`,
+    or `messages` with the chat-only fields."""
+
     model: str | None = None
-    prompt: str
-    add_special_tokens: bool = True
+    prompt: str | None = Field(None, description="the text form")
+    messages: list[ChatMessage] | None = Field(None, min_length=1, description="the chat form")
+    add_special_tokens: bool | None = Field(None, description="default: true for a prompt, false for messages")
+    add_generation_prompt: bool | None = Field(None, description="chat form only; default true")
+    continue_final_message: bool | None = Field(None, description="chat form only; default false")
     return_token_strs: bool = False
 
-
-class TokenizeChatRequest(_Strict):
-    model: str | None = None
-    messages: list[ChatMessage] = Field(min_length=1)
-    add_generation_prompt: bool = True
-    continue_final_message: bool = False
-    add_special_tokens: bool = False
-    return_token_strs: bool = False
+    def checked(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise APIError(400, "give either 'prompt' (text) or 'messages' (chat), not both or neither",
+                           param="prompt")
+        if self.prompt is not None:
+            for name in ("add_generation_prompt", "continue_final_message"):
+                if getattr(self, name) is not None:
+                    raise APIError(400, f"'{name}' applies to 'messages' only", param=name)
+        return self
 
 
 class TokenizeResponse(BaseModel):
@@ -59,12 +66,15 @@ class DetokenizeResponse(BaseModel):
 
 
 @router.post("/tokenize", response_model=TokenizeResponse, responses=documented(400, 404))
-async def tokenize(req: TokenizeCompletionRequest | TokenizeChatRequest, request: Request) -> TokenizeResponse:
+async def tokenize(req: TokenizeRequest, request: Request) -> TokenizeResponse:
+    req = req.checked()
     state = get_state(request)
     check_model(state, req.model)
     hf = state.tokenizer.hf
-    text = req.prompt if isinstance(req, TokenizeCompletionRequest) else _render_chat(state, req)
-    tokens = [int(t) for t in hf.encode(text, add_special_tokens=req.add_special_tokens)]
+    chat = req.messages is not None
+    text = _render_chat(state, req) if chat else req.prompt
+    special = req.add_special_tokens if req.add_special_tokens is not None else not chat
+    tokens = [int(t) for t in hf.encode(text, add_special_tokens=special)]
     return TokenizeResponse(count=len(tokens), max_model_len=state.config.max_model_len, tokens=tokens,
                             token_strs=list(hf.convert_ids_to_tokens(tokens)) if req.return_token_strs else None)
 
@@ -95,12 +105,12 @@ async def tokenizer_info(request: Request) -> dict:
     return info
 
 
-def _render_chat(state: ServerState, req: TokenizeChatRequest) -> str:
+def _render_chat(state: ServerState, req: TokenizeRequest) -> str:
     messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     try:
         return state.tokenizer.hf.apply_chat_template(messages, tokenize=False,
-                                                      add_generation_prompt=req.add_generation_prompt,
-                                                      continue_final_message=req.continue_final_message)
+                                                      add_generation_prompt=req.add_generation_prompt is not False,
+                                                      continue_final_message=bool(req.continue_final_message))
     except Exception as exc:      # no template, or the template refuses the conversation (jinja raise)
         raise APIError(400, f"cannot apply the chat template: {exc}", param="messages") from None
 

@@ -47,9 +47,12 @@ def test_tokenize_chat_form_renders_the_template(default_server, hf_tokenizer):
     ("/detokenize", {"tokens": "abc"}, 400, None),
     ("/tokenize", {"model": "gpt-4", "prompt": "x"}, 404, "model"),
     ("/detokenize", {"model": "gpt-4", "tokens": [1]}, 404, "model"),
-    ("/tokenize", {"prompt": "x", "bogus": 1}, 400, None),
-    ("/tokenize", {}, 400, None),
-    ("/tokenize", {"messages": []}, 400, None),
+    ("/tokenize", {"prompt": "x", "bogus": 1}, 400, "bogus"),
+    ("/tokenize", {}, 400, "prompt"),
+    ("/tokenize", {"messages": []}, 400, "messages"),
+    ("/tokenize", {"prompt": "x", "messages": MESSAGES}, 400, "prompt"),
+    ("/tokenize", {"prompt": "x", "add_generation_prompt": True}, 400, "add_generation_prompt"),
+    ("/tokenize", {"messages": [{"role": "wizard", "content": "x"}]}, 400, None),
 ])
 def test_bad_tokenizer_requests_get_clear_errors(default_server, path, body, status, param):
     got, error = default_server.json("POST", path, body)
