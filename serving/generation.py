@@ -112,8 +112,11 @@ async def respond(state: ServerState, request: Request, req: _GenerationFields, 
             if not text and not entries and delta.finish_reason is None:
                 return []
             offset = len(choice.text) - len(text)
-            return [{**head, "choices": [endpoint.chunk_choice(index, text, logprobs(entries, offset),
-                                                               delta.finish_reason)]}]
+            chunk = {**head, "choices": [endpoint.chunk_choice(index, text, logprobs(entries, offset),
+                                                               delta.finish_reason)]}
+            if req.stream_options and req.stream_options.continuous_usage_stats:
+                chunk["usage"] = usage(prompts, choices).model_dump()
+            return [chunk]
 
         def on_end() -> list[dict]:
             if not req.include_usage:

@@ -27,6 +27,8 @@ class _Strict(BaseModel):
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(False, description="vLLM's: every chunk carries the usage so far "
+                                                             "(guidellm asks for it)")
 
 
 class _GenerationFields(_Strict):

@@ -326,3 +326,17 @@ def test_64_streaming_clients_a_third_disconnecting(server, client):
     assert engine["kv_blocks_used"] == 0 and engine["free_slots"] == engine["slots_total"] == 16
     assert " 500 " not in server.log() and " 503 " not in server.log()
     assert client.completions.create(model="tiny", prompt="still there?", max_tokens=4).choices[0].text is not None
+
+
+def test_continuous_usage_stats_put_the_usage_so_far_in_every_chunk(client):
+    # vLLM's stream option, which guidellm sends on every request.
+    stream = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True, "continuous_usage_stats": True})
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert content and all(c.usage is not None for c in content)
+    counts = [c.usage.completion_tokens for c in content]
+    assert counts == sorted(counts) and counts[0] >= 1
+    final = chunks[-1].usage
+    assert not chunks[-1].choices and final.completion_tokens >= counts[-1]
+    assert {c.usage.prompt_tokens for c in content} == {final.prompt_tokens}
