@@ -115,10 +115,11 @@ class Metrics:
 
     def render(self) -> bytes:
         calibration = self.totals.calibration()
-        if calibration["count"]:
-            self.confidence_ece.set(calibration["ece"])
-            self.confidence_auroc.set(calibration["auroc"])
-            self.confidence_brier.set(calibration["brier"])
+        # AUROC is undefined (None) while every reached draft was accepted, or every one rejected.
+        for gauge, key in ((self.confidence_ece, "ece"), (self.confidence_auroc, "auroc"),
+                           (self.confidence_brier, "brier")):
+            if calibration[key] is not None:
+                gauge.set(calibration[key])
         return generate_latest(self.registry)
 
 

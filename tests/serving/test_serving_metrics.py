@@ -34,3 +34,15 @@ def test_the_window_keeps_the_most_recent(monkeypatch):
     totals.record([(1, 1), (1, 1), (2, 1)], [[0.1], [0.2], [0.7]])      # rejected, rejected, accepted
     got = totals.calibration()
     assert got["count"] == 2 and got["brier"] == pytest.approx((0.2 ** 2 + 0.3 ** 2) / 2)
+
+
+def test_metrics_render_while_auroc_is_undefined():
+    """Every reached draft accepted: AUROC has no value (one class), and /metrics still renders
+    (it was a 500) with the gauges that do have one."""
+    from serving.metrics import Metrics
+
+    metrics = Metrics("m")
+    metrics.totals.record([(2, 1), (2, 1)], [[0.9], [0.8]])
+    assert metrics.totals.calibration()["auroc"] is None
+    text = metrics.render().decode()
+    assert "brier" in text
