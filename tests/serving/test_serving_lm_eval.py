@@ -19,8 +19,9 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import lm_eval_tasks  # noqa: E402
 
 pytestmark = pytest.mark.slow
-DOCS = 2
-GEN_TOKENS = 16
+DOCS = 2              # log-likelihood documents (two choices each, one token generated per request)
+GEN_DOCS = 1          # generate_until documents: each costs a server run and a transformers run (CI time)
+GEN_TOKENS = 12
 
 
 def _draft_tokens(server) -> float:
@@ -44,14 +45,14 @@ def _expected_generation(hf_model, tokenizer, ids: list[int]) -> str:
 
 def test_local_completions_loglikelihood_and_generate_until(default_server, smollm2_hf, hf_tokenizer, tmp_path):
     drafted = _draft_tokens(default_server)
-    tasks = [lm_eval_tasks.gsm8k_choice(tmp_path, DOCS), lm_eval_tasks.gsm8k_generate(tmp_path, DOCS, GEN_TOKENS)]
+    tasks = [lm_eval_tasks.gsm8k_choice(tmp_path, DOCS), lm_eval_tasks.gsm8k_generate(tmp_path, GEN_DOCS, GEN_TOKENS)]
     out = lm_eval_tasks.run(tasks, "local-completions",
                             {"base_url": default_server.url + "/v1/completions", "model": "smol",
                              "num_concurrent": 1, "max_retries": 1, "max_length": 1024})
     assert out["results"]["gsm8k_shipped_choice"]["acc,none"] in (0.0, 0.5, 1.0)
     assert "exact_match,flexible-extract" in out["results"]["gsm8k_shipped"]
     assert len(out["samples"]["gsm8k_shipped_choice"]) == DOCS
-    assert {s["doc_id"] for s in out["samples"]["gsm8k_shipped"]} == set(range(DOCS))   # once per filter
+    assert {s["doc_id"] for s in out["samples"]["gsm8k_shipped"]} == set(range(GEN_DOCS))   # once per filter
     for sample in out["samples"]["gsm8k_shipped_choice"]:
         for (context, continuation), ((ll, greedy),) in zip(sample["arguments"], sample["resps"]):
             # lm-eval's own split: the whole text encoded, the context's tokens cut off.
@@ -72,13 +73,13 @@ def test_local_completions_loglikelihood_and_generate_until(default_server, smol
 
 
 def test_local_chat_completions_generate_until(default_server, smollm2_hf, hf_tokenizer, tmp_path):
-    tasks = [lm_eval_tasks.gsm8k_generate(tmp_path, DOCS, GEN_TOKENS, name="gsm8k_shipped_chat")]
+    tasks = [lm_eval_tasks.gsm8k_generate(tmp_path, GEN_DOCS, GEN_TOKENS, name="gsm8k_shipped_chat")]
     out = lm_eval_tasks.run(tasks, "local-chat-completions",
                             {"base_url": default_server.url + "/v1/chat/completions", "model": "smollm2-alias",
                              "num_concurrent": 1, "max_retries": 1}, apply_chat_template=True)
     assert "exact_match,strict-match" in out["results"]["gsm8k_shipped_chat"]
     samples = out["samples"]["gsm8k_shipped_chat"]
-    assert {s["doc_id"] for s in samples} == set(range(DOCS))
+    assert {s["doc_id"] for s in samples} == set(range(GEN_DOCS))
     for sample in samples:
         question = sample["doc"]["question"]
         messages = [{"role": "user", "content": f"Question: {question}\nAnswer:"}]
