@@ -128,10 +128,11 @@ class ModelRunner:
                 self.graph_runner.capture_startup(progress, depths)
 
     @torch.inference_mode()
-    def time_step(self, batch: int, depth: int, repeats: int) -> float:
+    def time_step(self, batch: int, depth: int, repeats: int, observe: bool = True) -> float:
         """Median seconds of a greedy step of `batch` padding rows drafting and verifying
         `depth` tokens each, run as the engine runs it (a graph replay where one fits) with
-        its host copy, after one warm-up step."""
+        its host copy, after one warm-up step. `observe=False`: a plain step, the drafter
+        asleep (depth 0 only)."""
         params = SamplingParams(temperature=0.0)
         rows = [Request(f"profile-{i}", [0], params, frozenset(), -1 - i) for i in range(batch)]
         for row, slot in zip(rows, self.pad_slots):
@@ -144,7 +145,7 @@ class ModelRunner:
         for _ in range(repeats + 1):
             self.platform.synchronize()
             start = time.perf_counter()
-            HostCopy(self.verify(rows, [depth] * batch), self.platform).receive()
+            HostCopy(self.verify(rows, [depth] * batch, observe=observe), self.platform).receive()
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
