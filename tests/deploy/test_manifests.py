@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonpatch
 import jsonschema
 import pytest
 import yaml
@@ -39,6 +40,30 @@ def rel(path: Path) -> str:
     return str(path.relative_to(REPO))
 
 
+def build(directory: Path) -> list[tuple[Path, dict]]:
+    """What `kubectl apply -k directory` would apply, for the two things these
+    kustomizations use: `resources` (files, or directories built the same way) and inline
+    JSON 6902 `patches` on a target kind and name (applied with the jsonpatch library)."""
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    docs = []
+    for resource in kustomization["resources"]:
+        path = (directory / resource).resolve()
+        docs += build(path) if path.is_dir() else [(path, d) for d in documents(path)]
+    for patch in kustomization.get("patches", []):
+        target = patch["target"]
+        hits = [i for i, (_, d) in enumerate(docs)
+                if d["kind"] == target["kind"] and d["metadata"]["name"] == target["name"]]
+        assert len(hits) == 1, (rel(directory), target)
+        path, doc = docs[hits[0]]
+        docs[hits[0]] = (directory / "kustomization.yaml", jsonpatch.apply_patch(doc, yaml.safe_load(patch["patch"])))
+    return docs
+
+
+OVERLAYS = sorted(k.parent for k in K8S.rglob("kustomization.yaml")
+                  if any(r.startswith("..") for r in yaml.safe_load(k.read_text())["resources"]))
+OVERLAY_SERVERS = [(p, d) for o in OVERLAYS for p, d in build(o) if p.name == "kustomization.yaml"]
+
+
 def test_yamllint_finds_nothing():
     proc = run("yamllint", "--strict", "deploy", ".yamllint", ".hadolint.yaml", cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -64,10 +89,20 @@ def _pod_templates(tmp_path: Path) -> list[Path]:
     return out
 
 
+def _overlay_results(tmp_path: Path) -> list[Path]:
+    """The objects the overlays patch, as built, one file each."""
+    out = []
+    for path, doc in OVERLAY_SERVERS:
+        target = tmp_path / f"{path.parent.name}-{doc['kind']}.yaml"
+        target.write_text(yaml.safe_dump(doc))
+        out.append(target)
+    return out
+
+
 @pytest.mark.parametrize("version", K8S_VERSIONS)
 def test_kubernetes_validate_strict_passes_every_manifest(version, tmp_path):
     core = [p for p in MANIFESTS if all(d["kind"] != "LeaderWorkerSet" for d in documents(p))]
-    files = [str(p) for p in core + _pod_templates(tmp_path)]
+    files = [str(p) for p in core + _pod_templates(tmp_path) + _overlay_results(tmp_path)]
     proc = run("kubernetes-validate", "--strict", "--kubernetes-version", version, *files)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0 and "WARN" not in out, out          # WARN: a kind it has no schema for
@@ -96,6 +131,9 @@ def test_leaderworkersets_match_the_lws_schema():
 def test_each_kustomization_lists_its_directory():
     for kustomization in K8S.rglob("kustomization.yaml"):
         listed = yaml.safe_load(kustomization.read_text())
+        if kustomization.parent in OVERLAYS:           # a base and patches: each patch hits one object
+            assert len(build(kustomization.parent)) == len(build((kustomization.parent / listed["resources"][0]).resolve()))
+            continue
         here = sorted(p.name for p in kustomization.parent.glob("*.yaml") if p.name != "kustomization.yaml")
         assert sorted(listed["resources"]) == here, rel(kustomization)
         images = {c["image"].split(":")[0] for p in here for d in documents(kustomization.parent / p)
@@ -125,8 +163,9 @@ def _accelerator(path: Path) -> str:
 
 
 def test_servers_request_their_accelerator_and_probe_health_on_the_image_port():
-    servers = BY_KIND["Deployment"] + BY_KIND["LeaderWorkerSet"]
-    assert {p.parent.name for p, _ in servers} == {"ascend", "cuda", "ascend-multinode", "cuda-multinode"}
+    servers = BY_KIND["Deployment"] + BY_KIND["LeaderWorkerSet"] + OVERLAY_SERVERS
+    assert {p.parent.name for p, _ in servers} == {"ascend", "cuda", "ascend-multinode", "cuda-multinode",
+                                                   "ascend-tp8", "cuda-tp8"}
     for path, doc in servers:
         for template in _pod_specs(doc):
             (container,) = template["spec"]["containers"]
@@ -184,6 +223,16 @@ def test_autoscalers_scale_on_the_queue_depth_the_server_exports():
                                                                  target["metadata"]["name"]), rel(path)
         (metric,) = hpa["spec"]["metrics"]
         assert metric["type"] == "Pods" and metric["pods"]["metric"]["name"] == renamed, rel(path)
+
+
+def test_tensor_parallel_in_a_node_spans_the_pod_s_cards():
+    assert {p.parent.name for p, _ in OVERLAY_SERVERS} == {"ascend-tp8", "cuda-tp8"}
+    for path, deployment in OVERLAY_SERVERS:
+        (container,) = _containers(deployment)
+        cards = container["resources"]["limits"][_accelerator(path)]
+        args = container["args"]
+        assert cards == 8 and args[:2] == ["ascend-dspark", "serve"], rel(path)
+        assert int(args[args.index("--tensor-parallel-size") + 1]) == cards
 
 
 def test_multinode_groups_run_one_torchrun_per_pod_over_the_whole_group():
