@@ -100,6 +100,22 @@ class StepCosts:
         i = min(bisect.bisect_left(self.batch_sizes, batch), len(self.batch_sizes) - 1)
         return list(self._recorded.get((i, depth, plain and depth == 0), ()))
 
+    def table(self) -> dict:
+        """Profiled and measured milliseconds per (batch size, depth), and how many steps each
+        measured cell holds (None: never run), for people reading what the policy sees."""
+        def measured(i: int, depth: int, plain: bool) -> tuple[float | None, int]:
+            times = list(self._recorded.get((i, depth, plain), ()))
+            return (round(1e3 * statistics.median(times), 3) if times else None), len(times)
+        rows = range(len(self.batch_sizes))
+        cells = [[measured(i, d, False) for d in self.depths] for i in rows]
+        plain = [measured(i, 0, True) for i in rows]
+        return {"batch_sizes": self.batch_sizes, "depths": self.depths, "device": self.device,
+                "profiled_ms": [[round(1e3 * s, 3) for s in row] for row in self.seconds],
+                "measured_ms": [[m for m, _ in row] for row in cells],
+                "measured_steps": [[n for _, n in row] for row in cells],
+                "plain_profiled_ms": [round(1e3 * s, 3) for s in self.plain_seconds] if self.plain_seconds else None,
+                "plain_measured_ms": [m for m, _ in plain], "plain_measured_steps": [n for _, n in plain]}
+
     def _cell(self, i: int, j: int, plain: bool) -> float:
         times = self._recorded.get((i, self.depths[j], plain))
         if times:

@@ -161,3 +161,15 @@ def test_the_engine_records_the_steps_it_runs(tiny, tmp_path, monkeypatch):
                    step_costs=StepCosts.from_json(engine.costs.to_json()))
     given.generate([[1, 2, 3], [4, 5]], params)
     assert all(not given.costs.recorded(2, d, plain) for d in given.costs.depths for plain in (False, True))
+
+
+def test_table_shows_profiled_and_measured_cells():
+    costs = StepCosts([1, 4], [0, 2], [[0.001, 0.002], [0.003, 0.004]], padded=True, plain_seconds=[0.0005, 0.0025],
+                      device="cpu")
+    costs.record(3, 2, 0.009)
+    costs.record(3, 2, 0.007)
+    costs.record(1, 0, 0.0004, plain=True)
+    table = costs.table()
+    assert table["profiled_ms"] == [[1.0, 2.0], [3.0, 4.0]] and table["plain_profiled_ms"] == [0.5, 2.5]
+    assert table["measured_ms"] == [[None, None], [None, 8.0]] and table["measured_steps"] == [[0, 0], [0, 2]]
+    assert table["plain_measured_ms"] == [0.4, None] and table["plain_measured_steps"] == [1, 0]
