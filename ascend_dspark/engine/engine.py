@@ -15,6 +15,13 @@ commits for every decoding request, and prefills prompt chunks for new ones.
     abort(id)                             free the request's slot and KV blocks at once
     generate(prompts, params)             offline: add everything, step until done
 
+Structured output (a request whose `SamplingParams.grammar` is set): its steps mask the
+target's rows with the grammar (spec/grammar.py says why that stays lossless), which needs
+the step's drafts on the host between the proposal and verification. A decode batch holding
+such a request therefore runs its steps eagerly (no graph replay) and without overlap (the
+next step's masks need this step's tokens); batches without one are untouched: no mask,
+no host read, graphs and overlap as before.
+
 The engine keeps the requests, the scheduler (scheduler.py: slots, blocks, admission,
 preemption), the overlap of host and device work, and the host bookkeeping of each step;
 the model runner (runner.py) owns everything on the device, and the output processor
@@ -30,6 +37,7 @@ device -> host copy per step carries every token the step produced.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import random
@@ -42,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ascend_dspark.platform import Platform, current_platform
 from ascend_dspark.spec.acceptance import AcceptanceEstimator
+from ascend_dspark.spec.grammar import CompiledGrammar, RequestGrammar
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .output_processor import OutputProcessor, logprob_rows
@@ -185,9 +194,21 @@ class Engine:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         request = Request(request_id, list(prompt_ids), params, self.outputs.stop_ids(params), next(self._arrivals),
                           detokenize=detokenize and self.tokenizer is not None, pinned_depth=pinned,
-                          drafter_asleep=self.drafter_asleep and not pinned)
+                          drafter_asleep=self.drafter_asleep and not pinned, grammar=self._grammar_for(params))
         self.scheduler.add(request)
         self.requests[request_id] = request
+
+    def _grammar_for(self, params: SamplingParams) -> RequestGrammar | None:
+        if params.grammar is None:
+            return None
+        if not isinstance(params.grammar, CompiledGrammar):
+            raise ValueError("SamplingParams.grammar must be a CompiledGrammar (spec.grammar.GrammarCompiler)")
+        if params.grammar.vocab_size != self.target.config.vocab_size:
+            raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab_size} tokens; "
+                             f"this model has {self.target.config.vocab_size}")
+        if self.overlap or self.runner.graph_runner is not None:
+            _warn_constrained_eager(self.platform.name)
+        return RequestGrammar(params.grammar)
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Stop a request now and free its slot and blocks; None if it is unknown or done."""
@@ -244,7 +265,7 @@ class Engine:
             plan = self.scheduler.schedule()
             if not plan.empty:
                 launched = self._launch(plan)
-                if self.overlap and not plan.prefill:
+                if self.overlap and not plan.prefill and not launched.constrained:
                     self._pending = launched
                 else:
                     deltas += self._finish(launched)
@@ -256,14 +277,16 @@ class Engine:
         parts: dict[str, torch.Tensor] = {}
         self._ran_prefill = self._ran_prefill or bool(plan.prefill)
         if plan.prefill:
-            parts.update(self.runner.prefill(plan.prefill, [self.policy.may_draft(c.request) for c in plan.prefill]))
+            parts.update(self.runner.prefill(plan.prefill, [self.policy.may_draft(c.request) for c in plan.prefill],
+                                             any(c.request.grammar is not None for c in plan.prefill)))
         verify_lens = self.policy.verify_lens(plan.decode) if plan.decode else []
+        constrained = any(r.grammar is not None for r in plan.decode)
         observe = False
         if plan.decode:
             # No row that could ever draft: a plain step, the drafter not even observing.
             observe = any(self.policy.may_draft(r) for r in plan.decode)
-            parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe))
-        return _Launched(plan, verify_lens, HostCopy(parts, self.platform), observe)
+            parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe, constrained))
+        return _Launched(plan, verify_lens, HostCopy(parts, self.platform), observe, constrained)
 
     def _finish(self, launched: _Launched) -> list[RequestDelta]:
         """Read a launched step's results and commit them (rows of requests that left since
@@ -275,7 +298,7 @@ class Engine:
             live = [i for i, r in enumerate(plan.decode)
                     if r.status is Status.RUNNING and self.requests.get(r.request_id) is r]
             counts = [host["num_accepted"][i] for i in live]
-            token_lists = [host["tokens"][i][: n + 1] for i, n in zip(live, counts)]
+            token_lists = [self._follow_grammar(plan.decode[i], host["tokens"][i][: n + 1]) for i, n in zip(live, counts)]
             confidence = [host["confidence"][i] for i in live] if "confidence" in host else None
             logprobs = logprob_rows(host, "", plan.decode)
             requests = [plan.decode[i] for i in live]
@@ -292,7 +315,7 @@ class Engine:
                 self.scheduler.prefill_done(r)
                 if not r.output:
                     logprobs = [first_logprobs[b]] if first_logprobs is not None else None
-                    self.outputs.commit([r], [[host["first"][b]]], None, None, None, logprobs)
+                    self.outputs.commit([r], [self._follow_grammar(r, [host["first"][b]])], None, None, None, logprobs)
                     touched.append(r)
         deltas = []
         for r in touched:
@@ -317,10 +340,22 @@ class Engine:
                                     now - self._last_decode_read)
         self._last_decode_read = now
 
+    def _follow_grammar(self, r: Request, tokens: list[int]) -> list[int]:
+        """Advance a constrained request's matcher by its committed tokens; the tokens up to
+        the grammar's end. A token the grammar refuses (a bug: every committed token comes
+        from a masked row) aborts this request with an error, never the engine."""
+        if r.grammar is None:
+            return tokens
+        kept, error = r.grammar.commit(tokens)
+        if error is not None:
+            logger.error("request %s aborted: %s", r.request_id, error)
+            r.error, r.finish_reason = error, "abort"
+        return kept
+
     def _chain(self, pending: _Launched) -> bool:
         """Whether the next step of the pending decode batch can be launched before its
         results are read: the batch stays as it is, and blocks for one more step are free."""
-        if not self.overlap or pending.plan.prefill:
+        if not self.overlap or pending.plan.prefill or pending.constrained:
             return False
         if self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots):
             return False                            # someone should join: read, then schedule
@@ -392,4 +427,12 @@ class _Launched:
     plan: StepPlan
     verify_lens: list[int]
     copy: HostCopy
-    observe: bool = False           # whether the drafter read the decode rows' tokens
+    observe: bool = False             # whether the drafter read the decode rows' tokens
+    constrained: bool = False         # a row has a grammar: read at once (the next masks need its tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_constrained_eager(platform: str) -> None:
+    logger.warning("structured output on %s: steps of a batch holding a constrained request run eagerly (no graph "
+                   "replay) and without overlap, since the grammar masks need each step's drafts on the host; "
+                   "batches without one keep graphs and overlap", platform)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ascend_dspark.spec.acceptance import RequestAcceptance
+from ascend_dspark.spec.grammar import RequestGrammar
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .detokenizer import IncrementalText
@@ -45,6 +46,8 @@ class Request:
     acceptance: RequestAcceptance = field(default_factory=RequestAcceptance)   # the confidence policy's estimate
     pinned_depth: bool = False        # seeded and sampled: always verifies its cap (engine._verify_lens)
     drafter_asleep: bool = False      # never drafts: admitted or running while the drafter slept
+    grammar: RequestGrammar | None = None   # structured output: the matcher of the committed output
+    error: str | None = None          # why the request was aborted by the engine (a grammar failure)
 
     @property
     def tokens(self) -> list[int]:
@@ -73,6 +76,7 @@ class RequestDelta:
     num_prompt_tokens: int
     num_output_tokens: int
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # per new token: (its logprob, top-n)
+    error: str | None = None          # set with finish_reason "abort" when the engine stopped the request
 
     @property
     def finished(self) -> bool:

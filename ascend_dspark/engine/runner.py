@@ -28,6 +28,7 @@ import torch
 
 from ascend_dspark.cache import BlockTables, PagedKVCache
 from ascend_dspark.platform import Platform
+from ascend_dspark.spec.grammar import RequestGrammar, step_bitmask
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 from ops.context import AttentionHints, ForwardContext
@@ -190,11 +191,13 @@ class ModelRunner:
         return wanted
 
     # -- prefill -----------------------------------------------------------------------------
-    def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None,
+                constrained: bool = False) -> dict[str, torch.Tensor]:
         """One padded forward over the chunks; returns each row's sampled next token (used
         for rows that finish a fresh prompt) and, if asked for, its logprobs. `observe[b]`
         (default: all): whether the drafter reads row b's chunk (not for a request whose
-        drafter sleeps, engine.py)."""
+        drafter sleeps, engine.py). `constrained`: some row's request has a grammar; the
+        first token of such a row is sampled from the masked logits (spec/grammar.py)."""
         observe = [True] * len(chunks) if observe is None else observe
         watch = self.drafter is not None and any(observe)
         dev = self.device
@@ -230,7 +233,12 @@ class ModelRunner:
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden, ctx.ops)                                     # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
-        first = sampling.sample(sampling.probs(last), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
+        masked = last
+        if constrained:       # only a fresh prompt's first token is used: its grammar state is the initial one
+            grammars = [c.request.grammar if c.is_last and not c.request.output else None for c in chunks]
+            bitmask = step_bitmask(grammars, [[] for _ in chunks], [0] * len(chunks), 1, last.shape[-1])
+            masked = self.platform.ops.apply_token_bitmask(last, bitmask.to(dev))
+        first = sampling.sample(sampling.probs(masked), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
         self.cache.set_lengths(slots, starts + lens)
         # A fresh prompt's last position is followed by the token just sampled.
         last_col = (lens - 1).unsqueeze(1)
@@ -250,21 +258,23 @@ class ModelRunner:
 
     # -- draft + verify ----------------------------------------------------------------------
     def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0,
-               observe: bool = True) -> dict[str, torch.Tensor]:
+               observe: bool = True, constrained: bool = False) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
         captured graph where one fits, else run eagerly over the columns the rows reach.
         `verify_lens[b]`: the drafts row b verifies (its request's cap); the drafter proposes
         as many as the largest of them, so a batch capped at 0 proposes nothing. `observe`:
         whether the drafter reads the committed tokens (False, with no drafts: a plain
         decode step, the drafter untouched). `ahead`: positions the rows may have committed
-        beyond what the host knows (a step launched before the last one was read)."""
+        beyond what the host knows (a step launched before the last one was read).
+        `constrained`: some row's request has a grammar: the step runs eagerly, with one host
+        read of the drafts to mask the target's rows (spec/grammar.py); `ahead` must be 0."""
         if not observe and max(verify_lens) > 0:
             raise ValueError("a step that drafts must let the drafter observe")
         slots = [r.slot for r in requests]
         num_drafts = max(verify_lens)
         reach = [r.num_cached + ahead + self.reserve for r in requests]
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
-        if self.graph_runner is not None and want_logprobs is None:
+        if self.graph_runner is not None and want_logprobs is None and not constrained:
             out = self.graph_runner.run(slots, verify_lens, num_drafts, [r.params for r in requests],
                                         tuple(r.arrival for r in requests), reach, observe)
             if out is not None:
@@ -273,13 +283,19 @@ class ModelRunner:
         # explicit masks, with each row's reach as its key-length bound.
         ctx = ForwardContext(self.platform.ops, num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
         dev = self.device
+        grammars = [r.grammar for r in requests] if constrained else None
         return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev), num_drafts,
-                                self._sampling_for(requests), want_logprobs, ctx, observe)
+                                self._sampling_for(requests), want_logprobs, ctx, observe,
+                                (grammars, verify_lens) if constrained else None)
 
     def verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, num_drafts: int, sampling: SamplingBatch,
-                    want_logprobs: int | None, ctx: ForwardContext, observe: bool = True) -> dict[str, torch.Tensor]:
+                    want_logprobs: int | None, ctx: ForwardContext, observe: bool = True,
+                    grammars: tuple[list[RequestGrammar | None], list[int]] | None = None) -> dict[str, torch.Tensor]:
         """The device work of a verify step, graph-capturable (no host reads, fixed shapes):
         `num_drafts` tokens drafted (0: none, a plain decode step), `verify_lens` of them verified.
+        `grammars` (eager steps only): each row's grammar (or None) and the verify lengths on
+        the host; the target's rows are masked with them before verification (one host read
+        of the drafts: the masks depend on them).
 
         The anchor (the last committed token, not yet in the cache) sits at the slot's cache
         length: the length is where this step's writes start, and the causal masks built from
@@ -303,7 +319,12 @@ class ModelRunner:
         drafter = self.drafter if observe else None        # None: the drafter sleeps this step
         out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers if drafter else (), ctx)
         logits = self.target.logits(out.hidden, ctx.ops)
-        result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
+        masked = logits
+        if grammars is not None:
+            rows, host_lens = grammars
+            bitmask = step_bitmask(rows, draft_tokens.tolist(), host_lens, k + 1, logits.shape[-1])
+            masked = ctx.ops.apply_token_bitmask(logits, bitmask.to(dev))
+        result = verify(masked, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
         num_accepted = result.num_accepted
         self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)
         if drafter is not None:

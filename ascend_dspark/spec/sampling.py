@@ -54,6 +54,9 @@ class SamplingParams:
     # None: K). 0: no speculation. Checked here only: the server passes it through.
     num_speculative_tokens: int | None = None
     logprobs: int | None = None   # report the target's logprob of each token, and this many top alternatives
+    # Structured output: a `spec.grammar.CompiledGrammar` the output must follow (None: free text).
+    # Compiled before the request reaches the engine (compiling is not the engine loop's work).
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
