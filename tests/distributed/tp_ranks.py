@@ -1,0 +1,68 @@
+"""One tensor-parallel rank of the tests (run by torchrun, or started with RANK/WORLD_SIZE set).
+
+Every rank builds the same LLMs in the same order; rank 0 generates and writes what it got
+to `--out` as JSON (one entry per drafter). `--hang-after N`: rank 1 stops answering after
+its N-th runner call (a rank that died mid-generation, without closing its sockets)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+
+import torch
+
+from ascend_dspark.engine.llm import LLM
+from ascend_dspark.spec.sampling import SamplingParams
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--drafters", default="none,dspark,dflash,eagle3")
+    parser.add_argument("--max-tokens", type=int, default=12)
+    parser.add_argument("--die-after", type=int, default=None,
+                        help="rank 1 kills itself (SIGKILL) after this many runner calls")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    if args.die_after is not None and rank == 1:
+        _die_after(args.die_after)
+    results = {}
+    for drafter in args.drafters.split(","):
+        llm = LLM(model="default", drafter=drafter, num_speculative_tokens=3, device="cpu", dtype="float32",
+                  max_model_len=128, max_batch_size=4, tensor_parallel_size=int(os.environ["WORLD_SIZE"]),
+                  speculation="fixed", progress=False)
+        if not llm.is_driver:
+            continue
+        greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=args.max_tokens))
+        seeded = llm.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=args.max_tokens))
+        results[drafter] = {"greedy": [o.token_ids for o in greedy], "seeded": [o.token_ids for o in seeded]}
+        llm.close()
+    if rank == 0:
+        with open(args.out, "w") as f:
+            json.dump(results, f)
+    return 0
+
+
+def _die_after(calls: int) -> None:
+    """Make rank 1 die the hard way (no atexit, no closed group) after `calls` runner calls."""
+    from ascend_dspark.engine import runner
+
+    original = runner.ModelRunner.prefill
+    count = {"n": 0}
+
+    def prefill(self, *a, **k):
+        count["n"] += 1
+        if count["n"] > calls:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return original(self, *a, **k)
+    runner.ModelRunner.prefill = prefill
+
+
+if __name__ == "__main__":
+    sys.exit(main())
