@@ -1,8 +1,8 @@
 """One tensor-parallel rank of the tests (run by torchrun, or started with RANK/WORLD_SIZE set).
 
 Every rank builds the same LLMs in the same order; rank 0 generates and writes what it got
-to `--out` as JSON (one entry per drafter). `--hang-after N`: rank 1 stops answering after
-its N-th runner call (a rank that died mid-generation, without closing its sockets)."""
+to `--out` as JSON (one entry per drafter). `--die-rank R --die-after N`: rank R kills itself
+(SIGKILL: no atexit, no goodbye to the group) at its (N+1)-th prefill, mid-generation."""
 
 from __future__ import annotations
 
@@ -17,20 +17,21 @@ import torch
 from ascend_dspark.engine.llm import LLM
 from ascend_dspark.spec.sampling import SamplingParams
 
-PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+PROMPTS = [  # the test's TP=1 reference uses the same
+    "The capital of France is", "def fibonacci(n):"]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--drafters", default="none,dspark,dflash,eagle3")
-    parser.add_argument("--max-tokens", type=int, default=12)
-    parser.add_argument("--die-after", type=int, default=None,
-                        help="rank 1 kills itself (SIGKILL) after this many runner calls")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--die-rank", type=int, default=None)
+    parser.add_argument("--die-after", type=int, default=0)
     args = parser.parse_args()
     torch.set_num_threads(1)
     rank = int(os.environ["RANK"])
-    if args.die_after is not None and rank == 1:
+    if args.die_rank == rank:
         _die_after(args.die_after)
     results = {}
     for drafter in args.drafters.split(","):
@@ -50,7 +51,7 @@ def main() -> int:
 
 
 def _die_after(calls: int) -> None:
-    """Make rank 1 die the hard way (no atexit, no closed group) after `calls` runner calls."""
+    """Die the hard way (no atexit, no closed group) at the (calls+1)-th prefill."""
     from ascend_dspark.engine import runner
 
     original = runner.ModelRunner.prefill
