@@ -9,6 +9,7 @@ parser and the error handling are ascend_dspark.cli's, this file only adds `serv
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ascend_dspark import cli
@@ -28,9 +29,21 @@ def _serve(args: argparse.Namespace) -> int:
     config = from_args(args).validate()          # a ConfigError (ValueError) is one clean error line
     import uvicorn
 
-    from .factory import create_app
+    from .factory import create_app, follow_as_rank
 
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
+    children = []
+    if config.tensor_parallel_size > 1:
+        # Under torchrun every rank runs this command: rank 0 serves, the others follow it.
+        # Without torchrun this process is rank 0 and starts the others (README "Tensor parallelism").
+        from ascend_dspark.distributed import launched_by_torchrun, spawn_ranks
+
+        if launched_by_torchrun():
+            if os.environ["RANK"] != "0":
+                follow_as_rank(config)
+                return 0
+        else:
+            children = spawn_ranks(config.tensor_parallel_size, follow_as_rank, (config,))
+    uvicorn.run(create_app(config, children), host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 
@@ -31,12 +32,12 @@ from .system_api import package_version
 logger = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig) -> FastAPI:
+def create_app(config: ServerConfig, tp_children: list = ()) -> FastAPI:
     from . import openai_api, page, system_api
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(start_engine, config)
+        state = await asyncio.to_thread(start_engine, config, tp_children)
         app.state.server = state
         try:
             yield
@@ -88,18 +89,37 @@ def _document_our_errors(app: FastAPI) -> None:
     app.openapi = openapi
 
 
-def start_engine(config: ServerConfig) -> ServerState:
+def llm_options(config: ServerConfig) -> dict:
+    """The LLM every rank builds (tensor parallelism: the same on each, or they disagree)."""
+    return dict(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
+                device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
+                max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation,
+                tensor_parallel_size=config.tensor_parallel_size)
+
+
+def follow_as_rank(config: ServerConfig) -> None:
+    """A tensor-parallel rank other than 0: load the shard, follow rank 0 until it stops."""
+    from ascend_dspark.engine.llm import LLM
+
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK')}] %(levelname)s %(message)s")
+    LLM(**llm_options(config))
+
+
+def start_engine(config: ServerConfig, tp_children: list = ()) -> ServerState:
     """Build the engine on the engine loop's thread and start serving; blocks until ready.
-    What the server needs of it afterwards (tokenizer, platform, K) is on the engine."""
+    What the server needs of it afterwards (tokenizer, platform, K) is on the engine.
+    `tp_children`: the tensor-parallel ranks this process started (watched: distributed/spawn.py)."""
+    from ascend_dspark.distributed import Watchdog
     from ascend_dspark.engine.llm import LLM
 
     metrics = Metrics(config.model_name)
     loop = EngineLoop(metrics, config.capacity)
 
     def build():
-        return LLM(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
-                   device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
-                   max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation).engine
+        llm = LLM(**llm_options(config))
+        if tp_children:
+            Watchdog(list(tp_children), llm.tp.fail)
+        return llm.engine
 
     t0 = time.perf_counter()
     loop.start(build)

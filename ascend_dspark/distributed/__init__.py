@@ -4,5 +4,7 @@
 from torchrun's environment (or a spawner's) with the platform's backend."""
 
 from .group import TensorParallelError, TensorParallelGroup, join, launched_by_torchrun, split_sizes
+from .spawn import Watchdog, spawn_ranks
 
-__all__ = ["TensorParallelError", "TensorParallelGroup", "join", "launched_by_torchrun", "split_sizes"]
+__all__ = ["TensorParallelError", "TensorParallelGroup", "Watchdog", "join", "launched_by_torchrun", "spawn_ranks",
+           "split_sizes"]

@@ -55,20 +55,27 @@ class TensorParallelGroup:
     def __init__(self, rank: int, size: int, device: torch.device, device_group=None, control_group=None) -> None:
         self.rank, self.size, self.device = rank, size, device
         self.device_group, self.control_group = device_group, control_group
+        self.failure: str | None = None         # why the group can no longer compute (`fail`)
+
+    def fail(self, why: str) -> None:
+        """Mark the group broken (a watchdog saw a rank die): every later collective raises."""
+        self.failure = self.failure or why
 
     @property
     def is_driver(self) -> bool:
         return self.rank == 0
 
     def _run(self, what: str, fn):
+        if self.failure is not None:
+            raise TensorParallelError(f"tensor-parallel rank {self.rank}/{self.size}: {what} refused: {self.failure}")
         try:
             return fn()
         except (RuntimeError, pickle.UnpicklingError, EOFError, ConnectionError) as exc:
             if isinstance(exc, TensorParallelError):
                 raise
-            raise TensorParallelError(
-                f"tensor-parallel rank {self.rank}/{self.size}: {what} failed: another rank died or stopped "
-                f"answering within {TIMEOUT_ENV}={timeout_s():g}s ({type(exc).__name__}: {exc})") from exc
+            self.fail(f"{what} failed: another rank died or stopped answering within "
+                      f"{TIMEOUT_ENV}={timeout_s():g}s ({type(exc).__name__}: {exc})")
+            raise TensorParallelError(f"tensor-parallel rank {self.rank}/{self.size}: {self.failure}") from exc
 
     # -- the model's collectives ------------------------------------------------------------
     def sum_partials(self, x: torch.Tensor) -> torch.Tensor:

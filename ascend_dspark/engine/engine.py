@@ -186,6 +186,12 @@ class Engine:
         request.finish_reason = "abort"
         return self.outputs.delta(request)
 
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer run steps although nothing has been asked of it yet
+        (a tensor-parallel rank died: engine/runner.py); None while it can."""
+        return self.runner.failure
+
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._pending is not None
 

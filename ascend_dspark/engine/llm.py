@@ -99,7 +99,8 @@ class LLM:
         tp, self.tp = self.tp, None
         if tp is not None:
             atexit.unregister(self.close)
-            tp.send_command(("stop", (), {}))
+            if tp.failure is None:      # a broken group has nobody to tell
+                tp.send_command(("stop", (), {}))
 
     def generate(self, prompts: str | list[str] | list[list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[RequestOutput]:

@@ -178,6 +178,11 @@ class ModelRunner:
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why this runner's tensor-parallel group can no longer compute (a rank died); None if it can."""
+        return self.tp.failure if self.tp is not None else None
+
     @_sent_to_followers
     def capture_graphs(self, progress: bool, depths: list[int] = ()) -> None:
         """Capture the start-up step graphs (a no-op without graphs); `depths`: the draft
