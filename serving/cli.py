@@ -31,19 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
 
     from .factory import create_app, follow_as_rank
 
-    children = []
-    if config.tensor_parallel_size > 1:
+    if config.tensor_parallel_size > 1 and os.environ.get("RANK", "0") != "0":
         # Under torchrun every rank runs this command: rank 0 serves, the others follow it.
-        # Without torchrun this process is rank 0 and starts the others (README "Tensor parallelism").
-        from ascend_dspark.distributed import launched_by_torchrun, spawn_ranks
-
-        if launched_by_torchrun():
-            if os.environ["RANK"] != "0":
-                follow_as_rank(config)
-                return 0
-        else:
-            children = spawn_ranks(config.tensor_parallel_size, follow_as_rank, (config,))
-    uvicorn.run(create_app(config, children), host=config.host, port=config.port, log_level=args.log_level,
+        # (Without torchrun the server starts the other ranks itself: factory.start_engine.)
+        follow_as_rank(config)
+        return 0
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0
 

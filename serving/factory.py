@@ -32,12 +32,12 @@ from .system_api import package_version
 logger = logging.getLogger(__name__)
 
 
-def create_app(config: ServerConfig, tp_children: list = ()) -> FastAPI:
+def create_app(config: ServerConfig) -> FastAPI:
     from . import openai_api, page, system_api
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        state = await asyncio.to_thread(start_engine, config, tp_children)
+        state = await asyncio.to_thread(start_engine, config)
         app.state.server = state
         try:
             yield
@@ -105,20 +105,26 @@ def follow_as_rank(config: ServerConfig) -> None:
     LLM(**llm_options(config))
 
 
-def start_engine(config: ServerConfig, tp_children: list = ()) -> ServerState:
+def start_engine(config: ServerConfig) -> ServerState:
     """Build the engine on the engine loop's thread and start serving; blocks until ready.
     What the server needs of it afterwards (tokenizer, platform, K) is on the engine.
-    `tp_children`: the tensor-parallel ranks this process started (watched: distributed/spawn.py)."""
-    from ascend_dspark.distributed import Watchdog
+
+    With `tensor_parallel_size` > 1 and no torchrun around it, this process becomes rank 0
+    and starts the other ranks (distributed/spawn.py), whose deaths a watchdog reports as
+    the engine's failure (/health 503); under torchrun, torchrun started and watches them."""
+    from ascend_dspark.distributed import Watchdog, launched_by_torchrun, spawn_ranks
     from ascend_dspark.engine.llm import LLM
 
     metrics = Metrics(config.model_name)
     loop = EngineLoop(metrics, config.capacity)
+    children = []
+    if config.tensor_parallel_size > 1 and not launched_by_torchrun():
+        children = spawn_ranks(config.tensor_parallel_size, follow_as_rank, (config,))
 
     def build():
         llm = LLM(**llm_options(config))
-        if tp_children:
-            Watchdog(list(tp_children), llm.tp.fail)
+        if children:
+            Watchdog(children, llm.tp.fail)
         return llm.engine
 
     t0 = time.perf_counter()

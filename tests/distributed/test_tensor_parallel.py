@@ -43,29 +43,39 @@ def _env(cache: str, **extra: str) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def tp2(smollm2_cache, tmp_path_factory):
+def run_tp2(cache: str, out: Path, device: str = "cpu") -> dict:
     """What rank 0 of a torchrun TP=2 group generated, per drafter."""
-    out = tmp_path_factory.mktemp("tp2") / "out.json"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
-           "--out", str(out), "--drafters", ",".join(DRAFTERS), "--max-tokens", str(MAX_TOKENS)]
-    proc = subprocess.run(cmd, env=_env(smollm2_cache), cwd=ROOT, capture_output=True, text=True, timeout=300)
+           "--out", str(out), "--drafters", ",".join(DRAFTERS), "--max-tokens", str(MAX_TOKENS), "--device", device]
+    env = _env(cache)
+    if device != "cpu":
+        env.pop("ASCEND_DSPARK_DEVICE")
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return json.loads(out.read_text())
 
 
-@pytest.fixture(scope="module")
-def tp1(smollm2_cache):
+def run_tp1(device: str = "cpu") -> dict:
     """The same generations in this one process (no torch.distributed)."""
-    torch.set_num_threads(1)
     results = {}
     for drafter in DRAFTERS:
-        llm = LLM(model="default", drafter=drafter, num_speculative_tokens=3, device="cpu", dtype="float32",
+        llm = LLM(model="default", drafter=drafter, num_speculative_tokens=3, device=device, dtype="float32",
                   max_model_len=128, max_batch_size=4, speculation="fixed", progress=False)
         greedy = llm.generate(PROMPTS, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS))
         seeded = llm.generate(PROMPTS, SamplingParams(temperature=0.8, top_p=0.95, seed=7, max_tokens=MAX_TOKENS))
         results[drafter] = {"greedy": [o.token_ids for o in greedy], "seeded": [o.token_ids for o in seeded]}
     return results
+
+
+@pytest.fixture(scope="module")
+def tp2(smollm2_cache, tmp_path_factory):
+    return run_tp2(smollm2_cache, tmp_path_factory.mktemp("tp2") / "out.json")
+
+
+@pytest.fixture(scope="module")
+def tp1(smollm2_cache):
+    torch.set_num_threads(1)
+    return run_tp1()
 
 
 @pytest.mark.parametrize("drafter", DRAFTERS)

@@ -26,6 +26,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--drafters", default="none,dspark,dflash,eagle3")
     parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) | cuda (nccl, one card per rank) | npu (hccl)")
+    parser.add_argument("--dtype", default="float32")
     parser.add_argument("--die-rank", type=int, default=None)
     parser.add_argument("--die-after", type=int, default=0)
     args = parser.parse_args()
@@ -35,7 +37,7 @@ def main() -> int:
         _die_after(args.die_after)
     results = {}
     for drafter in args.drafters.split(","):
-        llm = LLM(model="default", drafter=drafter, num_speculative_tokens=3, device="cpu", dtype="float32",
+        llm = LLM(model="default", drafter=drafter, num_speculative_tokens=3, device=args.device, dtype=args.dtype,
                   max_model_len=128, max_batch_size=4, tensor_parallel_size=int(os.environ["WORLD_SIZE"]),
                   speculation="fixed", progress=False)
         if not llm.is_driver:
