@@ -78,14 +78,16 @@ def _check_committed(tp, out) -> None:
 
 def _portable(args: tuple) -> tuple:
     """A call's arguments as the other ranks need them: requests reduced to what the runner
-    reads (slot, lengths, tokens, sampling parameters), not their host bookkeeping."""
-    def light(r: Request) -> Request:
-        return Request(r.request_id, r.prompt_ids, r.params, frozenset(), r.arrival, output=r.output,
-                       slot=r.slot, num_cached=r.num_cached)
+    reads (slot, lengths, sampling parameters; the tokens only for a prefill), not their host
+    bookkeeping. A field a follower lacks would change what it computes, which `check_same`
+    reports at the step it happens."""
+    def light(r: Request, tokens: bool = True) -> Request:
+        return Request(r.request_id, r.prompt_ids if tokens else [], r.params, frozenset(), r.arrival,
+                       output=r.output if tokens else [], slot=r.slot, num_cached=r.num_cached)
 
     def convert(a):
         if isinstance(a, list) and a and isinstance(a[0], Request):
-            return [light(r) for r in a]
+            return [light(r, tokens=False) for r in a]
         if isinstance(a, list) and a and isinstance(a[0], PrefillChunk):
             return [PrefillChunk(light(c.request), c.start, c.end) for c in a]
         return a
