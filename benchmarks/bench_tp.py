@@ -60,7 +60,7 @@ def build(args, platform, dtype):
         drafter.to(device=platform.device, dtype=dtype).eval()
     tp = None
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        tp = join(platform.dist_backend, platform.device)
+        tp = join(platform)
         shard_target(target, tp)
     return target, drafter, tp, tokenizer
 

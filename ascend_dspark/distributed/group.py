@@ -142,10 +142,10 @@ def timeout_s() -> float:
     return float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))
 
 
-def join(backend: str, device: torch.device, size: int | None = None) -> TensorParallelGroup:
-    """Join the process group torchrun (or `spawn`) described in the environment: RANK,
-    WORLD_SIZE, MASTER_ADDR, MASTER_PORT. `size`, if given, must equal WORLD_SIZE (one
-    tensor-parallel group spans the whole job: no data parallelism inside it)."""
+def join(platform, size: int | None = None) -> TensorParallelGroup:
+    """Join the process group torchrun (or `spawn`) described in the environment (RANK,
+    WORLD_SIZE, MASTER_ADDR, MASTER_PORT) over `platform`'s backend and device. `size`, if
+    given, must equal WORLD_SIZE (one tensor-parallel group spans the whole job)."""
     if not launched_by_torchrun():
         raise RuntimeError("tensor parallelism needs the ranks' environment (RANK, WORLD_SIZE, MASTER_ADDR, "
                            "MASTER_PORT): launch with `torchrun --nproc-per-node N`, or `ascend-dspark serve "
@@ -154,15 +154,12 @@ def join(backend: str, device: torch.device, size: int | None = None) -> TensorP
     if size is not None and size != world:
         raise ValueError(f"tensor_parallel_size={size} but torchrun started {world} processes "
                          f"(WORLD_SIZE): pass --nproc-per-node {size}")
+    backend, device = platform.dist_backend, platform.device
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s()),
-                                **({"device_id": device} if device.type != "cpu" else {}))
+                                **({"device_id": device} if platform.dist_bind_device else {}))
     control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
     rank = dist.get_rank()
     logger.info("tensor parallel: rank %d of %d, %s over %s", rank, world, backend, device)
     return TensorParallelGroup(rank, world, device, dist.group.WORLD, control)
 
-
-def leave() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()

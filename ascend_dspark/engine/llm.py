@@ -82,7 +82,7 @@ class LLM:
         if self.drafter is not None:
             self.drafter.to(device=self.platform.device, dtype=torch_dtype).eval()
         if tensor_parallel_size > 1:        # after the drafter: it is checked against the whole target
-            self.tp = join(self.platform.dist_backend, self.platform.device, tensor_parallel_size)
+            self.tp = join(self.platform, tensor_parallel_size)
             self.is_driver = self.tp.is_driver
             shard_target(self.target, self.tp)
             if not self.tp.is_driver:

@@ -17,6 +17,21 @@ uneven split costs no padding and no replicated KV; it only leaves rank 1 less t
 larger than the KV heads would have to replicate KV heads (vLLM's way); it is refused instead,
 naming the sizes that work. The sum's order and why it is a gather: distributed/group.py.
 
+Why TP=2 is not bit-identical to TP=1 (measured on the CPU, float32, SmolLM2), and what is:
+column-parallel slices keep each output's dot product as it was (bit-identical), attention
+never crosses ranks, and the vocabulary-parallel embedding adds exact zeros. The row-parallel
+sums are where it differs. The CPU's sgemm accumulates the inner dimension in blocks of 384
+in sequence, so a split on a block boundary reproduces one process's sum exactly for
+multi-row products (o_proj at TP=2: 384 + 192 of 576), but down_proj's 768 + 768 of 1536 adds
+(b0 + b1) + (b2 + b3) where one process adds ((b0 + b1) + b2) + b3, and a one-row product
+runs through gemv, whose order differs again. The result: max |logit difference| 4.6e-5
+against top-two gaps of 0.02 and more on the tests' prompts, so greedy tokens agree, but
+a near-tie could resolve differently from TP=1. What is guaranteed is that every rank agrees
+bit for bit (the ordered sum, distributed/group.py), so the group never diverges. Matching
+TP=1 bit for bit would take all-gathering the row-parallel inputs and replicating o_proj
+and down_proj on every rank (a third of the weights), which defeats sharding; no backend's
+reduction order (all-reduce, reduce-scatter) reproduces a single matmul's either.
+
 The model is loaded whole on every rank and then sliced (`shard_target`), after the drafter
 has been built against the whole target (a draft's checkpoint is checked against the target's
 embedding and LM head). The drafter stays replicated: it calls `embed` and `logits`, which

@@ -23,8 +23,9 @@ def _inputs(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _rank(rank: int, port: int, out: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from ascend_dspark.distributed import TensorParallelError, join
+    from ascend_dspark.platform import make_platform
 
-    tp = join("gloo", torch.device("cpu"), 2)
+    tp = join(make_platform("cpu"), 2)
     partial, logits = _inputs(rank)
     result = {"sum": tp.sum_partials(partial).tolist(), "gathered": tp.gather_last_dim(logits).tolist()}
     if tp.is_driver:
