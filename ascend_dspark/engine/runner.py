@@ -172,7 +172,7 @@ class ModelRunner:
             first = num_kv_blocks + i * pad_blocks
             self.tables.extend(slot, list(range(first, first + pad_blocks)))
         self.tables.flush()
-        self.cache = PagedKVCache(cfg.num_layers, self.tables, target.num_local_kv_heads, cfg.head_dim, self.dtype)
+        self.cache = PagedKVCache(cfg.num_layers, self.tables, _kv_heads_here(target), cfg.head_dim, self.dtype)
         if drafter is not None:
             drafter.attach(self.tables, self.dtype)
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
@@ -221,7 +221,7 @@ class ModelRunner:
             return wanted
         stats = self.platform.memory_stats()
         cfg = self.target.config
-        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, self.target.num_local_kv_heads,
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, _kv_heads_here(self.target),
                                                  cfg.head_dim, self.dtype)
         if self.drafter is not None:
             per_block += self.drafter.kv_bytes_per_block(block_size, self.dtype)
@@ -396,6 +396,11 @@ class ModelRunner:
             self._sampling_key = key
             self._sampling = SamplingBatch([r.params for r in requests], self.device, self.platform.ops)
         return self._sampling
+
+
+def _kv_heads_here(target) -> int:
+    """The KV heads this rank's cache holds: its shard's under tensor parallelism (models/parallel.py)."""
+    return getattr(target, "num_local_kv_heads", target.config.num_kv_heads)
 
 
 def follow(target, drafter, platform: Platform) -> None:
