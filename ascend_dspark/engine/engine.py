@@ -206,6 +206,11 @@ class Engine:
         if params.grammar.vocab_size != self.target.config.vocab_size:
             raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab_size} tokens; "
                              f"this model has {self.target.config.vocab_size}")
+        if self.runner.tp is not None:
+            # The followers' runners get the requests without their matchers (runner._portable):
+            # their masks would differ from the driver's, and the ranks' tokens with them.
+            raise ValueError("structured output (response_format / grammar) is not supported with tensor "
+                             "parallelism yet: serve this request from a tensor_parallel_size=1 engine")
         if self.overlap or self.runner.graph_runner is not None:
             _warn_constrained_eager(self.platform.name)
         return RequestGrammar(params.grammar)
@@ -218,6 +223,12 @@ class Engine:
         self.scheduler.finish(request)
         request.finish_reason = "abort"
         return self.outputs.delta(request)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer run steps although nothing has been asked of it yet
+        (a tensor-parallel rank died: engine/runner.py); None while it can."""
+        return self.runner.failure
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._pending is not None

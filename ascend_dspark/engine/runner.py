@@ -12,6 +12,15 @@ and runs it:
                   graph (graph_runner.py) where one fits, else eagerly;
     HostCopy      the one device -> host copy per step.
 
+With tensor parallelism (the target sharded by models/parallel.py) every rank holds a runner;
+rank 0's is the driver: the engine calls it as ever, and each call that runs the device
+(`capture_graphs`, `time_step`, `prefill`, `verify`) is first sent to the other ranks, which
+run the same call on their runner (`follow`) with the same block tables (broadcast with the
+call). The ranks' logits are all-gathered whole, and sampling is counter-based (seed,
+position), so every rank samples the same tokens and keeps the same anchors, cache lengths
+and drafter state without a broadcast of the tokens; only rank 0 copies them to the host.
+Everything above the runner (engine, scheduler, server) is unaware of the group.
+
 Every forward gets an explicit `ForwardContext` (ops/context.py): the platform's op registry,
 how many key columns attention reads, the rows' attention lengths for kernels that take host integers, and the
 graph being captured, if any.
@@ -39,6 +48,51 @@ from .scheduler import PrefillChunk
 
 logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
+
+
+def _sent_to_followers(method):
+    """Tensor parallelism: on the driver (rank 0), hand the call to the other ranks before
+    running it; a call made from inside another (time_step's verify) is not sent again."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.tp is None or not self.tp.is_driver or self._sending:
+            return method(self, *args, **kwargs)
+        self.tp.send_command((method.__name__, _portable(args), kwargs))
+        self.tp.broadcast_(self.tables.table)
+        self._sending = True
+        try:
+            out = method(self, *args, **kwargs)
+        finally:
+            self._sending = False
+        _check_committed(self.tp, out)
+        return out
+    return run
+
+
+def _check_committed(tp, out) -> None:
+    """The tokens a step committed are the same on every rank (TensorParallelGroup.check_same)."""
+    if isinstance(out, dict):
+        for name in ("first", "tokens"):
+            if name in out:
+                tp.check_same(f"the sampled tokens ({name})", out[name])
+
+
+def _portable(args: tuple) -> tuple:
+    """A call's arguments as the other ranks need them: requests reduced to what the runner
+    reads (slot, lengths, sampling parameters; the tokens only for a prefill), not their host
+    bookkeeping. A field a follower lacks would change what it computes, which `check_same`
+    reports at the step it happens."""
+    def light(r: Request, tokens: bool = True) -> Request:
+        return Request(r.request_id, r.prompt_ids if tokens else [], r.params, frozenset(), r.arrival,
+                       output=r.output if tokens else [], slot=r.slot, num_cached=r.num_cached)
+
+    def convert(a):
+        if isinstance(a, list) and a and isinstance(a[0], Request):
+            return [light(r, tokens=False) for r in a]
+        if isinstance(a, list) and a and isinstance(a[0], PrefillChunk):
+            return [PrefillChunk(light(c.request), c.start, c.end) for c in a]
+        return a
+    return tuple(convert(a) for a in args)
 
 
 def warn_if_not_exact(platform: Platform, dtype: torch.dtype, device: torch.device) -> None:
@@ -71,6 +125,12 @@ class ModelRunner:
                  max_batch_size: int, num_kv_blocks: int | None, kv_block_size: int | None,
                  kv_cache_fraction: float, max_prefill_tokens: int, graphs: bool | None,
                  graph_buckets: list[int] | None, profile_rows: bool = False) -> None:
+        self.tp = getattr(target, "tp", None)           # set by models/parallel.py shard_target
+        self._sending = False
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.send_command(("__init__", (num_speculative_tokens, max_model_len, max_batch_size, num_kv_blocks,
+                                               kv_block_size, kv_cache_fraction, max_prefill_tokens, graphs,
+                                               graph_buckets, profile_rows), {}))
         self.platform = platform
         self.target = target
         self.drafter = drafter
@@ -113,7 +173,7 @@ class ModelRunner:
             first = num_kv_blocks + i * pad_blocks
             self.tables.extend(slot, list(range(first, first + pad_blocks)))
         self.tables.flush()
-        self.cache = PagedKVCache(cfg.num_layers, self.tables, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        self.cache = PagedKVCache(cfg.num_layers, self.tables, _kv_heads_here(target), cfg.head_dim, self.dtype)
         if drafter is not None:
             drafter.attach(self.tables, self.dtype)
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
@@ -121,6 +181,12 @@ class ModelRunner:
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why this runner's tensor-parallel group can no longer compute (a rank died); None if it can."""
+        return self.tp.failure if self.tp is not None else None
+
+    @_sent_to_followers
     def capture_graphs(self, progress: bool, depths: list[int] = ()) -> None:
         """Capture the start-up step graphs (a no-op without graphs); `depths`: the draft
         depths the engine may choose besides K (greedy graphs for each are captured too)."""
@@ -128,6 +194,7 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graph_runner.capture_startup(progress, depths)
 
+    @_sent_to_followers
     @torch.inference_mode()
     def time_step(self, batch: int, depth: int, repeats: int, observe: bool = True) -> float:
         """Median seconds of a greedy step of `batch` padding rows drafting and verifying
@@ -156,11 +223,14 @@ class ModelRunner:
             return wanted
         stats = self.platform.memory_stats()
         cfg = self.target.config
-        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, _kv_heads_here(self.target),
+                                                 cfg.head_dim, self.dtype)
         if self.drafter is not None:
             per_block += self.drafter.kv_bytes_per_block(block_size, self.dtype)
         room = int(fraction * stats["total_bytes"]) - stats["reserved_bytes"]
         fits = max(room // per_block, 0)
+        if self.tp is not None:         # every rank's tables must be the same: the smallest fit
+            fits = self.tp.min_int(fits)
         if fits < wanted:
             logger.info("KV cache: %d blocks of %d positions fit in %.0f%% of %s memory (%d would let every slot "
                         "reach max_model_len): requests wait for blocks when they run out",
@@ -191,6 +261,7 @@ class ModelRunner:
         return wanted
 
     # -- prefill -----------------------------------------------------------------------------
+    @_sent_to_followers
     def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None,
                 constrained: bool = False) -> dict[str, torch.Tensor]:
         """One padded forward over the chunks; returns each row's sampled next token (used
@@ -257,6 +328,7 @@ class ModelRunner:
         return out
 
     # -- draft + verify ----------------------------------------------------------------------
+    @_sent_to_followers
     def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0,
                observe: bool = True, constrained: bool = False) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
@@ -346,6 +418,29 @@ class ModelRunner:
             self._sampling_key = key
             self._sampling = SamplingBatch([r.params for r in requests], self.device, self.platform.ops)
         return self._sampling
+
+
+def _kv_heads_here(target) -> int:
+    """The KV heads this rank's cache holds: its shard's under tensor parallelism (models/parallel.py)."""
+    return getattr(target, "num_local_kv_heads", target.config.num_kv_heads)
+
+
+def follow(target, drafter, platform: Platform) -> None:
+    """A tensor-parallel rank other than 0: build the runner rank 0 builds, then run every call
+    rank 0's runner sends (same arguments, same block tables) until it says stop. Returns on
+    "stop"; a dead rank 0 raises TensorParallelError (distributed/group.py)."""
+    tp = target.tp
+    runner = None
+    while True:
+        name, args, kwargs = tp.receive_command()
+        if name == "stop":
+            return
+        if name == "__init__":
+            runner = ModelRunner(target, drafter, platform, *args, **kwargs)
+            continue
+        tp.broadcast_(runner.tables.table)
+        with torch.inference_mode():
+            _check_committed(tp, getattr(runner, name)(*args, **kwargs))
 
 
 def _powers_of_4(top: int) -> list[int]:

@@ -147,11 +147,11 @@ class StepCosts:
 
 def profile_key(runner, batch_sizes: list[int], depths: list[int]) -> str:
     """What the step cost depends on: the device, torch, dtype, the models' shapes (not their
-    weights), the graph buckets."""
+    weights), the graph buckets, the tensor-parallel size."""
     import torch
     parts = [_FORMAT_VERSION, runner.platform.describe(), torch.__version__, str(runner.dtype),
              repr(runner.target.config), repr(getattr(runner.drafter, "config", None)), batch_sizes, depths,
-             runner.graph_runner is not None]
+             runner.graph_runner is not None] + ([f"tp{runner.tp.size}"] if runner.tp is not None else [])
     return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:16]
 
 
