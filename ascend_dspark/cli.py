@@ -21,7 +21,10 @@ def _generate(args: argparse.Namespace) -> int:
     from ascend_dspark.spec.sampling import SamplingParams
 
     llm = LLM(model=args.model, drafter=args.drafter, num_speculative_tokens=args.num_speculative_tokens,
-              device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, speculation=args.speculation)
+              device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, speculation=args.speculation,
+              tensor_parallel_size=args.tensor_parallel_size)
+    if not llm.is_driver:               # a tensor-parallel rank other than 0: it followed rank 0, done
+        return 0
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                             seed=args.seed, max_tokens=args.max_tokens)
     if args.raw:
@@ -31,8 +34,9 @@ def _generate(args: argparse.Namespace) -> int:
     out = outputs[0]
     stats = merge_stats([o.stats for o in outputs])
     t = llm.engine.timings
+    llm.close()
     print(out.text)
-    print(f"[{llm.platform.name}] {t.generated_tokens} tokens in {t.prefill_s + t.decode_s:.2f} s | "
+    print(f"[{llm.platform.name}{f' TP={args.tensor_parallel_size}' if args.tensor_parallel_size > 1 else ''}] {t.generated_tokens} tokens in {t.prefill_s + t.decode_s:.2f} s | "
           f"{t.tokens_per_s:.1f} tokens/s ({t.decode_tokens_per_s:.1f} decode) | "
           f"mean accepted length {stats.mean_accepted_length:.2f} | drafter {args.drafter} "
           f"K={args.num_speculative_tokens if args.drafter != 'none' else 0} | finish {out.finish_reason}")
@@ -127,6 +131,8 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
     gen.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)")
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    gen.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+                     help="shard the target over N ranks: run under `torchrun --nproc-per-node N` (README)")
     gen.set_defaults(func=_generate)
     doc = sub.add_parser("doctor", help="diagnose this host: devices, versions, ops, graphs (and why not)")
     doc.add_argument("--selftest", action="store_true",

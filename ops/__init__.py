@@ -7,6 +7,7 @@ callers only ever import from here.
 
 from .activation import gelu_tanh_and_mul, silu_and_mul
 from .attention import attention, build_attention_mask
+from .grammar import apply_token_bitmask
 from .kv_cache import kv_write
 from .linear import linear
 from .markov import markov_confidence_step
@@ -20,5 +21,5 @@ __all__ = [
     "rms_norm", "add_rms_norm", "apply_rotary", "rotary_cos_sin", "silu_and_mul",
     "gelu_tanh_and_mul", "linear", "attention", "build_attention_mask", "kv_write",
     "apply_temperature_top_k_top_p", "apply_min_p", "counter_uniform", "counter_uniform_vocab",
-    "exponential_race", "verify_chain", "verify_chain_greedy", "markov_confidence_step",
+    "exponential_race", "verify_chain", "verify_chain_greedy", "markov_confidence_step", "apply_token_bitmask",
 ]

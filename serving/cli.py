@@ -9,6 +9,7 @@ parser and the error handling are ascend_dspark.cli's, this file only adds `serv
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ascend_dspark import cli
@@ -28,8 +29,13 @@ def _serve(args: argparse.Namespace) -> int:
     config = from_args(args).validate()          # a ConfigError (ValueError) is one clean error line
     import uvicorn
 
-    from .factory import create_app
+    from .factory import create_app, follow_as_rank
 
+    if config.tensor_parallel_size > 1 and os.environ.get("RANK", "0") != "0":
+        # Under torchrun every rank runs this command: rank 0 serves, the others follow it.
+        # (Without torchrun the server starts the other ranks itself: factory.start_engine.)
+        follow_as_rank(config)
+        return 0
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.shutdown_grace_s)
     return 0

@@ -38,6 +38,7 @@ class ServerConfig:
     dtype: str | None = None               # None: the device's default
     served_model_name: str | None = None   # the `model` names clients send (comma-separated aliases); None: `model`
     seed: int = 0                          # initialises a drafter that has no checkpoint
+    tensor_parallel_size: int = 1          # ranks the target is sharded over (README "Tensor parallelism")
     # capacity
     max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
     max_model_len: int = 2048              # prompt + output tokens of one sequence
@@ -90,7 +91,8 @@ class ServerConfig:
             if not ok:
                 problems.append(f"{env_name(name)} (--{name.replace('_', '-')}): {message}")
 
-        for name in ("max_num_seqs", "max_n", "port", "max_body_bytes", "num_speculative_tokens"):
+        for name in ("max_num_seqs", "max_n", "port", "max_body_bytes", "num_speculative_tokens",
+                     "tensor_parallel_size"):
             need(getattr(self, name) >= 1 if name != "port" else 0 <= self.port <= 65535, name,
                  f"must be {'in 0..65535' if name == 'port' else '>= 1'}, got {getattr(self, name)}")
         need(self.max_model_len >= 2, "max_model_len", f"must be >= 2, got {self.max_model_len}")
@@ -124,6 +126,8 @@ class ServerConfig:
 
 
 _HELP = {
+    "tensor_parallel_size": "shard the target over N ranks of this host; without torchrun the server starts "
+                            "ranks 1..N-1 itself",
     "model": "'default' (SmolLM2-135M-Instruct), an HF model directory or a .gguf file",
     "drafter": "none | eagle3 | dflash | dspark | a checkpoint directory",
     "speculation": "confidence (each step's draft depth, 0 to K, chosen from predicted acceptance and the "

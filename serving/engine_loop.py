@@ -163,7 +163,8 @@ class EngineLoop:
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.error is None
+        engine_failed = self.engine is not None and self.engine.failure is not None
+        return self._thread is not None and self._thread.is_alive() and self.error is None and not engine_failed
 
     @property
     def in_flight(self) -> int:
@@ -172,8 +173,9 @@ class EngineLoop:
     def submit(self, sequences: list[Sequence], arrival: float) -> Submission:
         """Admit a request's sequences or refuse at once (QueueFull, EngineUnavailable)."""
         with self._lock:
-            if self.error is not None:
-                raise EngineUnavailable(f"the engine stopped after an error: {self.error}")
+            failure = self.engine.failure if self.engine is not None else None
+            if self.error is not None or failure is not None:
+                raise EngineUnavailable(f"the engine stopped after an error: {self.error or failure}")
             if self._stopping:
                 raise EngineUnavailable("the server is shutting down")
             if self._in_flight + len(sequences) > self.capacity:

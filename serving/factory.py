@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from contextlib import asynccontextmanager
 
@@ -91,18 +92,43 @@ def _document_our_errors(app: FastAPI) -> None:
     app.openapi = openapi
 
 
+def llm_options(config: ServerConfig) -> dict:
+    """The LLM every rank builds (tensor parallelism: the same on each, or they disagree)."""
+    return dict(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
+                device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
+                max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation,
+                tensor_parallel_size=config.tensor_parallel_size)
+
+
+def follow_as_rank(config: ServerConfig) -> None:
+    """A tensor-parallel rank other than 0: load the shard, follow rank 0 until it stops."""
+    from ascend_dspark.engine.llm import LLM
+
+    logging.basicConfig(level=logging.INFO, format=f"[rank {os.environ.get('RANK')}] %(levelname)s %(message)s")
+    LLM(**llm_options(config))
+
+
 def start_engine(config: ServerConfig) -> ServerState:
     """Build the engine on the engine loop's thread and start serving; blocks until ready.
-    What the server needs of it afterwards (tokenizer, platform, K) is on the engine."""
+    What the server needs of it afterwards (tokenizer, platform, K) is on the engine.
+
+    With `tensor_parallel_size` > 1 and no torchrun around it, this process becomes rank 0
+    and starts the other ranks (distributed/spawn.py), whose deaths a watchdog reports as
+    the engine's failure (/health 503); under torchrun, torchrun started and watches them."""
+    from ascend_dspark.distributed import Watchdog, launched_by_torchrun, spawn_ranks
     from ascend_dspark.engine.llm import LLM
 
     metrics = Metrics(config.model_name)
     loop = EngineLoop(metrics, config.capacity)
+    children = []
+    if config.tensor_parallel_size > 1 and not launched_by_torchrun():
+        children = spawn_ranks(config.tensor_parallel_size, follow_as_rank, (config,))
 
     def build():
-        return LLM(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
-                   device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
-                   max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation).engine
+        llm = LLM(**llm_options(config))
+        if children:
+            Watchdog(children, llm.tp.fail)
+        return llm.engine
 
     t0 = time.perf_counter()
     loop.start(build)

@@ -40,6 +40,7 @@ from .engine_loop import (
 from .errors import APIError, error_body
 from .protocol import Speculation, Usage, _GenerationFields
 from .state import ServerState
+from .structured import compile_format
 
 RETRY_AFTER_S = 1
 
@@ -90,10 +91,11 @@ async def respond(state: ServerState, request: Request, req: _GenerationFields, 
     max_tokens, top_logprobs = endpoint.limits(req)
     echoes = endpoint.echo(state, req, prompts)
     rid = f"{endpoint.id_prefix}-{uuid.uuid4().hex}"
+    grammar = await compile_format(state, req)
     # Echoed logprobs are the prompt's, from the prefill (a prompt-only request still samples
     # one token, which the choice drops: the engine always generates).
     prompt_logprobs = top_logprobs if echoes is not None else None
-    sequences = make_sequences(state, req, prompts, max_tokens, top_logprobs, endpoint.prompt_param, rid,
+    sequences = make_sequences(state, req, prompts, max_tokens, top_logprobs, endpoint.prompt_param, rid, grammar,
                                prompt_logprobs)
     submission = await admit(state, sequences, arrival)
     choices = [Choice(echo=echoes[k // req.n] if echoes is not None else None, keep_output=max_tokens != 0)
@@ -151,7 +153,7 @@ def choice_seed(seed: int | None, index: int) -> int | None:
 
 
 def make_sequences(state: ServerState, req: _GenerationFields, prompts: list[list[int]], max_tokens: int | None,
-                   logprobs: int | None, prompt_param: str, request_id: str,
+                   logprobs: int | None, prompt_param: str, request_id: str, grammar=None,
                    prompt_logprobs: int | None = None) -> list[Sequence]:
     """n sequences per prompt, with everything the engine would refuse checked here first
     so the client gets a 400 naming the parameter. `max_tokens` 0 runs one token (dropped
@@ -171,18 +173,18 @@ def make_sequences(state: ServerState, req: _GenerationFields, prompts: list[lis
                            param=prompt_param, code="context_length_exceeded")
         for i in range(req.n):
             cap = max(1, cfg.max_model_len - len(ids)) if max_tokens is None else max(1, max_tokens)
-            params = _sampling_params(req, cap, choice_seed(req.seed, i), logprobs, prompt_logprobs)
+            params = _sampling_params(req, cap, choice_seed(req.seed, i), logprobs, grammar, prompt_logprobs)
             sequences.append(Sequence(f"{request_id}-{p}-{i}", ids, params))
     return sequences
 
 
 def _sampling_params(req: _GenerationFields, max_tokens: int, seed: int | None, logprobs: int | None,
-                     prompt_logprobs: int | None) -> SamplingParams:
+                     grammar=None, prompt_logprobs: int | None = None) -> SamplingParams:
     try:
         return SamplingParams(temperature=req.temperature, top_k=max(0, req.top_k), top_p=req.top_p,
                               min_p=req.min_p, seed=seed, max_tokens=max_tokens, stop=list(req.stop or []),
                               stop_token_ids=list(req.stop_token_ids or []), ignore_eos=req.ignore_eos,
-                              num_speculative_tokens=req.num_speculative_tokens, logprobs=logprobs,
+                              num_speculative_tokens=req.num_speculative_tokens, logprobs=logprobs, grammar=grammar,
                               prompt_logprobs=prompt_logprobs)
     except ValueError as exc:
         raise APIError(400, str(exc)) from None
@@ -263,6 +265,8 @@ async def collect(submission: Submission, deadline: float, request: Request, cho
     try:
         async for index, delta in submission.deltas(deadline):
             choices[index].add(delta)
+            if delta.error is not None:
+                raise APIError(500, delta.error, code="structured_output_error")
     except TimedOut:
         raise APIError(408, "the request ran past the server's time limit and was stopped",
                        code="timeout") from None
@@ -310,6 +314,8 @@ async def sse(submission: Submission, deadline: float, on_delta: Callable[[int, 
             async for index, delta in submission.deltas(deadline):
                 for chunk in on_delta(index, delta):
                     yield _event(chunk)
+                if delta.error is not None:
+                    yield _event(error_body(delta.error, "server_error", code="structured_output_error"))
             for chunk in on_end():
                 yield _event(chunk)
         except TimedOut:

@@ -6,6 +6,8 @@ silently drop (logit_bias, penalties, tools, ...) would change the meaning of th
 without telling anyone. Two extensions, both vLLM-compatible in spirit: `top_k`, `min_p`,
 `stop_token_ids`, `ignore_eos` (vLLM's sampling extras) and `num_speculative_tokens`
 (cap the draft tokens verified per step for this request; 0 turns speculation off).
+Structured output: OpenAI's `response_format` (`json_object`, `json_schema`) and vLLM's
+`guided_json` / `guided_choice` (serving/structured.py compiles them).
 Streaming chunks are plain dicts (built by `generation.respond` and the endpoints in
 `openai_api.py`), in the same field layout.
 """
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ascend_dspark.spec.sampling import MAX_LOGPROBS
 
@@ -29,6 +31,31 @@ class StreamOptions(_Strict):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(False, description="vLLM's: every chunk carries the usage so far "
                                                              "(guidellm asks for it)")
+
+
+class JSONSchemaFormat(_Strict):
+    """OpenAI's `response_format.json_schema`."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema", description="the JSON schema (absent: any JSON object)")
+    strict: bool | None = Field(None, description="accepted; the output always follows the schema exactly")
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON valid under a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs a `json_schema` object")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise ValueError(f"`json_schema` is only read with type json_schema, not {self.type}")
+        return self
 
 
 class _GenerationFields(_Strict):
@@ -51,6 +78,20 @@ class _GenerationFields(_Strict):
     num_speculative_tokens: int | None = Field(
         None, description="extension: at most this many draft tokens drafted and verified per step (the server's "
                           "K at most); 0 = no speculation. Checked where sampling parameters are (SamplingParams)")
+    response_format: ResponseFormat | None = None
+    guided_json: dict | str | None = Field(None, description="vLLM's extension: output JSON valid under this schema")
+    guided_choice: list[str] | None = Field(None, min_length=1, max_length=256,
+                                            description="vLLM's extension: output exactly one of these strings")
+
+    @model_validator(mode="after")
+    def _one_format(self):
+        given = [name for name, v in (("guided_json", self.guided_json), ("guided_choice", self.guided_choice))
+                 if v is not None]
+        if self.response_format is not None and self.response_format.type != "text":
+            given.append("response_format")
+        if len(given) > 1:
+            raise ValueError(f"at most one of response_format, guided_json and guided_choice: got {', '.join(given)}")
+        return self
 
     @field_validator("stop")
     @classmethod

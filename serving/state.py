@@ -23,6 +23,7 @@ class ServerState:
     num_speculative_tokens: int      # what the engine verifies per step (0: no drafter)
     device: str
     started: int = field(default_factory=lambda: int(time.time()))
+    grammars: object | None = None   # spec.grammar.GrammarCompiler, built on the first structured request
 
 
 def get_state(request: Request) -> ServerState:

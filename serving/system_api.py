@@ -101,6 +101,9 @@ class SpeculationTotalsResponse(BaseModel):
         description="request-steps by the drafts they verified, 0..K (the depths the speculation policy chose)")
     confidence_calibration: ConfidenceCalibration = Field(
         description="the confidence head's c_k against acceptance at the most recent reached draft positions")
+    step_costs: dict | None = Field(
+        default=None, description="the confidence policy's step costs: profiled at start-up and measured on the steps "
+                                  "run, in ms per (batch size, depth); null under the fixed policy or before the engine is up")
     generation_tokens: int = Field(description="tokens generated since start")
     tokens_per_second: float = Field(description="tokens generated over the last window_s seconds, per second")
     window_s: float
@@ -117,7 +120,13 @@ async def speculation(request: Request) -> SpeculationTotalsResponse:
         model=state.config.model_name, drafter=state.config.drafter, num_speculative_tokens=state.num_speculative_tokens,
         running=snap.running, waiting=snap.waiting, uptime_s=round(time.time() - state.started, 3),
         **state.metrics.totals.snapshot(state.num_speculative_tokens),
-        confidence_calibration=state.metrics.totals.calibration())
+        confidence_calibration=state.metrics.totals.calibration(), step_costs=_step_costs(state))
+
+
+def _step_costs(state) -> dict | None:
+    engine = state.loop.engine
+    costs = getattr(engine, "costs", None) if engine is not None else None
+    return costs.table() if costs is not None else None
 
 
 @router.get("/version", response_model=VersionResponse)

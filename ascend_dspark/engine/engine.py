@@ -15,6 +15,13 @@ commits for every decoding request, and prefills prompt chunks for new ones.
     abort(id)                             free the request's slot and KV blocks at once
     generate(prompts, params)             offline: add everything, step until done
 
+Structured output (a request whose `SamplingParams.grammar` is set): its steps mask the
+target's rows with the grammar (spec/grammar.py says why that stays lossless), which needs
+the step's drafts on the host between the proposal and verification. A decode batch holding
+such a request therefore runs its steps eagerly (no graph replay) and without overlap (the
+next step's masks need this step's tokens); batches without one are untouched: no mask,
+no host read, graphs and overlap as before.
+
 The engine keeps the requests, the scheduler (scheduler.py: slots, blocks, admission,
 preemption), the overlap of host and device work, and the host bookkeeping of each step;
 the model runner (runner.py) owns everything on the device, and the output processor
@@ -30,6 +37,7 @@ device -> host copy per step carries every token the step produced.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import logging
 import random
@@ -42,7 +50,7 @@ from tqdm.auto import tqdm
 
 from ascend_dspark.platform import Platform, current_platform
 from ascend_dspark.spec.acceptance import AcceptanceEstimator
-from ascend_dspark.spec.prefix_scheduler import best_depth
+from ascend_dspark.spec.grammar import CompiledGrammar, RequestGrammar
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .output_processor import OutputProcessor, logprob_rows
@@ -50,21 +58,15 @@ from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
 from .runner import HostCopy, ModelRunner
 from .scheduler import Scheduler, StepPlan
+from .speculation import SLEEP_AFTER, SPECULATION_POLICIES, SpeculationPolicy, depth_menu
 from .step_costs import StepCosts, measured_step_costs
+
+__all__ = ["Engine", "GenerateTimings", "SLEEP_AFTER", "SPECULATION_POLICIES", "depth_menu"]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_TOKENS = 2048
 DEFAULT_KV_FRACTION = 0.9      # of the device's memory, for weights + KV + graphs together
-SPECULATION_POLICIES = ("fixed", "confidence")
-SLEEP_AFTER = 16               # consecutive steps planned at depth 0 before the drafter sleeps
-
-
-def depth_menu(num_speculative_tokens: int) -> list[int]:
-    """The draft depths the confidence policy chooses from: every depth up to 3, then 5 and K
-    (each depth is a step graph per batch bucket; deep drafts rarely survive past 3 anyway)."""
-    return sorted({d for d in (0, 1, 2, 3, 5) if d < num_speculative_tokens} | {num_speculative_tokens})
-
 
 @dataclass
 class GenerateTimings:
@@ -99,9 +101,10 @@ class Engine:
     `speculation` (with a drafter): "confidence" (the default) chooses every step's draft
     depth, 0 (plain decoding) to `num_speculative_tokens`, for the most expected tokens per
     second: predicted acceptance (spec/acceptance.py, the confidence head's where the draft
-    has one) against the measured cost of a step at this batch size and depth (`step_costs`,
-    default: profiled at start-up, step_costs.py); "fixed" always drafts and verifies
-    `num_speculative_tokens`. Either way a request's `num_speculative_tokens` caps its own."""
+    has one) against the cost of a step at this batch size and depth (`step_costs`, default:
+    profiled at start-up and corrected by the steps that run, step_costs.py); "fixed" always
+    drafts and verifies `num_speculative_tokens`. Either way a request's
+    `num_speculative_tokens` caps its own (speculation.py)."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
                  max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
@@ -134,26 +137,44 @@ class Engine:
                                    max_batch_size, self.runner.num_kv_blocks)
         eos = tokenizer.eos_token_ids if tokenizer is not None else target.config.eos_token_ids
         self.outputs = OutputProcessor(tokenizer, eos, max_model_len)
-        self.depths = depth_menu(self.num_speculative_tokens) if self.speculation == "confidence" else []
-        self.runner.capture_graphs(progress, self.depths)
-        self.costs: StepCosts | None = None
-        self.acceptance: AcceptanceEstimator | None = None
-        self.depth_counts = [0] * (self.num_speculative_tokens + 1)     # steps run at each draft depth
+        self.policy = SpeculationPolicy(self.speculation, self.num_speculative_tokens)
+        self.runner.capture_graphs(progress, self.policy.depths)
         if self.speculation == "confidence":
-            self.costs = step_costs or measured_step_costs(self.runner, self.runner.profile_batch_sizes, self.depths,
-                                                           progress)
-            self.acceptance = AcceptanceEstimator(self.num_speculative_tokens,
-                                                  temperatures=getattr(drafter, "confidence_temperatures", None))
-        # The drafter sleeps (see `_plan_sleep`): requests admitted meanwhile never draft.
-        self.drafter_asleep = False
-        self._plain_streak = 0
+            self.policy.costs = step_costs or measured_step_costs(self.runner, self.runner.profile_batch_sizes,
+                                                                  self.policy.depths, progress)
+            self.policy.learn_costs = step_costs is None
+            self.policy.acceptance = AcceptanceEstimator(self.num_speculative_tokens,
+                                                         temperatures=getattr(drafter, "confidence_temperatures", None))
         # Overlap pays where the device runs ahead of the host (graphs, asynchronous streams).
         self.overlap = self.platform.overlap_steps if overlap is None else overlap
         self._pending: _Launched | None = None
         self._ran_prefill = False          # whether the last step() launched a prefill chunk (timings)
         self.requests: dict[str, Request] = {}
+        self.policy.attach(self.requests)
+        self._last_decode_read: float | None = None     # when the last decode-only step was read
         self._arrivals = itertools.count()
         self.timings = GenerateTimings()
+
+    # The policy's state, where tests and benchmarks look for it.
+    @property
+    def depth_counts(self) -> list[int]:
+        return self.policy.depth_counts
+
+    @property
+    def drafter_asleep(self) -> bool:
+        return self.policy.drafter_asleep
+
+    @property
+    def costs(self) -> StepCosts | None:
+        return self.policy.costs
+
+    @costs.setter
+    def costs(self, costs: StepCosts) -> None:
+        self.policy.costs = costs
+
+    @property
+    def acceptance(self) -> AcceptanceEstimator | None:
+        return self.policy.acceptance
 
     # -- public: the serving API ------------------------------------------------------------
     def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -167,15 +188,32 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer: this engine has none (use stop_token_ids)")
         # A seeded sampled request keeps its full depth under the confidence policy: its tokens
-        # then depend on its seed alone, never on the load (see `_verify_lens`).
+        # then depend on its seed alone, never on the load (speculation.py).
         pinned = params.seed is not None and params.temperature > 0
         if params.seed is None:        # fixed once, so a preempted request recomputes the same tokens
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         request = Request(request_id, list(prompt_ids), params, self.outputs.stop_ids(params), next(self._arrivals),
                           detokenize=detokenize and self.tokenizer is not None, pinned_depth=pinned,
-                          drafter_asleep=self.drafter_asleep and not pinned)
+                          drafter_asleep=self.drafter_asleep and not pinned, grammar=self._grammar_for(params))
         self.scheduler.add(request)
         self.requests[request_id] = request
+
+    def _grammar_for(self, params: SamplingParams) -> RequestGrammar | None:
+        if params.grammar is None:
+            return None
+        if not isinstance(params.grammar, CompiledGrammar):
+            raise ValueError("SamplingParams.grammar must be a CompiledGrammar (spec.grammar.GrammarCompiler)")
+        if params.grammar.vocab_size != self.target.config.vocab_size:
+            raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab_size} tokens; "
+                             f"this model has {self.target.config.vocab_size}")
+        if self.runner.tp is not None:
+            # The followers' runners get the requests without their matchers (runner._portable):
+            # their masks would differ from the driver's, and the ranks' tokens with them.
+            raise ValueError("structured output (response_format / grammar) is not supported with tensor "
+                             "parallelism yet: serve this request from a tensor_parallel_size=1 engine")
+        if self.overlap or self.runner.graph_runner is not None:
+            _warn_constrained_eager(self.platform.name)
+        return RequestGrammar(params.grammar)
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Stop a request now and free its slot and blocks; None if it is unknown or done."""
@@ -185,6 +223,12 @@ class Engine:
         self.scheduler.finish(request)
         request.finish_reason = "abort"
         return self.outputs.delta(request)
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine can no longer run steps although nothing has been asked of it yet
+        (a tensor-parallel rank died: engine/runner.py); None while it can."""
+        return self.runner.failure
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0 or self._pending is not None
@@ -232,7 +276,7 @@ class Engine:
             plan = self.scheduler.schedule()
             if not plan.empty:
                 launched = self._launch(plan)
-                if self.overlap and not plan.prefill:
+                if self.overlap and not plan.prefill and not launched.constrained:
                     self._pending = launched
                 else:
                     deltas += self._finish(launched)
@@ -244,35 +288,35 @@ class Engine:
         parts: dict[str, torch.Tensor] = {}
         self._ran_prefill = self._ran_prefill or bool(plan.prefill)
         if plan.prefill:
-            parts.update(self.runner.prefill(plan.prefill, [self._may_draft(c.request) for c in plan.prefill]))
-        verify_lens = self._verify_lens(plan.decode) if plan.decode else []
+            parts.update(self.runner.prefill(plan.prefill, [self.policy.may_draft(c.request) for c in plan.prefill],
+                                             any(c.request.grammar is not None for c in plan.prefill)))
+        verify_lens = self.policy.verify_lens(plan.decode) if plan.decode else []
+        constrained = any(r.grammar is not None for r in plan.decode)
+        observe = False
         if plan.decode:
-            self.depth_counts[max(verify_lens)] += 1
             # No row that could ever draft: a plain step, the drafter not even observing.
-            observe = any(self._may_draft(r) for r in plan.decode)
-            parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe))
-        return _Launched(plan, verify_lens, HostCopy(parts, self.platform))
+            observe = any(self.policy.may_draft(r) for r in plan.decode)
+            parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe, constrained))
+        return _Launched(plan, verify_lens, HostCopy(parts, self.platform), observe, constrained)
 
     def _finish(self, launched: _Launched) -> list[RequestDelta]:
         """Read a launched step's results and commit them (rows of requests that left since
         the launch are dropped)."""
         plan, host = launched.plan, launched.copy.receive()
+        self._time_step(launched)
         touched: list[Request] = []
         if plan.decode:
             live = [i for i, r in enumerate(plan.decode)
                     if r.status is Status.RUNNING and self.requests.get(r.request_id) is r]
             counts = [host["num_accepted"][i] for i in live]
-            token_lists = [host["tokens"][i][: n + 1] for i, n in zip(live, counts)]
+            token_lists = [self._follow_grammar(plan.decode[i], host["tokens"][i][: n + 1]) for i, n in zip(live, counts)]
             confidence = [host["confidence"][i] for i in live] if "confidence" in host else None
             logprobs = logprob_rows(host, "", plan.decode)
             requests = [plan.decode[i] for i in live]
             verified = [launched.verify_lens[i] for i in live]
             self.outputs.commit(requests, token_lists, counts, verified, confidence,
                          [logprobs[i] for i in live] if logprobs is not None else None)
-            if self.acceptance is not None:
-                for j, r in enumerate(requests):
-                    self.acceptance.observe(r.acceptance, counts[j], verified[j],
-                                            confidence[j][:verified[j]] if confidence is not None else None)
+            self.policy.observe(requests, counts, verified, confidence)
             touched += requests
         first_logprobs = logprob_rows(host, "first_", [c.request for c in plan.prefill]) if plan.prefill else None
         if "prompt_logprob" in host:
@@ -284,7 +328,7 @@ class Engine:
                 self.scheduler.prefill_done(r)
                 if not r.output:
                     logprobs = [first_logprobs[b]] if first_logprobs is not None else None
-                    self.outputs.commit([r], [[host["first"][b]]], None, None, None, logprobs)
+                    self.outputs.commit([r], [self._follow_grammar(r, [host["first"][b]])], None, None, None, logprobs)
                     touched.append(r)
         deltas = []
         for r in touched:
@@ -294,10 +338,37 @@ class Engine:
             deltas.append(self.outputs.delta(r))
         return deltas
 
+    def _time_step(self, launched: _Launched) -> None:
+        """A decode-only step read right after another one: the time between the two reads is
+        what the step cost the engine (device and host, with overlap the part not hidden),
+        which the policy's cost table learns from. Prefill steps, and the first decode step
+        after one, are not decode-step costs."""
+        now = time.perf_counter()
+        plan = launched.plan
+        if plan.prefill or not plan.decode:
+            self._last_decode_read = None
+            return
+        if self._last_decode_read is not None:
+            self.policy.record_step(len(plan.decode), max(launched.verify_lens), launched.observe,
+                                    now - self._last_decode_read)
+        self._last_decode_read = now
+
+    def _follow_grammar(self, r: Request, tokens: list[int]) -> list[int]:
+        """Advance a constrained request's matcher by its committed tokens; the tokens up to
+        the grammar's end. A token the grammar refuses (a bug: every committed token comes
+        from a masked row) aborts this request with an error, never the engine."""
+        if r.grammar is None:
+            return tokens
+        kept, error = r.grammar.commit(tokens)
+        if error is not None:
+            logger.error("request %s aborted: %s", r.request_id, error)
+            r.error, r.finish_reason = error, "abort"
+        return kept
+
     def _chain(self, pending: _Launched) -> bool:
         """Whether the next step of the pending decode batch can be launched before its
         results are read: the batch stays as it is, and blocks for one more step are free."""
-        if not self.overlap or pending.plan.prefill:
+        if not self.overlap or pending.plan.prefill or pending.constrained:
             return False
         if self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots):
             return False                            # someone should join: read, then schedule
@@ -354,63 +425,6 @@ class Engine:
                 for r in requests]
 
     # -- host bookkeeping ----------------------------------------------------------------------
-    def _verify_lens(self, requests: list[Request]) -> list[int]:
-        """The drafts each row proposes and verifies this step: its cap (the request's
-        `num_speculative_tokens`, at most the engine's K), and under the confidence policy at
-        most the step's depth. The depth is planned from results already read (never from
-        this step's drafts), so it cannot bias what the step accepts."""
-        caps = [0 if r.drafter_asleep else self._cap(r) for r in requests]
-        if self.acceptance is None:
-            return caps
-        if self.drafter_asleep:
-            self._maybe_wake(len(requests))
-        if not any(caps):
-            return caps
-        # Seeded sampled requests verify their whole cap: which tokens a seed gives depends on
-        # the depth (a draft accepted at position p vs a target sample there, both exact in
-        # law), so a depth planned from the batch would make a seed's output depend on the load.
-        floor = max((c for c, r in zip(caps, requests) if r.pinned_depth), default=0)
-        depths = sorted({d for d in self.depths if d >= floor} | {floor})
-        predicted = [self.acceptance.predict(r.acceptance) for r in requests]
-        depth = best_depth(predicted, caps, depths, self.costs.steps_per_second)
-        self._plan_sleep(depth)
-        return [min(c, depth) for c in caps]
-
-    def _plan_sleep(self, depth: int) -> None:
-        """A depth-0 step still runs the drafter: it reads every committed token, so that it
-        could draft at the next step. When the plan has been depth 0 for SLEEP_AFTER steps in
-        a row, the drafter sleeps: every request then in the engine (bar seeded sampled ones,
-        which keep their depth) and every one admitted while it sleeps never drafts, and
-        steps with only such rows are plain decode steps at plain decoding's cost (prefill
-        chunks of such requests skip the drafter too). Decided, like the depth, from results
-        already read."""
-        self._plain_streak = self._plain_streak + 1 if depth == 0 else 0
-        if self._plain_streak >= SLEEP_AFTER and not self.drafter_asleep:
-            self.drafter_asleep = True
-            for r in self.requests.values():
-                r.drafter_asleep = r.drafter_asleep or not r.pinned_depth
-            logger.info("speculation: %d steps in a row planned without drafts: the drafter sleeps "
-                        "(requests admitted from now on decode plainly until drafting could pay)", SLEEP_AFTER)
-
-    def _maybe_wake(self, rows: int) -> None:
-        """The drafter wakes (requests admitted from then on draft again) once the acceptance
-        measured across requests so far would make drafting pay at this batch size: while it
-        sleeps that estimate stands still, so this follows the load."""
-        estimate = self.acceptance.engine
-        k = self.num_speculative_tokens
-        if best_depth([estimate] * rows, [k] * rows, self.depths, self.costs.steps_per_second) > 0:
-            self.drafter_asleep = False
-            self._plain_streak = 0
-            logger.info("speculation: drafting could pay at batch %d again: the drafter wakes", rows)
-
-    def _may_draft(self, request: Request) -> bool:
-        """Whether the request can ever draft (so the drafter must keep reading its tokens)."""
-        return not request.drafter_asleep and self._cap(request) > 0
-
-    def _cap(self, request: Request) -> int:
-        cap = request.params.num_speculative_tokens
-        return self.num_speculative_tokens if cap is None else min(cap, self.num_speculative_tokens)
-
     def _check_prompt(self, ids: list[int]) -> None:
         vocab = self.target.config.vocab_size
         if not ids:
@@ -428,3 +442,12 @@ class _Launched:
     plan: StepPlan
     verify_lens: list[int]
     copy: HostCopy
+    observe: bool = False             # whether the drafter read the decode rows' tokens
+    constrained: bool = False         # a row has a grammar: read at once (the next masks need its tokens)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_constrained_eager(platform: str) -> None:
+    logger.warning("structured output on %s: steps of a batch holding a constrained request run eagerly (no graph "
+                   "replay) and without overlap, since the grammar masks need each step's drafts on the host; "
+                   "batches without one keep graphs and overlap", platform)

@@ -48,6 +48,9 @@ class OutputProcessor:
                 if tok in r.stop_ids:
                     r.finish_reason = "stop"
                     break
+                if r.grammar is not None and j == len(tokens) - 1 and r.grammar.terminated:
+                    r.finish_reason = "stop"            # the output is complete (the grammar ended)
+                    break
                 # Token by token: an accepted block may run past either limit.
                 if len(r.output) >= r.params.max_tokens or len(r.prompt_ids) + len(r.output) >= self.max_model_len:
                     r.finish_reason = "length"
@@ -102,7 +105,8 @@ class OutputProcessor:
             end = max(end, r.emitted_text)
             text_delta, r.emitted_text = r.text[r.emitted_text:end], end
         return RequestDelta(r.request_id, new_tokens, text_delta, r.finish_reason, r.stats,
-                            len(r.prompt_ids), len(r.output), new_logprobs, prompt_logprobs)
+                            len(r.prompt_ids), len(r.output), new_logprobs, error=r.error,
+                            prompt_logprobs=prompt_logprobs)
 
 
 def logprob_rows(host: dict[str, list], prefix: str, requests: list[Request]) -> list | None:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from ascend_dspark.spec.acceptance import RequestAcceptance
+from ascend_dspark.spec.grammar import RequestGrammar
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .detokenizer import IncrementalText
@@ -49,6 +50,8 @@ class Request:
     acceptance: RequestAcceptance = field(default_factory=RequestAcceptance)   # the confidence policy's estimate
     pinned_depth: bool = False        # seeded and sampled: always verifies its cap (engine._verify_lens)
     drafter_asleep: bool = False      # never drafts: admitted or running while the drafter slept
+    grammar: RequestGrammar | None = None   # structured output: the matcher of the committed output
+    error: str | None = None          # why the request was aborted by the engine (a grammar failure)
 
     @property
     def tokens(self) -> list[int]:
@@ -79,6 +82,7 @@ class RequestDelta:
     logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # per new token: (its logprob, top-n)
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None   # per prompt token after the
                                                                                 # first (first delta only)
+    error: str | None = None          # set with finish_reason "abort" when the engine stopped the request
 
     @property
     def finished(self) -> bool:

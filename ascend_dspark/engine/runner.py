@@ -12,6 +12,15 @@ and runs it:
                   graph (graph_runner.py) where one fits, else eagerly;
     HostCopy      the one device -> host copy per step.
 
+With tensor parallelism (the target sharded by models/parallel.py) every rank holds a runner;
+rank 0's is the driver: the engine calls it as ever, and each call that runs the device
+(`capture_graphs`, `time_step`, `prefill`, `verify`) is first sent to the other ranks, which
+run the same call on their runner (`follow`) with the same block tables (broadcast with the
+call). The ranks' logits are all-gathered whole, and sampling is counter-based (seed,
+position), so every rank samples the same tokens and keeps the same anchors, cache lengths
+and drafter state without a broadcast of the tokens; only rank 0 copies them to the host.
+Everything above the runner (engine, scheduler, server) is unaware of the group.
+
 Every forward gets an explicit `ForwardContext` (ops/context.py): the platform's op registry,
 how many key columns attention reads, the rows' attention lengths for kernels that take host integers, and the
 graph being captured, if any.
@@ -28,6 +37,7 @@ import torch
 
 from ascend_dspark.cache import BlockTables, PagedKVCache
 from ascend_dspark.platform import Platform
+from ascend_dspark.spec.grammar import RequestGrammar, step_bitmask
 from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 from ops.context import AttentionHints, ForwardContext
@@ -40,6 +50,51 @@ from .scheduler import PrefillChunk
 logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
 PROMPT_LOGPROB_SLICE = 256     # prompt positions whose logits are materialised at once
+
+
+def _sent_to_followers(method):
+    """Tensor parallelism: on the driver (rank 0), hand the call to the other ranks before
+    running it; a call made from inside another (time_step's verify) is not sent again."""
+    @functools.wraps(method)
+    def run(self, *args, **kwargs):
+        if self.tp is None or not self.tp.is_driver or self._sending:
+            return method(self, *args, **kwargs)
+        self.tp.send_command((method.__name__, _portable(args), kwargs))
+        self.tp.broadcast_(self.tables.table)
+        self._sending = True
+        try:
+            out = method(self, *args, **kwargs)
+        finally:
+            self._sending = False
+        _check_committed(self.tp, out)
+        return out
+    return run
+
+
+def _check_committed(tp, out) -> None:
+    """The tokens a step committed are the same on every rank (TensorParallelGroup.check_same)."""
+    if isinstance(out, dict):
+        for name in ("first", "tokens"):
+            if name in out:
+                tp.check_same(f"the sampled tokens ({name})", out[name])
+
+
+def _portable(args: tuple) -> tuple:
+    """A call's arguments as the other ranks need them: requests reduced to what the runner
+    reads (slot, lengths, sampling parameters; the tokens only for a prefill), not their host
+    bookkeeping. A field a follower lacks would change what it computes, which `check_same`
+    reports at the step it happens."""
+    def light(r: Request, tokens: bool = True) -> Request:
+        return Request(r.request_id, r.prompt_ids if tokens else [], r.params, frozenset(), r.arrival,
+                       output=r.output if tokens else [], slot=r.slot, num_cached=r.num_cached)
+
+    def convert(a):
+        if isinstance(a, list) and a and isinstance(a[0], Request):
+            return [light(r, tokens=False) for r in a]
+        if isinstance(a, list) and a and isinstance(a[0], PrefillChunk):
+            return [PrefillChunk(light(c.request), c.start, c.end) for c in a]
+        return a
+    return tuple(convert(a) for a in args)
 
 
 def warn_if_not_exact(platform: Platform, dtype: torch.dtype, device: torch.device) -> None:
@@ -72,6 +127,12 @@ class ModelRunner:
                  max_batch_size: int, num_kv_blocks: int | None, kv_block_size: int | None,
                  kv_cache_fraction: float, max_prefill_tokens: int, graphs: bool | None,
                  graph_buckets: list[int] | None, profile_rows: bool = False) -> None:
+        self.tp = getattr(target, "tp", None)           # set by models/parallel.py shard_target
+        self._sending = False
+        if self.tp is not None and self.tp.is_driver:
+            self.tp.send_command(("__init__", (num_speculative_tokens, max_model_len, max_batch_size, num_kv_blocks,
+                                               kv_block_size, kv_cache_fraction, max_prefill_tokens, graphs,
+                                               graph_buckets, profile_rows), {}))
         self.platform = platform
         self.target = target
         self.drafter = drafter
@@ -114,7 +175,7 @@ class ModelRunner:
             first = num_kv_blocks + i * pad_blocks
             self.tables.extend(slot, list(range(first, first + pad_blocks)))
         self.tables.flush()
-        self.cache = PagedKVCache(cfg.num_layers, self.tables, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        self.cache = PagedKVCache(cfg.num_layers, self.tables, _kv_heads_here(target), cfg.head_dim, self.dtype)
         if drafter is not None:
             drafter.attach(self.tables, self.dtype)
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
@@ -122,6 +183,12 @@ class ModelRunner:
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
 
+    @property
+    def failure(self) -> str | None:
+        """Why this runner's tensor-parallel group can no longer compute (a rank died); None if it can."""
+        return self.tp.failure if self.tp is not None else None
+
+    @_sent_to_followers
     def capture_graphs(self, progress: bool, depths: list[int] = ()) -> None:
         """Capture the start-up step graphs (a no-op without graphs); `depths`: the draft
         depths the engine may choose besides K (greedy graphs for each are captured too)."""
@@ -129,11 +196,13 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graph_runner.capture_startup(progress, depths)
 
+    @_sent_to_followers
     @torch.inference_mode()
-    def time_step(self, batch: int, depth: int, repeats: int) -> float:
+    def time_step(self, batch: int, depth: int, repeats: int, observe: bool = True) -> float:
         """Median seconds of a greedy step of `batch` padding rows drafting and verifying
         `depth` tokens each, run as the engine runs it (a graph replay where one fits) with
-        its host copy, after one warm-up step."""
+        its host copy, after one warm-up step. `observe=False`: a plain step, the drafter
+        asleep (depth 0 only)."""
         params = SamplingParams(temperature=0.0)
         rows = [Request(f"profile-{i}", [0], params, frozenset(), -1 - i) for i in range(batch)]
         for row, slot in zip(rows, self.pad_slots):
@@ -146,7 +215,7 @@ class ModelRunner:
         for _ in range(repeats + 1):
             self.platform.synchronize()
             start = time.perf_counter()
-            HostCopy(self.verify(rows, [depth] * batch), self.platform).receive()
+            HostCopy(self.verify(rows, [depth] * batch, observe=observe), self.platform).receive()
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
 
@@ -156,11 +225,14 @@ class ModelRunner:
             return wanted
         stats = self.platform.memory_stats()
         cfg = self.target.config
-        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, cfg.num_kv_heads, cfg.head_dim, self.dtype)
+        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, _kv_heads_here(self.target),
+                                                 cfg.head_dim, self.dtype)
         if self.drafter is not None:
             per_block += self.drafter.kv_bytes_per_block(block_size, self.dtype)
         room = int(fraction * stats["total_bytes"]) - stats["reserved_bytes"]
         fits = max(room // per_block, 0)
+        if self.tp is not None:         # every rank's tables must be the same: the smallest fit
+            fits = self.tp.min_int(fits)
         if fits < wanted:
             logger.info("KV cache: %d blocks of %d positions fit in %.0f%% of %s memory (%d would let every slot "
                         "reach max_model_len): requests wait for blocks when they run out",
@@ -191,11 +263,14 @@ class ModelRunner:
         return wanted
 
     # -- prefill -----------------------------------------------------------------------------
-    def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    @_sent_to_followers
+    def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None,
+                constrained: bool = False) -> dict[str, torch.Tensor]:
         """One padded forward over the chunks; returns each row's sampled next token (used
         for rows that finish a fresh prompt) and, if asked for, its logprobs. `observe[b]`
         (default: all): whether the drafter reads row b's chunk (not for a request whose
-        drafter sleeps, engine.py)."""
+        drafter sleeps, engine.py). `constrained`: some row's request has a grammar; the
+        first token of such a row is sampled from the masked logits (spec/grammar.py)."""
         observe = [True] * len(chunks) if observe is None else observe
         watch = self.drafter is not None and any(observe)
         dev = self.device
@@ -232,7 +307,12 @@ class ModelRunner:
         hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden, ctx.ops)                                     # [B, 1, V]
         sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
-        first = sampling.sample(sampling.probs(last), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
+        masked = last
+        if constrained:       # only a fresh prompt's first token is used: its grammar state is the initial one
+            grammars = [c.request.grammar if c.is_last and not c.request.output else None for c in chunks]
+            bitmask = step_bitmask(grammars, [[] for _ in chunks], [0] * len(chunks), 1, last.shape[-1])
+            masked = self.platform.ops.apply_token_bitmask(last, bitmask.to(dev))
+        first = sampling.sample(sampling.probs(masked), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
         self.cache.set_lengths(slots, starts + lens)
         # A fresh prompt's last position is followed by the token just sampled.
         last_col = (lens - 1).unsqueeze(1)
@@ -269,22 +349,25 @@ class ModelRunner:
         return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
     # -- draft + verify ----------------------------------------------------------------------
+    @_sent_to_followers
     def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0,
-               observe: bool = True) -> dict[str, torch.Tensor]:
+               observe: bool = True, constrained: bool = False) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
         captured graph where one fits, else run eagerly over the columns the rows reach.
         `verify_lens[b]`: the drafts row b verifies (its request's cap); the drafter proposes
         as many as the largest of them, so a batch capped at 0 proposes nothing. `observe`:
         whether the drafter reads the committed tokens (False, with no drafts: a plain
         decode step, the drafter untouched). `ahead`: positions the rows may have committed
-        beyond what the host knows (a step launched before the last one was read)."""
+        beyond what the host knows (a step launched before the last one was read).
+        `constrained`: some row's request has a grammar: the step runs eagerly, with one host
+        read of the drafts to mask the target's rows (spec/grammar.py); `ahead` must be 0."""
         if not observe and max(verify_lens) > 0:
             raise ValueError("a step that drafts must let the drafter observe")
         slots = [r.slot for r in requests]
         num_drafts = max(verify_lens)
         reach = [r.num_cached + ahead + self.reserve for r in requests]
         want_logprobs = max((r.params.logprobs for r in requests if r.params.logprobs is not None), default=None)
-        if self.graph_runner is not None and want_logprobs is None:
+        if self.graph_runner is not None and want_logprobs is None and not constrained:
             out = self.graph_runner.run(slots, verify_lens, num_drafts, [r.params for r in requests],
                                         tuple(r.arrival for r in requests), reach, observe)
             if out is not None:
@@ -293,13 +376,19 @@ class ModelRunner:
         # explicit masks, with each row's reach as its key-length bound.
         ctx = ForwardContext(self.platform.ops, num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
         dev = self.device
+        grammars = [r.grammar for r in requests] if constrained else None
         return self.verify_core(torch.tensor(slots).to(dev), torch.tensor(verify_lens).to(dev), num_drafts,
-                                self._sampling_for(requests), want_logprobs, ctx, observe)
+                                self._sampling_for(requests), want_logprobs, ctx, observe,
+                                (grammars, verify_lens) if constrained else None)
 
     def verify_core(self, slots: torch.Tensor, verify_lens: torch.Tensor, num_drafts: int, sampling: SamplingBatch,
-                    want_logprobs: int | None, ctx: ForwardContext, observe: bool = True) -> dict[str, torch.Tensor]:
+                    want_logprobs: int | None, ctx: ForwardContext, observe: bool = True,
+                    grammars: tuple[list[RequestGrammar | None], list[int]] | None = None) -> dict[str, torch.Tensor]:
         """The device work of a verify step, graph-capturable (no host reads, fixed shapes):
         `num_drafts` tokens drafted (0: none, a plain decode step), `verify_lens` of them verified.
+        `grammars` (eager steps only): each row's grammar (or None) and the verify lengths on
+        the host; the target's rows are masked with them before verification (one host read
+        of the drafts: the masks depend on them).
 
         The anchor (the last committed token, not yet in the cache) sits at the slot's cache
         length: the length is where this step's writes start, and the causal masks built from
@@ -323,7 +412,12 @@ class ModelRunner:
         drafter = self.drafter if observe else None        # None: the drafter sleeps this step
         out = self.target(inputs, positions, self.cache, slots, valid, self.capture_layers if drafter else (), ctx)
         logits = self.target.logits(out.hidden, ctx.ops)
-        result = verify(logits, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
+        masked = logits
+        if grammars is not None:
+            rows, host_lens = grammars
+            bitmask = step_bitmask(rows, draft_tokens.tolist(), host_lens, k + 1, logits.shape[-1])
+            masked = ctx.ops.apply_token_bitmask(logits, bitmask.to(dev))
+        result = verify(masked, draft_tokens, draft_probs, verify_lens, sampling, anchor_pos + 1)
         num_accepted = result.num_accepted
         self.cache.set_lengths(slots, anchor_pos + num_accepted + 1)
         if drafter is not None:
@@ -345,6 +439,29 @@ class ModelRunner:
             self._sampling_key = key
             self._sampling = SamplingBatch([r.params for r in requests], self.device, self.platform.ops)
         return self._sampling
+
+
+def _kv_heads_here(target) -> int:
+    """The KV heads this rank's cache holds: its shard's under tensor parallelism (models/parallel.py)."""
+    return getattr(target, "num_local_kv_heads", target.config.num_kv_heads)
+
+
+def follow(target, drafter, platform: Platform) -> None:
+    """A tensor-parallel rank other than 0: build the runner rank 0 builds, then run every call
+    rank 0's runner sends (same arguments, same block tables) until it says stop. Returns on
+    "stop"; a dead rank 0 raises TensorParallelError (distributed/group.py)."""
+    tp = target.tp
+    runner = None
+    while True:
+        name, args, kwargs = tp.receive_command()
+        if name == "stop":
+            return
+        if name == "__init__":
+            runner = ModelRunner(target, drafter, platform, *args, **kwargs)
+            continue
+        tp.broadcast_(runner.tables.table)
+        with torch.inference_mode():
+            _check_committed(tp, getattr(runner, name)(*args, **kwargs))
 
 
 def _powers_of_4(top: int) -> list[int]:

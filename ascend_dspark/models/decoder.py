@@ -8,6 +8,7 @@ in `models/base.py`.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ops
@@ -18,6 +19,7 @@ from ops.registry import DEVICE_DEFAULTS, OpRegistry
 from .base import ForwardOutput
 from .config import ModelConfig
 from .merged import MergedLinear, keep_part_names
+from .parallel import row_parallel
 from .rope import inverse_frequencies
 
 
@@ -49,6 +51,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
             self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.norm_offset)
         self.cfg = cfg
+        self.tp = None                  # a TensorParallelGroup once sharded (models/parallel.py)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, meta: StepMeta, mask: torch.Tensor) -> torch.Tensor:
@@ -61,7 +64,7 @@ class Attention(nn.Module):
         q, k = reg.apply_rotary(q, cos, sin), reg.apply_rotary(k, cos, sin)
         reg.kv_write(k_cache, v_cache, k, v, meta.slot_mapping)
         out = reg.attention(q, k_cache, v_cache, meta.block_table, mask, self.cfg.scale, meta.ctx)
-        return reg.linear(out.reshape(b, t, -1), self.o_proj.weight, self.o_proj.bias)
+        return row_parallel(reg, out.reshape(b, t, -1), self.o_proj, self.tp)
 
 
 class GatedMLP(nn.Module):
@@ -77,10 +80,11 @@ class GatedMLP(nn.Module):
             self.act = "gelu_tanh_and_mul"
         else:
             raise ValueError(f"unsupported hidden activation {cfg.hidden_act!r}")
+        self.tp = None
 
     def forward(self, x: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
         gate, up = self.gate_up_proj(x, registry)
-        return registry.linear(getattr(registry, self.act)(gate, up), self.down_proj.weight)
+        return row_parallel(registry, getattr(registry, self.act)(gate, up), self.down_proj, self.tp)
 
 
 class DecoderLayer(nn.Module):
@@ -128,16 +132,31 @@ class DecoderModel(nn.Module):
             inv_freq, scaling = inverse_frequencies(cfg.rope[layer_type], cfg.head_dim, cfg.raw, layer_type)
             self.register_buffer(f"inv_freq_{layer_type}", inv_freq, persistent=False)
             setattr(self, f"rope_scaling_{layer_type}", scaling)
+        # Tensor parallelism (models/parallel.py `shard_target`): the group, the first
+        # vocabulary row this rank holds, and the KV heads its cache keeps.
+        self.tp = None
+        self.vocab_start = 0
+        self.num_local_kv_heads = cfg.num_kv_heads
 
     # -- shared with drafters -------------------------------------------------------------
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        x = self.model.embed_tokens(input_ids)
+        if self.tp is None:
+            x = self.model.embed_tokens(input_ids)
+        else:                           # vocabulary-parallel: this rank's rows, zeros elsewhere
+            weight = self.model.embed_tokens.weight
+            local = input_ids - self.vocab_start
+            here = (local >= 0) & (local < weight.shape[0])
+            x = F.embedding(local.clamp(0, weight.shape[0] - 1), weight)
+            x = self.tp.sum_partials(torch.where(here.unsqueeze(-1), x, torch.zeros_like(x)))
         if self.config.embed_scale != 1.0:
             x = x * torch.tensor(self.config.embed_scale, dtype=x.dtype)
         return x
 
     def logits(self, hidden: torch.Tensor, registry: OpRegistry = DEVICE_DEFAULTS) -> torch.Tensor:
-        out = registry.linear(hidden, self.lm_head.weight).float()
+        out = registry.linear(hidden, self.lm_head.weight)
+        if self.tp is not None:         # vocabulary-parallel: every rank gets all the logits
+            out = self.tp.gather_last_dim(out)[..., :self.config.vocab_size]
+        out = out.float()
         cap = self.config.final_logit_softcap
         if cap:
             out = torch.tanh(out / cap) * cap

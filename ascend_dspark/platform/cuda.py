@@ -45,6 +45,7 @@ class CudaGraph(Graph):
 class CudaPlatform(Accelerator):
     name = "cuda"
     dist_backend = "nccl"
+    dist_bind_device = True
     op_backend = "triton"
     graph_type = CudaGraph
 

@@ -48,6 +48,9 @@ class Platform:
 
     name: str = "base"
     dist_backend: str = "gloo"
+    # torch.distributed binds the process group to this device at init (NCCL's eager
+    # communicator set-up: no lazy init inside a graph capture)
+    dist_bind_device: bool = False
     supports_graphs: bool = False
     # The engine replays whole decode steps as graphs by default (engine/graph_runner.py).
     graph_steps: bool = False

@@ -57,6 +57,9 @@ class SamplingParams:
     # Also report the target's logprob of every prompt token after the first (and this many top
     # alternatives), from the prefill forward: what log-likelihood evaluations ask for.
     prompt_logprobs: int | None = None
+    # Structured output: a `spec.grammar.CompiledGrammar` the output must follow (None: free text).
+    # Compiled before the request reaches the engine (compiling is not the engine loop's work).
+    grammar: object | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

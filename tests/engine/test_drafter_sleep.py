@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ascend_dspark.drafters import create_drafter
-from ascend_dspark.engine import engine as engine_module
+from ascend_dspark.engine import speculation as speculation_module
 from ascend_dspark.engine.engine import SLEEP_AFTER, Engine
 from ascend_dspark.engine.step_costs import StepCosts
 from ascend_dspark.spec.sampling import SamplingParams
@@ -115,6 +115,6 @@ def test_sleep_threshold_is_a_run_not_a_total(target, monkeypatch):
     """Depth-0 plans separated by a drafting step do not add up."""
     engine, _ = make(target, EXPENSIVE)
     plans = iter([0] * (SLEEP_AFTER - 1) + [3] + [0] * (SLEEP_AFTER - 1) + [3] * 100)
-    monkeypatch.setattr(engine_module, "best_depth", lambda *a, **k: next(plans))
+    monkeypatch.setattr(speculation_module, "best_depth", lambda *a, **k: next(plans))
     engine.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=2 * SLEEP_AFTER + 4, ignore_eos=True))
     assert not engine.drafter_asleep

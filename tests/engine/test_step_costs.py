@@ -91,3 +91,85 @@ def test_profiling_leaves_no_trace_in_request_slots(tiny, tmp_path, monkeypatch)
     fixed = Engine(target, None, max_model_len=32, max_batch_size=2)
     assert [o.token_ids for o in engine.generate([[1, 2, 3], [4, 5]], params)] == \
         [o.token_ids for o in fixed.generate([[1, 2, 3], [4, 5]], params)]
+
+
+def test_plain_decoding_column_prices_depth_zero():
+    """Depth 0 is judged at plain decoding's cost (the drafter asleep) where it was measured;
+    an explicit depth-0-with-drafter lookup still reads the profiled column."""
+    costs = StepCosts([1, 4], [0, 2, 4], TABLE.seconds, padded=True, plain_seconds=[0.5, 2.5])
+    assert costs.steps_per_second(1, 1, 0) == pytest.approx(2.0)
+    assert costs.step_seconds(1, 0) == 1.0 and costs.step_seconds(3, 0, plain=True) == 2.5
+    assert costs.steps_per_second(1, 3, 2) == pytest.approx(0.5)
+    assert TABLE.steps_per_second(1, 1, 0) == pytest.approx(1.0)   # unmeasured: the profiled column
+    with pytest.raises(ValueError, match="plain_seconds"):
+        StepCosts([1, 4], [0], [[1.0], [1.0]], padded=False, plain_seconds=[1.0])
+
+
+def test_recorded_steps_replace_the_profile_by_their_median():
+    costs = StepCosts([1, 4], [0, 2, 4], [[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]], padded=True, plain_seconds=[0.5, 2.5])
+    for seconds in (9.0, 7.0, 100.0):                      # one stall among three steps
+        costs.record(3, 2, seconds)                        # batch 3 runs in the bucket of 4
+    assert costs.step_seconds(4, 2) == 9.0                 # median of 7, 9, 100
+    assert costs.recorded(4, 2) == [9.0, 7.0, 100.0]
+    assert costs.step_seconds(4, 1) == pytest.approx((3.0 + 9.0) / 2)   # interpolates to the recorded cell
+    assert costs.step_seconds(1, 2) == 2.0                 # another bucket: untouched
+    costs.record(1, 0, 0.25, plain=True)                   # plain and depth-0-with-drafter are two cells
+    costs.record(1, 0, 6.0)
+    assert costs.step_seconds(1, 0, plain=True) == 0.25 and costs.step_seconds(1, 0) == 6.0
+    costs.record(1, 3, 50.0)                               # not a profiled depth: not a cell
+    costs.record(16, 2, 50.0)                              # past the largest bucket: nowhere to keep it
+    assert costs.step_seconds(1, 3) == pytest.approx(3.0) and costs.step_seconds(4, 2) == 9.0
+    for _ in range(step_costs.RECORDED):                   # the newest RECORDED times decide
+        costs.record(4, 2, 1.5)
+    assert costs.step_seconds(4, 2) == 1.5
+    assert StepCosts.from_json(costs.to_json()) == costs   # the profile round-trips, recorded times stay here
+    assert StepCosts.from_json(costs.to_json()).step_seconds(4, 2) == 4.0
+
+
+def test_eager_tables_keep_only_exact_batch_sizes():
+    costs = StepCosts([1, 4], [0, 2], [[1.0, 2.0], [3.0, 4.0]], padded=False)
+    costs.record(2, 2, 50.0)                               # interpolated, not a cell of its own
+    assert costs.step_seconds(2, 2) == pytest.approx(2.0 + 2.0 / 3)
+    costs.record(4, 2, 50.0)
+    assert costs.step_seconds(4, 2) == 50.0
+
+
+def test_recorded_costs_turn_the_choice_back_to_plain_decoding():
+    """The profile says depth 2 pays at batch 4 (1.5 expected tokens per row in 4 s against 1
+    in 3 s); the steps really run say it costs 7 s against plain decoding's 3.5: depth 0."""
+    from ascend_dspark.spec.prefix_scheduler import best_depth
+    costs = StepCosts([1, 4], [0, 2], [[1.0, 2.0], [3.0, 4.0]], padded=True, plain_seconds=[1.0, 3.0])
+    rows, caps = [[0.4, 0.25]] * 4, [2] * 4
+    assert best_depth(rows, caps, [0, 2], costs.steps_per_second) == 2      # 4 * 1.5 / 4 = 1.5 > 4 / 3
+    costs.record(4, 2, 7.0)
+    costs.record(4, 0, 3.5, plain=True)
+    assert best_depth(rows, caps, [0, 2], costs.steps_per_second) == 0      # 6 / 7 < 4 / 3.5
+
+
+def test_the_engine_records_the_steps_it_runs(tiny, tmp_path, monkeypatch):
+    """A profiled table learns from the decode steps that run; a table handed in does not."""
+    monkeypatch.setenv("ASCEND_DSPARK_CACHE", str(tmp_path))
+    from ascend_dspark.spec.sampling import SamplingParams
+    target, drafter = tiny
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    engine = Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False)
+    assert engine.costs.plain_seconds is not None and len(engine.costs.plain_seconds) == 2
+    engine.generate([[1, 2, 3], [4, 5]], params)
+    recorded = sum(len(engine.costs.recorded(2, d, plain)) for d in engine.costs.depths for plain in (False, True))
+    assert recorded >= 8                     # 11 decode steps of two rows; the first follows a prefill
+    given = Engine(target, drafter, num_speculative_tokens=3, max_model_len=32, max_batch_size=2, graphs=False,
+                   step_costs=StepCosts.from_json(engine.costs.to_json()))
+    given.generate([[1, 2, 3], [4, 5]], params)
+    assert all(not given.costs.recorded(2, d, plain) for d in given.costs.depths for plain in (False, True))
+
+
+def test_table_shows_profiled_and_measured_cells():
+    costs = StepCosts([1, 4], [0, 2], [[0.001, 0.002], [0.003, 0.004]], padded=True, plain_seconds=[0.0005, 0.0025],
+                      device="cpu")
+    costs.record(3, 2, 0.009)
+    costs.record(3, 2, 0.007)
+    costs.record(1, 0, 0.0004, plain=True)
+    table = costs.table()
+    assert table["profiled_ms"] == [[1.0, 2.0], [3.0, 4.0]] and table["plain_profiled_ms"] == [0.5, 2.5]
+    assert table["measured_ms"] == [[None, None], [None, 8.0]] and table["measured_steps"] == [[0, 0], [0, 2]]
+    assert table["plain_measured_ms"] == [0.4, None] and table["plain_measured_steps"] == [1, 0]

@@ -38,6 +38,7 @@ class FakeEngine:
         self.max_batch_size = slots
         self.num_free_slots = slots
         self.num_used_kv_blocks, self.num_kv_blocks = 0, 32
+        self.failure = None             # set: broken while idle (a tensor-parallel rank died)
 
     def add_request(self, rid, prompt_ids, params):
         if not prompt_ids:
@@ -75,7 +76,8 @@ class FakeEngine:
 # What serving may use of an Engine (ascend_dspark/engine/engine.py).
 ENGINE_SURFACE = frozenset({
     "add_request", "abort", "step", "has_unfinished", "num_running", "num_waiting", "num_free_slots",
-    "num_kv_blocks", "num_used_kv_blocks", "max_batch_size", "num_speculative_tokens", "tokenizer", "platform"})
+    "num_kv_blocks", "num_used_kv_blocks", "max_batch_size", "num_speculative_tokens", "tokenizer", "platform",
+    "failure"})
 
 
 class PublicSurface:
@@ -180,6 +182,24 @@ def test_a_dead_engine_fails_every_waiter_and_health_says_503():
         assert response.status_code == 503 and b"device lost" not in response.body
 
     asyncio.run(main())
+
+
+def test_an_engine_broken_while_idle_turns_health_503_and_refuses_requests():
+    """A tensor-parallel rank that dies while the server idles (the watchdog sets the engine's
+    `failure`): /health says 503 at once, and a new request is refused, not queued."""
+    engine = FakeEngine()
+    loop = _start(engine)
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(server=SimpleNamespace(loop=loop))))
+
+    async def main():
+        assert (await health(request)).status_code == 200
+        engine.failure = "tensor-parallel rank 1 (pid 123) exited with code -9"
+        assert (await health(request)).status_code == 503
+        with pytest.raises(EngineUnavailable, match="rank 1"):
+            loop.submit(_seqs("a", 1), time.monotonic())
+
+    asyncio.run(main())
+    loop.stop()
 
 
 def test_stop_aborts_what_is_still_running():

@@ -46,3 +46,28 @@ def test_metrics_render_while_auroc_is_undefined():
     assert metrics.totals.calibration()["auroc"] is None
     text = metrics.render().decode()
     assert "brier" in text
+
+
+def test_speculation_endpoint_shows_the_step_costs_the_policy_learns(tiny_model_dir, tmp_path):
+    """A live server under the confidence policy: /speculation carries the start-up profile
+    (every depth of the menu, plain decoding's column) and the decode steps measured since."""
+    from tests.serving.server_process import running_server, server_env
+
+    env = server_env(tiny_model_dir, max_model_len=128, max_num_seqs=2, speculation="confidence")
+    env["ASCEND_DSPARK_CACHE"] = str(tmp_path / "cache")
+    with running_server(env, tmp_path / "server.log") as server:
+        status, idle = server.json("GET", "/speculation", auth=False)
+        assert status == 200
+        costs = idle["step_costs"]
+        assert costs["depths"] == [0, 1, 2, 3, 5, 7] and costs["batch_sizes"] == [1, 2]
+        assert all(ms > 0 for row in costs["profiled_ms"] for ms in row) and len(costs["plain_profiled_ms"]) == 2
+        client = server.client()
+        client.completions.create(model=client.models.list().data[0].id, prompt="one two three", max_tokens=24,
+                                  temperature=0, extra_body={"ignore_eos": True})
+        server.wait_idle()
+        _, busy = server.json("GET", "/speculation", auth=False)
+    measured = busy["step_costs"]
+    steps = sum(map(sum, measured["measured_steps"])) + sum(measured["plain_measured_steps"])
+    assert steps >= 20                           # 23 decode steps, the first one after the prefill unmeasured
+    assert all((ms is None) == (n == 0) for row_ms, row_n in zip(measured["measured_ms"], measured["measured_steps"])
+               for ms, n in zip(row_ms, row_n))
