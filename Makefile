@@ -36,9 +36,12 @@ eval-server: install
 	$(BIN)/python benchmarks/eval_server.py $(EVAL_ARGS)
 
 # The import layers first (pyproject.toml [tool.importlinter], ARCHITECTURE.md), then the suite.
+# Two workers (pytest-xdist), a test file each at a time (module fixtures such as a server
+# stay in one process): the CI machine's two cores, which one pytest process leaves half idle
+# while a test waits on a server or a subprocess.
 test: install
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 # The whole suite with the CUDA tests required (they fail instead of skipping without a GPU).
 test-cuda:

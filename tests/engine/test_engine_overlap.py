@@ -53,8 +53,9 @@ def test_plain_decoding_chains_every_step_after_the_first(target, limit):
 def test_all_accepted_drafts_chain_while_k_plus_1_more_stay_below_max_tokens(target):
     k = 3
     reference = greedy_reference(target, PROMPT, 32)
+    # K drafts every step (the confidence policy's depth follows measured step times).
     engine = Engine(target, ReferenceDrafter(real_drafter("dspark", target), [reference]),
-                    num_speculative_tokens=k, max_model_len=64, max_batch_size=2, overlap=True)
+                    num_speculative_tokens=k, max_model_len=64, max_batch_size=2, overlap=True, speculation="fixed")
     launches = Launches(engine)
     engine.add_request("a", PROMPT, SamplingParams(temperature=0.0, max_tokens=14, ignore_eos=True))
     tokens, _ = drain(engine)
