@@ -24,7 +24,8 @@ no host read, graphs and overlap as before.
 
 The engine keeps the requests, the scheduler (scheduler.py: slots, blocks, admission,
 preemption), the overlap of host and device work, and the host bookkeeping of each step;
-the model runner (runner.py) owns everything on the device, and the output processor
+the model runner (runner.py) owns everything on the device, the speculation policy
+(speculation.py) says how many drafts each step verifies, and the output processor
 (output_processor.py) turns committed tokens into stops, text and deltas.
 
 Requests accept different numbers of tokens per step and leave as they finish, and the
