@@ -208,7 +208,7 @@ class Engine:
             raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab_size} tokens; "
                              f"this model has {self.target.config.vocab_size}")
         if self.runner.tp is not None:
-            # The followers' runners get the requests without their matchers (runner._portable):
+            # The followers' runners get the requests without their matchers (engine/tp_calls.py, `portable`):
             # their masks would differ from the driver's, and the ranks' tokens with them.
             raise ValueError("structured output (response_format / grammar) is not supported with tensor "
                              "parallelism yet: serve this request from a tensor_parallel_size=1 engine")

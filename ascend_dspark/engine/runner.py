@@ -46,55 +46,11 @@ from .graph_runner import StepGraphRunner, default_buckets
 from .output_processor import prompt_logprob_rows
 from .request import Request
 from .scheduler import PrefillChunk
+from .tp_calls import check_committed, sent_to_followers
 
 logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
 PROMPT_LOGPROB_SLICE = 256     # prompt positions whose logits are materialised at once
-
-
-def _sent_to_followers(method):
-    """Tensor parallelism: on the driver (rank 0), hand the call to the other ranks before
-    running it; a call made from inside another (time_step's verify) is not sent again."""
-    @functools.wraps(method)
-    def run(self, *args, **kwargs):
-        if self.tp is None or not self.tp.is_driver or self._sending:
-            return method(self, *args, **kwargs)
-        self.tp.send_command((method.__name__, _portable(args), kwargs))
-        self.tp.broadcast_(self.tables.table)
-        self._sending = True
-        try:
-            out = method(self, *args, **kwargs)
-        finally:
-            self._sending = False
-        _check_committed(self.tp, out)
-        return out
-    return run
-
-
-def _check_committed(tp, out) -> None:
-    """The tokens a step committed are the same on every rank (TensorParallelGroup.check_same)."""
-    if isinstance(out, dict):
-        for name in ("first", "tokens"):
-            if name in out:
-                tp.check_same(f"the sampled tokens ({name})", out[name])
-
-
-def _portable(args: tuple) -> tuple:
-    """A call's arguments as the other ranks need them: requests reduced to what the runner
-    reads (slot, lengths, sampling parameters; the tokens only for a prefill), not their host
-    bookkeeping. A field a follower lacks would change what it computes, which `check_same`
-    reports at the step it happens."""
-    def light(r: Request, tokens: bool = True) -> Request:
-        return Request(r.request_id, r.prompt_ids if tokens else [], r.params, frozenset(), r.arrival,
-                       output=r.output if tokens else [], slot=r.slot, num_cached=r.num_cached)
-
-    def convert(a):
-        if isinstance(a, list) and a and isinstance(a[0], Request):
-            return [light(r, tokens=False) for r in a]
-        if isinstance(a, list) and a and isinstance(a[0], PrefillChunk):
-            return [PrefillChunk(light(c.request), c.start, c.end) for c in a]
-        return a
-    return tuple(convert(a) for a in args)
 
 
 def warn_if_not_exact(platform: Platform, dtype: torch.dtype, device: torch.device) -> None:
@@ -188,7 +144,7 @@ class ModelRunner:
         """Why this runner's tensor-parallel group can no longer compute (a rank died); None if it can."""
         return self.tp.failure if self.tp is not None else None
 
-    @_sent_to_followers
+    @sent_to_followers
     def capture_graphs(self, progress: bool, depths: list[int] = ()) -> None:
         """Capture the start-up step graphs (a no-op without graphs); `depths`: the draft
         depths the engine may choose besides K (greedy graphs for each are captured too)."""
@@ -196,7 +152,7 @@ class ModelRunner:
             with torch.inference_mode():
                 self.graph_runner.capture_startup(progress, depths)
 
-    @_sent_to_followers
+    @sent_to_followers
     @torch.inference_mode()
     def time_step(self, batch: int, depth: int, repeats: int, observe: bool = True) -> float:
         """Median seconds of a greedy step of `batch` padding rows drafting and verifying
@@ -263,7 +219,7 @@ class ModelRunner:
         return wanted
 
     # -- prefill -----------------------------------------------------------------------------
-    @_sent_to_followers
+    @sent_to_followers
     def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None,
                 constrained: bool = False) -> dict[str, torch.Tensor]:
         """One padded forward over the chunks; returns each row's sampled next token (used
@@ -349,7 +305,7 @@ class ModelRunner:
         return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
     # -- draft + verify ----------------------------------------------------------------------
-    @_sent_to_followers
+    @sent_to_followers
     def verify(self, requests: list[Request], verify_lens: list[int], ahead: int = 0,
                observe: bool = True, constrained: bool = False) -> dict[str, torch.Tensor]:
         """One draft + verify + rollback step for the decoding requests: replayed from a
@@ -461,7 +417,7 @@ def follow(target, drafter, platform: Platform) -> None:
             continue
         tp.broadcast_(runner.tables.table)
         with torch.inference_mode():
-            _check_committed(tp, getattr(runner, name)(*args, **kwargs))
+            check_committed(tp, getattr(runner, name)(*args, **kwargs))
 
 
 def _powers_of_4(top: int) -> list[int]:

@@ -44,12 +44,20 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     out = str(tmp_path_factory.mktemp("group") / "rank")
     sys.path.insert(0, os.getcwd())
-    mp.spawn(_rank, args=(port, out), nprocs=2, join=True)
+    # The free port is released before the ranks bind it: a process beside this one (another
+    # test worker's group) may take it meanwhile, so a failed start tries a second port.
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        try:
+            mp.spawn(_rank, args=(port, out), nprocs=2, join=True)
+            break
+        except mp.ProcessRaisedException:
+            if attempt:
+                raise
     return [json.load(open(f"{out}.{r}")) for r in range(2)]
 
 
