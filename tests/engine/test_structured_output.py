@@ -34,6 +34,7 @@ from ascend_dspark.engine.engine import Engine
 from ascend_dspark.engine.step_costs import StepCosts
 from ascend_dspark.spec.sampling import SamplingParams
 from tests.helpers import EOS, tiny_target
+from engine_doubles import one_thread  # noqa: F401  (autouse: one torch thread)
 
 xgr = pytest.importorskip("xgrammar")
 from ascend_dspark.spec.grammar import GrammarCompiler  # noqa: E402
@@ -43,14 +44,6 @@ CHOICES = [x + y for x in "abcdefgh" for y in "abcd"]          # 32 strings, 34 
 PROMPT = [1, 5, 9]
 DRAWS = 3000
 SEED_BASE = 500_000
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import torch
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.engine.llm import build_drafter
 from ascend_dspark.spec.sampling import SamplingParams
+from engine_doubles import one_thread  # noqa: F401  (autouse: one torch thread)
 
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
@@ -29,14 +30,6 @@ SCHEMA = {"type": "object",
                          "colour": {"enum": ["red", "green", "blue"]}},
           "required": ["name", "age", "colour"], "additionalProperties": False}
 MAX_TOKENS = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
