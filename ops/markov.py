@@ -98,3 +98,24 @@ def markov_confidence_step(base_logits: torch.Tensor, prev_tokens: torch.Tensor,
     logits, z, _ = markov_head_step(prev_tokens, hidden, base_logits, markov_w1=markov_w1, markov_w2=markov_w2,
                                     conf_weight=conf_weight, conf_bias=conf_bias, conf_with_markov=conf_with_markov)
     return logits, None if z is None else torch.sigmoid(z)
+
+
+@dispatching("markov_greedy_step")
+def markov_greedy_step(prev_tokens: torch.Tensor, hidden: torch.Tensor, base_logits: torch.Tensor,
+                       state: torch.Tensor | None, probs_out: torch.Tensor, **weights
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """One slot of a greedy DSpark proposal: `markov_head_step` on base logits, then the
+    argmax. Returns (token int64 [B], confidence logit float32 [B] or None, state or None) and
+    writes the one-hot of the token into `probs_out` ([B, V] float32, rows may be strided: a
+    slot of the proposal's [B, K, V] probabilities), which is what greedy sampling would draw
+    and return (`SamplingBatch.draw`).
+
+    Why an op of its own: at T = 0 a slot's only products are the token and its one-hot, so a
+    backend need not write the corrected logits at all; the CUDA backend takes the argmax
+    inside the Markov kernel (per-tile partials) and writes the one-hot in a second launch,
+    two launches per slot instead of five. Ties go to the lowest index, as `torch.argmax`'s.
+    `weights`: `markov_head_step`'s keyword arguments."""
+    logits, confidence, new_state = markov_head_step.reference(prev_tokens, hidden, base_logits, state, **weights)
+    tokens = logits.argmax(-1)
+    probs_out.zero_().scatter_(-1, tokens.unsqueeze(-1), 1.0)
+    return tokens, confidence, new_state

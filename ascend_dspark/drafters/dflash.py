@@ -25,7 +25,6 @@ class DFlashDrafter(BlockDrafter):
 
     def sample_drafts(self, h: torch.Tensor, anchors: torch.Tensor, anchor_positions: torch.Tensor,
                       sampling: SamplingBatch, ctx: ForwardContext | None = None) -> DraftProposal:
-        probs = sampling.probs(self.logits(h, (ctx or ForwardContext()).ops))
         positions = anchor_positions.unsqueeze(1) + 1 + torch.arange(h.shape[1], device=anchors.device)
-        tokens = sampling.sample(probs, positions, Stream.DRAFT)
+        probs, tokens = sampling.draw(self.logits(h, (ctx or ForwardContext()).ops), positions, Stream.DRAFT)
         return DraftProposal(tokens=tokens.long(), probs=probs, confidence=None)

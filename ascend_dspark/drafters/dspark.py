@@ -4,7 +4,9 @@ Sequential stage (paper Eq. 4-6; DeepSpec `markov_head.py`), prev_0 = anchor, s_
     logits_k, z_k, s_k = markov_head_step(prev_k, h_k, target.logits(h_k), s_{k-1})
     q_k      = sampling.probs(logits_k)                   (temperature / top-k / top-p / min-p)
     x_k      = sampling.sample(q_k, anchor_pos + 1 + k, Stream.DRAFT);  prev_{k+1} = x_k
-q_k is the exact distribution x_k was drawn from, which lossless verification needs. The
+q_k is the exact distribution x_k was drawn from, which lossless verification needs. At
+T = 0 (every row greedy) q_k is the one-hot of argmax(logits_k) and x_k its index, which
+`ops.markov_greedy_step` gives without materialising logits_k. The
 head type (`markov_head_type`: vanilla, gated, rnn) only changes the bias inside the op;
 the RNN head carries its state s_k across the block.
 Confidence (Eq. 7): c_k = sigmoid(z_k), z_k = proj([h_k ; markov_w1[prev_k]]) in float32
@@ -92,17 +94,23 @@ class DSparkDrafter(BlockDrafter):
         base = self.logits(h, registry)                              # [B, K, V] float32
         weights = self._head_weights()
         prev, state = anchors.long(), None
+        # At T = 0 a slot yields only its token and one-hot: `markov_greedy_step` writes the
+        # one-hot straight into the proposal's probabilities (no corrected logits, no stack).
+        greedy = sampling.all_greedy
+        one_hots = torch.empty(base.shape, dtype=torch.float32, device=base.device) if greedy else None
         tokens, probs, conf = [], [], []
         for k in range(h.shape[1]):
-            logits, z, state = registry.markov_head_step(prev, h[:, k], base[:, k], state, **weights)
+            if greedy:
+                x, z, state = registry.markov_greedy_step(prev, h[:, k], base[:, k], state, one_hots[:, k], **weights)
+            else:
+                logits, z, state = registry.markov_head_step(prev, h[:, k], base[:, k], state, **weights)
+                q, x = sampling.draw(logits, anchor_positions + 1 + k, Stream.DRAFT)
+                probs.append(q)
             if z is not None:
                 conf.append(z)
-            q = sampling.probs(logits)
-            x = sampling.sample(q, anchor_positions + 1 + k, Stream.DRAFT).long()
-            tokens.append(x)
-            probs.append(q)
-            prev = x
-        return DraftProposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1),
+            tokens.append(x.long())
+            prev = tokens[-1]
+        return DraftProposal(tokens=torch.stack(tokens, 1), probs=one_hots if greedy else torch.stack(probs, 1),
                              confidence=torch.sigmoid(torch.stack(conf, 1)) if conf else None)
 
     def sequential_terms(self, hidden: torch.Tensor,

@@ -109,7 +109,7 @@ class Eagle3Drafter(Drafter):
             if k > 0:
                 pos = (anchor_positions + k - 1).unsqueeze(1)
                 h = self._run_layer(self.embed(tokens[-1].unsqueeze(1)), h, slot_ids, pos, valid, ctx)
-            q = sampling.probs(self.logits(self.norm(h[:, 0], reg), reg))
-            tokens.append(sampling.sample(q, anchor_positions + 1 + k, Stream.DRAFT).long())
+            q, x = sampling.draw(self.logits(self.norm(h[:, 0], reg), reg), anchor_positions + 1 + k, Stream.DRAFT)
+            tokens.append(x.long())
             probs.append(q)
         return DraftProposal(tokens=torch.stack(tokens, 1), probs=torch.stack(probs, 1), confidence=None)

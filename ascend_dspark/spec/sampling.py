@@ -165,5 +165,19 @@ class SamplingBatch:
         return exponential_race(probs, self.seeds, positions, stream, self.ops)
 
 
+    def draw(self, logits: torch.Tensor, positions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(`probs(logits)`, `sample` of it): an all-greedy batch takes the argmax once, since the
+        sample of a one-hot is its index (a drafter's step at T = 0 runs half the reductions)."""
+        if self.all_greedy:
+            tokens = logits.argmax(-1)
+            return _one_hot(tokens, logits), tokens
+        probs = self.probs(logits)
+        return probs, self.sample(probs, positions, stream)
+
+
 def _one_hot_argmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(logits, dtype=torch.float32).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return _one_hot(logits.argmax(-1), logits)
+
+
+def _one_hot(tokens: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(like, dtype=torch.float32).scatter_(-1, tokens.unsqueeze(-1), 1.0)

@@ -31,6 +31,7 @@ from .triton_kernels import (
     gelu_tanh_and_mul,
     kv_write,
     linear,
+    markov_greedy_step,
     markov_head_step,
     rms_norm,
     silu_and_mul,
@@ -46,6 +47,7 @@ OPS = {
     "attention": attention,
     "linear": linear,
     "markov_head_step": markov_head_step,
+    "markov_greedy_step": markov_greedy_step,
 }
 
 for _name, _fn in OPS.items():

@@ -53,10 +53,16 @@ class SoftmaxSampling:
     (lets a test choose the token a sequential drafter conditions on).
     """
 
+    all_greedy = False
+
     def __init__(self, batch: int, seed: int = 7, forced: list[torch.Tensor] | None = None) -> None:
         self.seeds = torch.arange(batch, dtype=torch.long) + seed
         self.forced = list(forced) if forced else []
         self.calls = 0
+
+    def draw(self, logits: torch.Tensor, positions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = self.probs(logits)
+        return probs, self.sample(probs, positions, stream)
 
     def probs(self, logits: torch.Tensor) -> torch.Tensor:
         return torch.softmax(logits.float(), dim=-1)

@@ -15,9 +15,9 @@ from tests.helpers import RecordingRegistry
 
 
 # What each kind must run through the context: attention and K/V writes in its layers, norms,
-# rotary; DSpark's sequential head too.
+# rotary; DSpark's sequential head too (its greedy step: the proposal below is greedy).
 LAYER_OPS = {"attention", "kv_write", "rms_norm", "apply_rotary", "silu_and_mul"}
-WANTED = {"eagle3": LAYER_OPS, "dflash": LAYER_OPS, "dspark": LAYER_OPS | {"markov_head_step"}}
+WANTED = {"eagle3": LAYER_OPS, "dflash": LAYER_OPS, "dspark": LAYER_OPS | {"markov_greedy_step"}}
 
 
 def no_op_outside_the_context(op, device):

@@ -33,7 +33,7 @@ def test_every_op_runs_through_the_platforms_registry(kind, temperature, monkeyp
     wanted = {"attention", "kv_write", "rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "linear"}
     wanted |= {"verify_chain_greedy"} if temperature == 0 else {"top_k_top_p", "exponential_race", "verify_chain"}
     if kind == "dspark":
-        wanted.add("markov_head_step")
+        wanted.add("markov_greedy_step" if temperature == 0 else "markov_head_step")
     assert wanted <= platform.ops.seen, wanted - platform.ops.seen
 
 

@@ -327,6 +327,33 @@ def test_markov_head_step(tk, device, dtype, conf):
         _check(got[1], want[1])
 
 
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+def test_markov_greedy_step(tk, device, dtype):
+    """The greedy step (argmax inside the Markov kernel, one-hot written by a second launch)
+    gives the token and one-hot of torch.argmax over the reference's logits, ties to the
+    lowest index across tiles, into a strided slot of [B, K, V]; every element written."""
+    gen = torch.Generator().manual_seed(43)
+    b, v, r, h = 4, 1300, 32, 40                                    # three tiles, the last partial
+    w1, w2 = randn(v, r, dtype=dtype, device=device, gen=gen), randn(v, r, dtype=dtype, device=device, gen=gen)
+    w2[[7, 600, 1299]] = 0                                           # no bias: the base logits tie there
+    hidden = randn(b, h, dtype=dtype, device=device, gen=gen)
+    base = randn(b, v, device=device, gen=gen)
+    base[1, [600, 7]] = 50.0                                         # tie across tiles: 7 wins
+    base[2, [1299, 600]] = 50.0                                      # tie across tiles: 600 wins
+    prev = torch.tensor([5, 1299, 0, 17], device=device)
+    kw = dict(markov_w1=w1, markov_w2=w2, conf_weight=randn(1, h + r, dtype=dtype, device=device, gen=gen),
+              conf_bias=randn(1, dtype=dtype, device=device, gen=gen))
+    probs = torch.full((b, 3, v), NAN, device=device)
+    tokens, conf, state = tk.markov_greedy_step(prev, hidden, base, None, probs[:, 1], **kw)
+    logits, want_conf, _ = markov_reference(prev, hidden, base, **kw)
+    want = logits.argmax(-1)
+    assert tokens.tolist() == want.tolist() and tokens.dtype == torch.long and state is None
+    assert tokens[1].item() == 7 and tokens[2].item() == 600
+    assert torch.equal(probs[:, 1], torch.nn.functional.one_hot(want, v).float())
+    assert torch.isnan(probs[:, 0]).all() and torch.isnan(probs[:, 2]).all()     # the other slots untouched
+    _check(conf, want_conf)
+
+
 def test_markov_head_step_runs_the_reference_for_gated_heads(tk, device):
     gen = torch.Generator().manual_seed(41)
     w1, w2 = randn(50, 8, device=device, gen=gen), randn(50, 8, device=device, gen=gen)
@@ -344,7 +371,7 @@ def test_backend_module_registers_every_kernel(device):
     from ops import registry
 
     assert set(backend.OPS) == {"rms_norm", "add_rms_norm", "apply_rotary", "silu_and_mul", "gelu_tanh_and_mul",
-                                "kv_write", "attention", "linear", "markov_head_step"}
+                                "kv_write", "attention", "linear", "markov_head_step", "markov_greedy_step"}
     for op, fn in backend.OPS.items():
         assert registry.IMPLS[op]["triton"] is fn, op
 
@@ -505,6 +532,12 @@ def test_kernels_compile_for_hopper():
         assert dt == "*fp32" or "mma.sync" in ptx or "wgmma" in ptx
     args = {name: ("i32", 7) for name in markov._markov_step_kernel.arg_names}
     args.update(prev_ptr=("*i64", 0), w1_ptr=(bf16, 0), w2_ptr=(bf16, 0), base_ptr=("*fp32", 0),
-                logits_ptr=("*fp32", 0), hidden_ptr=(bf16, 0), cw_ptr=(bf16, 0), cb_ptr=(bf16, 0), conf_ptr=("*fp32", 0))
-    _compile_for_hopper(markov._markov_step_kernel, args, dict(HAS_CONF=True, CONF_WITH_E=True, HAS_CONF_BIAS=True,
-                                                               BLOCK_V=512, BLOCK_R=32, BLOCK_H=1024))
+                logits_ptr=("*fp32", 0), hidden_ptr=(bf16, 0), cw_ptr=(bf16, 0), cb_ptr=(bf16, 0), conf_ptr=("*fp32", 0),
+                part_max_ptr=("*fp32", 0), part_idx_ptr=("*i32", 0))
+    for greedy in (False, True):
+        _compile_for_hopper(markov._markov_step_kernel, args, dict(HAS_CONF=True, CONF_WITH_E=True, HAS_CONF_BIAS=True,
+                                                                   ARGMAX=greedy, BLOCK_V=512, BLOCK_R=32,
+                                                                   BLOCK_H=1024))
+    args = dict(part_max_ptr=("*fp32", 0), part_idx_ptr=("*i32", 0), probs_ptr=("*fp32", 0), tokens_ptr=("*i64", 0),
+                V=("i32", 49152), TILES=("i32", 96), s_probs=("i32", 7 * 49152))
+    _compile_for_hopper(markov._one_hot_kernel, args, dict(BLOCK_T=128, BLOCK_V=512))

@@ -13,9 +13,10 @@ interpreter tests in tests/ops/test_ops_triton.py).
 from .attention import attention
 from .gated import gelu_tanh_and_mul, silu_and_mul
 from .kv_write import kv_write
-from .markov import markov_head_step
+from .markov import markov_greedy_step, markov_head_step
 from .matmul import linear
 from .rms_norm import add_rms_norm, rms_norm
 from .rotary import apply_rotary
 
-__all__ = ["rms_norm", "add_rms_norm", "silu_and_mul", "gelu_tanh_and_mul", "apply_rotary", "kv_write", "attention", "linear", "markov_head_step"]
+__all__ = ["rms_norm", "add_rms_norm", "silu_and_mul", "gelu_tanh_and_mul", "apply_rotary", "kv_write", "attention", "linear", "markov_head_step",
+           "markov_greedy_step"]
