@@ -94,6 +94,7 @@ def test_prefill_graphs_give_the_eager_tokens(npu, monkeypatch, kind, temperatur
     # the first step: 3 short prompts + the long one's first 16 tokens -> (4, 16); then the
     # long prompt's other 54 tokens alone -> (1, 64)
     assert replays == [(4, 16), (1, 64)], replays
+    assert graphed.runner.prefill_graphs.failed == {}                 # no capture fell back to eager
     assert graphed.scheduler.num_used_blocks == 0 and eager.scheduler.num_used_blocks == 0
 
 
@@ -108,7 +109,7 @@ def test_a_padding_row_and_a_chunked_prompt(npu, monkeypatch):  # noqa: F811
         replays = _count_replays(graphed, monkeypatch)
         assert [o.token_ids for o in graphed.generate(prompts, params)] == \
             [o.token_ids for o in eager.generate(prompts, params)]
-        assert replays == shapes
+        assert replays == shapes and graphed.runner.prefill_graphs.failed == {}
         pads = graphed.runner.pad_slots
         assert graphed.runner.cache.lengths[pads].tolist() == [0] * len(pads)
         assert graphed.scheduler.num_used_blocks == 0
