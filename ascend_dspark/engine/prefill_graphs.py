@@ -31,8 +31,9 @@ already are (graph_runner.py). CUDA and NPU graphs alike, through `platform.grap
   first token of whichever request meets it first. Other flags are captured on first use;
   at most MAX_PREFILL_GRAPHS are kept (each holds device memory and, on Ascend, stream
   resources).
-- Cost: with the defaults and max_prefill_tokens 2048, 26 shapes and 52 graphs at start-up
-  (seconds of capture on a GPU, about what the step graphs take). They share the runner's
+- Cost: with the defaults, max_prefill_tokens 2048 and max_model_len >= 2048, 26 shapes and
+  52 graphs at start-up (seconds of capture on a GPU, about what the step graphs take;
+  widths stop at max_model_len, so short-context engines capture fewer). They share the runner's
   graph pool with the step graphs, so the memory that stays is roughly one largest shape's
   activations (the [R, W, hidden] states and MLP intermediates, the [R, 1, W, max_model_len]
   mask) plus every graph's small static inputs; the bytes are measured and logged.
@@ -126,17 +127,18 @@ class _Captured:
 class PrefillGraphRunner:
     """The prefill graphs of one model runner (runner.py): it replays `runner.prefill_core`."""
 
-    def __init__(self, runner, pool, max_prefill_tokens: int,
+    def __init__(self, runner, pool, max_prefill_tokens: int, max_model_len: int,
                  buckets: tuple[list[int], list[int]] | None = None) -> None:
-        """`buckets`: (rows buckets, width buckets), default powers of two (module docstring);
-        shapes past max_prefill_tokens tokens or with more rows than padding slots are dropped."""
+        """`buckets`: (rows buckets, width buckets), default powers of two (module docstring) no
+        wider than a prompt can be (max_model_len); shapes past max_prefill_tokens tokens or with
+        more rows than padding slots are dropped."""
         self.runner = runner
         self.platform = runner.platform
         self.pad_slots = runner.pad_slots
         self.pool = pool                              # the runner's graph pool, shared with the step graphs
         if buckets is None:
             buckets = (default_buckets(min(MAX_PREFILL_ROWS, len(self.pad_slots))),
-                       powers_of_two(MIN_PREFILL_WIDTH, min(MAX_PREFILL_WIDTH, max_prefill_tokens)))
+                       powers_of_two(MIN_PREFILL_WIDTH, min(MAX_PREFILL_WIDTH, max_prefill_tokens, max_model_len)))
         rows_buckets, width_buckets = buckets
         self.shapes = sorted((rows, width) for rows in set(rows_buckets) for width in set(width_buckets)
                              if rows * width <= max_prefill_tokens and rows <= len(self.pad_slots))
@@ -162,7 +164,7 @@ class PrefillGraphRunner:
         return min(fitting, key=lambda s: (s[0] * s[1], s[0]), default=None)
 
     @classmethod
-    def build(cls, runner, wanted: bool | None, max_prefill_tokens: int,
+    def build(cls, runner, wanted: bool | None, max_prefill_tokens: int, max_model_len: int,
               buckets: tuple[list[int], list[int]] | None) -> PrefillGraphRunner | None:
         """The runner's prefill graphs: wherever it has step graphs unless `wanted` is False.
         They need the step graphs' padding slots and pool, so without those it says why, if asked."""
@@ -171,7 +173,9 @@ class PrefillGraphRunner:
                 logger.warning("prefill graphs need the step graphs (graphs on a platform that has them): "
                                "prompt chunks run eagerly")
             return None
-        return cls(runner, runner.graph_runner.pool, max_prefill_tokens, buckets) if wanted is not False else None
+        if wanted is False:
+            return None
+        return cls(runner, runner.graph_runner.pool, max_prefill_tokens, max_model_len, buckets)
 
     def run(self, chunks: list[PrefillChunk], observe: list[bool], watch: bool, logprobs: bool = False,
             constrained: bool = False) -> dict[str, torch.Tensor] | None:

@@ -143,7 +143,8 @@ class ModelRunner:
             drafter.attach(self.tables, self.dtype)
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
         self.graph_runner = StepGraphRunner(self, buckets) if graphs else None
-        self.prefill_graphs = PrefillGraphRunner.build(self, prefill_graphs, max_prefill_tokens, prefill_graph_buckets)
+        self.prefill_graphs = PrefillGraphRunner.build(self, prefill_graphs, max_prefill_tokens, max_model_len,
+                                                       prefill_graph_buckets)
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
 

@@ -189,9 +189,11 @@ def test_shapes_stay_within_the_token_budget_and_the_padding_slots():
     """The default shapes: powers of two, rows * width <= max_prefill_tokens, no more rows
     than padding slots; the smallest shape holding a plan is chosen."""
     runner = prefill_graphs.PrefillGraphRunner(SimpleNamespace(platform=None, pad_slots=list(range(8, 16))),
-                                               None, 2048)
+                                               None, 2048, 4096)
     assert len(runner.shapes) == 26
     assert max(r * w for r, w in runner.shapes) == 2048 and max(r for r, _ in runner.shapes) == 8
     assert runner.shape_for(3, 100) == (4, 128) and runner.shape_for(1, 2048) == (1, 2048)
     assert runner.shape_for(3, 600) is None and runner.shape_for(9, 16) is None
     assert prefill_graphs.powers_of_two(16, 100) == [16, 32, 64, 100]
+    short = prefill_graphs.PrefillGraphRunner(SimpleNamespace(platform=None, pad_slots=[4, 5]), None, 2048, 64)
+    assert short.shapes == [(1, 16), (1, 32), (1, 64), (2, 16), (2, 32), (2, 64)]     # no wider than max_model_len
