@@ -3,9 +3,9 @@ commits for every decoding request, and prefills prompt chunks for new ones.
 
     add_request(id, prompt_ids, params)   queue a request (refused at once if it can never fit)
     step() -> [RequestDelta]              one scheduler plan, run by the model runner:
-        prefill   prompt chunks of admitted requests (one padded forward); a request's last
-                  chunk samples its first token (the first anchor), and the drafter observes
-                  every chunk's target features.
+        prefill   prompt chunks of admitted requests (one padded forward, replayed from a
+                  graph where one fits); a request's last chunk samples its first token (the
+                  first anchor), and the drafter observes every chunk's target features.
         draft     the drafter proposes up to K tokens after each decoding request's anchor
                   (the batch's largest per-request cap).
         verify    the target runs [anchor, d1..dK] in one forward; the verifier accepts a
@@ -99,6 +99,10 @@ class Engine:
     prompt tokens. `overlap` (default: the platform's `overlap_steps`): launch a decode
     batch's next step before reading the last one's results (see `step`).
 
+    `prefill_graphs` (default: on wherever the step graphs are): prompt chunks replayed from
+    graphs in (rows, width) buckets, `prefill_graph_buckets` = (rows buckets, width buckets)
+    (default: engine/prefill_graphs.py, which says what they cost); False: eager prefills.
+
     `speculation` (with a drafter): "confidence" (the default) chooses every step's draft
     depth, 0 (plain decoding) to `num_speculative_tokens`, for the most expected tokens per
     second: predicted acceptance (spec/acceptance.py, the confidence head's where the draft
@@ -113,7 +117,9 @@ class Engine:
                  kv_cache_fraction: float = DEFAULT_KV_FRACTION,
                  max_prefill_tokens: int = DEFAULT_PREFILL_TOKENS, graphs: bool | None = None,
                  graph_buckets: list[int] | None = None, overlap: bool | None = None, progress: bool = False,
-                 speculation: str | None = None, step_costs: StepCosts | None = None) -> None:
+                 speculation: str | None = None, step_costs: StepCosts | None = None,
+                 prefill_graphs: bool | None = None,
+                 prefill_graph_buckets: tuple[list[int], list[int]] | None = None) -> None:
         self.platform = platform or current_platform()
         self.target = target
         self.drafter = drafter
@@ -133,7 +139,8 @@ class Engine:
         self.runner = ModelRunner(target, drafter, self.platform, self.num_speculative_tokens, max_model_len,
                                   max_batch_size, num_kv_blocks, kv_block_size, kv_cache_fraction,
                                   max_prefill_tokens, graphs, graph_buckets,
-                                  profile_rows=self.speculation == "confidence" and step_costs is None)
+                                  profile_rows=self.speculation == "confidence" and step_costs is None,
+                                  prefill_graphs=prefill_graphs, prefill_graph_buckets=prefill_graph_buckets)
         self.scheduler = Scheduler(self.runner.tables, max_model_len, self.runner.reserve, max_prefill_tokens,
                                    max_batch_size, self.runner.num_kv_blocks)
         eos = tokenizer.eos_token_ids if tokenizer is not None else target.config.eos_token_ids

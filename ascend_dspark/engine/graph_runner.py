@@ -60,9 +60,42 @@ def default_buckets(max_batch_size: int) -> list[int]:
     return buckets + [top]
 
 
-def _flags(sampling: SamplingBatch) -> tuple:
+def use_graphs(platform, device: torch.device, wanted: bool | None) -> bool:
+    """Whether a runner with its model on `device` replays graphs: where the platform has them
+    (default); asking for them elsewhere warns. A model on another device than the platform's
+    (a CPU model on a GPU machine) runs eagerly."""
+    if device.type != platform.device.type:
+        if wanted:
+            logger.warning("graph replay needs the model on %s, it is on %s: steps run eagerly", platform.device, device)
+        return False
+    if wanted is None:
+        if platform.supports_graphs and not platform.graph_steps:
+            logger.info("%s: whole-step graph replay is not enabled on this platform yet; steps run eagerly",
+                        platform.name)
+        return platform.graph_steps
+    if wanted and not platform.supports_graphs:
+        why = platform.graphs_disabled_reason
+        logger.warning("graph replay is not available on %s%s: steps run eagerly", platform.name,
+                       f" ({why})" if why else "")
+        return False
+    return wanted
+
+
+def sampling_flags(sampling: SamplingBatch) -> tuple:
+    """What of a batch's sampling parameters changes a captured graph's kernel sequence (a graph key part)."""
     return (sampling.all_greedy, sampling.any_greedy, sampling.use_top_k, sampling.use_top_p,
             sampling.use_min_p, top_k_bounds_class(sampling.top_k_bounds))
+
+
+def static_sampling(sampling: SamplingBatch, device: torch.device) -> SamplingBatch:
+    """A graph's own copy of a sampling batch: its host flags, and device tensors of its own
+    that replays read (new rows' parameters are copied into them, never rebound)."""
+    static = SamplingBatch.__new__(SamplingBatch)
+    static.__dict__.update(sampling.__dict__)
+    static.device = device
+    for name in SamplingBatch.TENSORS:
+        setattr(static, name, getattr(sampling, name).to(device, copy=True))
+    return static
 
 
 class HostStaging:
@@ -166,7 +199,7 @@ class StepGraphRunner:
     def _graph_for(self, bucket: int, num_drafts: int, sampling: SamplingBatch,
                    observe: bool = True) -> _Captured | None:
         """The graph of this key, captured now if new; None when the key runs eagerly."""
-        key = (bucket, num_drafts, _flags(sampling), observe)
+        key = (bucket, num_drafts, sampling_flags(sampling), observe)
         if key in self.graphs:
             return self.graphs[key]
         if key not in self.eager and len(self.graphs) >= MAX_GRAPHS:
@@ -189,11 +222,7 @@ class StepGraphRunner:
         dev = self.runner.device
         slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
-        static = SamplingBatch.__new__(SamplingBatch)
-        static.__dict__.update(sampling.__dict__)
-        static.device = dev
-        for name in SamplingBatch.TENSORS:
-            setattr(static, name, getattr(sampling, name).to(dev, copy=True))
+        static = static_sampling(sampling, dev)
         graph = self.platform.graph(self.pool)
         before = self.platform.memory_stats()["allocated_bytes"]
         # Hints with the padding slot's reach; updated to the real rows' before every replay.

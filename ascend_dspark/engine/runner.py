@@ -6,7 +6,8 @@ and runs it:
     block tables, the target's paged KV cache (the drafter's sits on the same tables), each
     slot's anchor (its last committed token, not yet in the cache), the padding slots of
     the graph buckets;
-    prefill       prompt chunks in one padded forward; a request's last chunk samples its
+    prefill       prompt chunks in one padded forward, replayed from a captured graph
+                  (prefill_graphs.py) where one fits; a request's last chunk samples its
                   first token; the drafter observes every chunk's target features;
     verify        draft + verify + rollback for the decoding rows, replayed from a captured
                   graph (graph_runner.py) where one fits, else eagerly;
@@ -42,8 +43,9 @@ from ascend_dspark.spec.sampling import SamplingBatch, SamplingParams, Stream
 from ascend_dspark.spec.verify import verify
 from ops.context import AttentionHints, ForwardContext
 
-from .graph_runner import StepGraphRunner, default_buckets
+from .graph_runner import StepGraphRunner, default_buckets, use_graphs
 from .output_processor import prompt_logprob_rows
+from .prefill_graphs import PrefillGraphRunner, attention_lengths, prefill_inputs
 from .request import Request
 from .scheduler import PrefillChunk
 from .tp_calls import check_committed, sent_to_followers
@@ -82,20 +84,25 @@ class ModelRunner:
     def __init__(self, target, drafter, platform: Platform, num_speculative_tokens: int, max_model_len: int,
                  max_batch_size: int, num_kv_blocks: int | None, kv_block_size: int | None,
                  kv_cache_fraction: float, max_prefill_tokens: int, graphs: bool | None,
-                 graph_buckets: list[int] | None, profile_rows: bool = False) -> None:
+                 graph_buckets: list[int] | None, profile_rows: bool = False, prefill_graphs: bool | None = None,
+                 prefill_graph_buckets: tuple[list[int], list[int]] | None = None) -> None:
         self.tp = getattr(target, "tp", None)           # set by models/parallel.py shard_target
         self._sending = False
         if self.tp is not None and self.tp.is_driver:
             self.tp.send_command(("__init__", (num_speculative_tokens, max_model_len, max_batch_size, num_kv_blocks,
                                                kv_block_size, kv_cache_fraction, max_prefill_tokens, graphs,
-                                               graph_buckets, profile_rows), {}))
+                                               graph_buckets, profile_rows, prefill_graphs, prefill_graph_buckets),
+                                   {}))
         self.platform = platform
         self.target = target
         self.drafter = drafter
         self.num_speculative_tokens = num_speculative_tokens
         self.capture_layers = tuple(drafter.target_layer_ids) if drafter is not None else ()
         cfg = target.config
-        self._sliding = any(cfg.window(i) is not None for i in range(cfg.num_layers))
+        # Every attention of a prefill (the target's, Eagle3's observe) is causal over the chunk:
+        # kernels that take host lengths (Ascend's) may skip the mask, unless a sliding window needs it.
+        sliding = any(cfg.window(i) is not None for i in range(cfg.num_layers))
+        self.prefill_attention = "explicit" if sliding else "causal"
         param = next(target.parameters())
         self.dtype, self.device = param.dtype, param.device
         if drafter is not None:
@@ -111,7 +118,7 @@ class ModelRunner:
         if num_kv_blocks is None:
             num_kv_blocks = self._fitting_blocks(per_seq * max_batch_size, kv_block_size, kv_cache_fraction)
         self.num_kv_blocks = num_kv_blocks
-        graphs = self._use_graphs(graphs)
+        graphs = use_graphs(platform, self.device, graphs)
         buckets = sorted(graph_buckets or default_buckets(max_batch_size)) if graphs else []
         # The batch sizes whose step cost the confidence policy measures (step_costs.py): the
         # graph buckets, or without graphs powers of 4 (an eager step's cost is close to linear
@@ -136,6 +143,8 @@ class ModelRunner:
             drafter.attach(self.tables, self.dtype)
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
         self.graph_runner = StepGraphRunner(self, buckets) if graphs else None
+        self.prefill_graphs = PrefillGraphRunner.build(self, prefill_graphs, max_prefill_tokens, max_model_len,
+                                                       prefill_graph_buckets)
         self._sampling_key: tuple | None = None
         self._sampling: SamplingBatch | None = None
 
@@ -151,6 +160,8 @@ class ModelRunner:
         if self.graph_runner is not None:
             with torch.inference_mode():
                 self.graph_runner.capture_startup(progress, depths)
+                if self.prefill_graphs is not None:
+                    self.prefill_graphs.capture_startup(progress)
 
     @sent_to_followers
     @torch.inference_mode()
@@ -198,96 +209,83 @@ class ModelRunner:
                               f"({stats['reserved_bytes'] / 2**30:.1f} GiB already reserved)")
         return min(wanted, fits)
 
-    def _use_graphs(self, wanted: bool | None) -> bool:
-        """Graphs where the platform has them (default); asking for them elsewhere warns once.
-        A model on another device than the platform's (a CPU model on a GPU machine) runs eagerly."""
-        if self.device.type != self.platform.device.type:
-            if wanted:
-                logger.warning("graph replay needs the model on %s, it is on %s: steps run eagerly",
-                               self.platform.device, self.device)
-            return False
-        if wanted is None:
-            if self.platform.supports_graphs and not self.platform.graph_steps:
-                logger.info("%s: whole-step graph replay is not enabled on this platform yet; steps run eagerly",
-                            self.platform.name)
-            return self.platform.graph_steps
-        if wanted and not self.platform.supports_graphs:
-            why = self.platform.graphs_disabled_reason
-            logger.warning("graph replay is not available on %s%s: steps run eagerly", self.platform.name,
-                           f" ({why})" if why else "")
-            return False
-        return wanted
-
     # -- prefill -----------------------------------------------------------------------------
     @sent_to_followers
     def prefill(self, chunks: list[PrefillChunk], observe: list[bool] | None = None,
                 constrained: bool = False) -> dict[str, torch.Tensor]:
-        """One padded forward over the chunks; returns each row's sampled next token (used
+        """One padded forward over the chunks, a graph replay where a prefill graph fits
+        (prefill_graphs.py), else eager; returns each row's sampled next token (used
         for rows that finish a fresh prompt) and, if asked for, its logprobs. `observe[b]`
         (default: all): whether the drafter reads row b's chunk (not for a request whose
         drafter sleeps, engine.py). `constrained`: some row's request has a grammar; the
         first token of such a row is sampled from the masked logits (spec/grammar.py)."""
         observe = [True] * len(chunks) if observe is None else observe
         watch = self.drafter is not None and any(observe)
-        dev = self.device
         reqs = [c.request for c in chunks]
-        width = max(c.end - c.start for c in chunks)
-        ids, nxt = [], []
-        for c in chunks:
-            tokens = c.request.tokens
-            chunk = tokens[c.start:c.end]
-            follow = tokens[c.start + 1:c.end + 1]                 # the token after each position, where known
-            ids.append(chunk + [0] * (width - len(chunk)))
-            nxt.append(follow + [0] * (width - len(follow)))
-        host = torch.tensor([[c.start, c.end - c.start, c.request.slot,
-                              c.is_last and not c.request.output, c.is_last,
-                              c.request.output[-1] if c.request.output else 0] for c in chunks])
-        ids, nxt, host = torch.tensor(ids).to(dev), torch.tensor(nxt).to(dev), host.to(dev)
-        starts, lens, slots = host[:, 0], host[:, 1], host[:, 2]
-        samples_first, is_last, resumed_anchor = host[:, 3].bool(), host[:, 4].bool(), host[:, 5]
+        dev = self.device
         fresh = [c.request.slot for c in chunks if c.start == 0]
-        if fresh:
+        if fresh:                   # eagerly, before the forward: a replayed graph never resets a sequence
             fresh = torch.tensor(fresh).to(dev)
             self.cache.reset(fresh)
             if self.drafter is not None:
                 self.drafter.reset(fresh)
-        positions = starts.unsqueeze(1) + torch.arange(width, device=dev)
-        valid = torch.arange(width, device=dev).unsqueeze(0) < lens.unsqueeze(1)
-        # Every attention of a prefill (the target's, Eagle3's observe) is causal over the
-        # chunk: kernels that take host lengths (Ascend's) may skip the mask.
+        want_logprobs = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+        prompt_rows = prompt_logprob_rows(reqs)
+        if self.prefill_graphs is not None:
+            out = self.prefill_graphs.run(chunks, observe, watch, want_logprobs is not None or bool(prompt_rows[0]),
+                                          constrained)
+            if out is not None:
+                return out
+        ids, following, rows = (t.to(dev) for t in prefill_inputs(chunks, observe, max(c.end - c.start for c in chunks)))
         ctx = ForwardContext(self.platform.ops, num_keys=max(c.end for c in chunks),
-                             hints=AttentionHints([c.end for c in chunks], [c.end - c.start for c in chunks],
-                                                  "explicit" if self._sliding else "causal"))
+                             hints=AttentionHints(*attention_lengths(chunks), self.prefill_attention))
+        # only a fresh prompt's first token is used: its grammar state is the initial one
+        grammars = [c.request.grammar if c.is_last and not c.request.output else None for c in chunks]
+        return self.prefill_core(ids, following, rows, SamplingBatch([r.params for r in reqs], dev, self.platform.ops),
+                                 ctx, watch, want_logprobs, grammars if constrained else None,
+                                 prompt_rows if prompt_rows[0] else None)
+
+    def prefill_core(self, ids: torch.Tensor, following: torch.Tensor, rows: torch.Tensor, sampling: SamplingBatch,
+                     ctx: ForwardContext, watch: bool, want_logprobs: int | None = None,
+                     grammars: list[RequestGrammar | None] | None = None,
+                     prompt_logprobs: tuple[list[int], int] | None = None) -> dict[str, torch.Tensor]:
+        """The device work of a prefill, graph-capturable (no host reads, fixed shapes) without
+        the last three arguments (eager only): the target's forward over `ids` [B, W], the first
+        token sampled after each row's last position, cache lengths, the drafter's observe
+        (`watch`: of any row), anchors. `following` [B, W]: the token after each position (a
+        fresh prompt's last: the sampled token, written in here). `rows` [B, 7]: the fields
+        prefill_graphs.ROW_FIELDS names; a row of length 0 (padding) writes nothing. `grammars`:
+        first tokens from masked logits (spec/grammar.py). `prompt_logprobs`: (rows, top-n)."""
+        starts, lens, slots = rows[:, 0], rows[:, 1], rows[:, 2]
+        samples_first, is_last, resumed_anchor, observed = rows[:, 3].bool(), rows[:, 4].bool(), rows[:, 5], rows[:, 6]
+        width = ids.shape[1]
+        positions = starts.unsqueeze(1) + torch.arange(width, device=ids.device)
+        valid = torch.arange(width, device=ids.device).unsqueeze(0) < lens.unsqueeze(1)
         out = self.target(ids, positions, self.cache, slots, valid, self.capture_layers if watch else (), ctx)
-        out_hidden = out.hidden
-        hidden = out.hidden.gather(1, (lens - 1).view(-1, 1, 1).expand(-1, 1, out.hidden.shape[-1]))
+        last_col = (lens - 1).clamp(min=0).unsqueeze(1)                          # a padding row: column 0
+        hidden = out.hidden.gather(1, last_col.unsqueeze(2).expand(-1, 1, out.hidden.shape[-1]))
         last = self.target.logits(hidden, ctx.ops)                                     # [B, 1, V]
-        sampling = SamplingBatch([r.params for r in reqs], dev, self.platform.ops)
         masked = last
-        if constrained:       # only a fresh prompt's first token is used: its grammar state is the initial one
-            grammars = [c.request.grammar if c.is_last and not c.request.output else None for c in chunks]
-            bitmask = step_bitmask(grammars, [[] for _ in chunks], [0] * len(chunks), 1, last.shape[-1])
-            masked = self.platform.ops.apply_token_bitmask(last, bitmask.to(dev))
+        if grammars is not None:
+            bitmask = step_bitmask(grammars, [[] for _ in grammars], [0] * len(grammars), 1, last.shape[-1])
+            masked = ctx.ops.apply_token_bitmask(last, bitmask.to(ids.device))
         first = sampling.sample(sampling.probs(masked), (starts + lens).view(-1, 1), Stream.TARGET)[:, 0]
         self.cache.set_lengths(slots, starts + lens)
         # A fresh prompt's last position is followed by the token just sampled.
-        last_col = (lens - 1).unsqueeze(1)
-        nxt.scatter_(1, last_col, torch.where(samples_first.unsqueeze(1), first.unsqueeze(1), nxt.gather(1, last_col)))
+        following.scatter_(1, last_col, torch.where(samples_first.unsqueeze(1), first.unsqueeze(1),
+                                                    following.gather(1, last_col)))
         if watch:
-            seen = lens * torch.tensor(observe).to(dev)
-            self.drafter.observe(slots, out.features, positions, nxt, seen, ctx)
+            self.drafter.observe(slots, out.features, positions, following, lens * observed, ctx)
         # The anchor of a request that finished its prefill: the sampled token, or (after a
         # preemption) its last committed token, which the prefill did not put in the cache.
         anchor = torch.where(samples_first, first, resumed_anchor)
         self.anchors[slots] = torch.where(is_last, anchor, self.anchors[slots])
-        out = {"first": first}
-        want_logprobs = max((r.params.logprobs for r in reqs if r.params.logprobs is not None), default=None)
+        result = {"first": first}
         if want_logprobs is not None:
-            out.update(logprobs(want_logprobs, last[:, 0], first, "first_"))
-        rows, n = prompt_logprob_rows(reqs)
-        if rows:
-            out.update(self._prompt_logprobs(out_hidden, nxt, rows, n, ctx))
-        return out
+            result.update(logprobs(want_logprobs, last[:, 0], first, "first_"))
+        if prompt_logprobs is not None:
+            result.update(self._prompt_logprobs(out.hidden, following, *prompt_logprobs, ctx))
+        return result
 
     def _prompt_logprobs(self, hidden: torch.Tensor, nxt: torch.Tensor, rows: list[int], n: int,
                          ctx: ForwardContext) -> dict[str, torch.Tensor]:

@@ -1,0 +1,75 @@
+"""Prefill graphs (engine/prefill_graphs.py) give the tokens eager prefills give, on a CUDA
+GPU (the H200 runs it; the NPU platform's are checked on CPU through the test double in
+test_prefill_graphs.py).
+
+Every drafter, T=0 and seeded T>0; prompts of mixed lengths: three short ones replay one
+(4, 16) graph with a padding row, and a 70-token prompt is chunked by max_prefill_tokens 64
+(64 tokens at (1, 64), then 6 at (1, 16)). Both engines replay verify steps from graphs, so
+they differ only in how prompt chunks run. A plan past the largest rows bucket runs eagerly.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ascend_dspark.drafters import create_drafter
+from ascend_dspark.engine.engine import Engine
+from ascend_dspark.platform import make_platform
+from ascend_dspark.spec.sampling import SamplingParams
+from tests.helpers import tiny_target
+
+pytestmark = pytest.mark.cuda
+
+LONG = [(11 * i) % 120 + 3 for i in range(70)]
+PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8], [60, 61, 62, 63, 64], LONG]
+BUCKETS = ([1, 2, 4], [16, 32, 64])
+
+
+@pytest.fixture(scope="module")
+def setup():
+    platform = make_platform("cuda")
+    torch.manual_seed(0)
+    target, _ = tiny_target("qwen3", dtype=torch.float32)
+    return platform, target.to(platform.device)
+
+
+def engines(setup, kind, **kw):
+    """An engine with eager prefills and one with prefill graphs over one target, each with its
+    own copy of the drafter (a drafter's caches belong to the engine that attached it)."""
+    platform, target = setup
+
+    def drafter():
+        return create_drafter(kind, target, seed=1).to(platform.device) if kind else None
+
+    options = dict(num_speculative_tokens=3, max_model_len=96, max_batch_size=4, platform=platform, graphs=True,
+                   graph_buckets=[1, 2, 4], max_prefill_tokens=64, prefill_graph_buckets=BUCKETS)
+    options.update(kw)
+    return Engine(target, drafter(), prefill_graphs=False, **options), \
+        Engine(target, drafter(), prefill_graphs=True, **options)
+
+
+@pytest.mark.parametrize("kind", [None, "eagle3", "dflash", "dspark"])
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_prefill_graphs_give_the_eager_tokens(setup, kind, temperature):
+    eager, graphed = engines(setup, kind)
+    assert eager.runner.prefill_graphs is None and graphed.runner.prefill_graphs is not None
+    captured = len(graphed.runner.prefill_graphs.graphs)
+    assert captured == 2 * len(graphed.runner.prefill_graphs.shapes)          # the start-up keys
+    params = [SamplingParams(temperature=temperature, seed=10 + i, max_tokens=6 + 5 * i, ignore_eos=True)
+              for i in range(len(PROMPTS))]
+    for prompts in (PROMPTS[:3], PROMPTS):
+        want = eager.generate(prompts, params[:len(prompts)])
+        got = graphed.generate(prompts, params[:len(prompts)])
+        assert [o.token_ids for o in got] == [o.token_ids for o in want]
+        assert [o.stats.accepted_lengths for o in got] == [o.stats.accepted_lengths for o in want]
+    assert graphed.runner.prefill_graphs.failed == {}
+    assert graphed.scheduler.num_used_blocks == 0
+
+
+def test_a_plan_past_the_largest_rows_bucket_runs_eagerly(setup):
+    eager, graphed = engines(setup, "dspark", prefill_graph_buckets=([1, 2], [16]))
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    assert [o.token_ids for o in graphed.generate(PROMPTS[:3], params)] == \
+        [o.token_ids for o in eager.generate(PROMPTS[:3], params)]
+    assert graphed.scheduler.num_used_blocks == 0
