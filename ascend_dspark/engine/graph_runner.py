@@ -127,13 +127,15 @@ class StepGraphRunner:
 
     def capture_startup(self, progress: bool = True, depths: list[int] = (), steps: int = 1) -> None:
         """Per bucket: K drafts for both start-up flag sets, and every other depth in `depths`
-        (the confidence policy's menu) for greedy rows; with `steps` > 1, the multi-step plain
-        graph for both flag sets."""
+        (the confidence policy's menu) for greedy rows; with `steps` > 1 and plain decoding
+        to expect (no drafter, or the confidence policy, whose drafter may fall asleep), the
+        multi-step plain graph for both flag sets (with a drafter under the fixed policy only
+        requests capped at 0 drafts decode plainly: their graphs are captured on first use)."""
         k = self.runner.num_speculative_tokens
         keys = [(b, p, k) for b in self.buckets for p in STARTUP_FLAGS]
         keys += [(b, STARTUP_FLAGS[0], d) for b in self.buckets for d in depths if d != k]
         keys = [(*key, True, 1) for key in keys] + [(b, STARTUP_FLAGS[0], 0, False, 1) for b in self.buckets if depths]
-        if steps > 1:
+        if steps > 1 and (depths or k == 0):
             keys += [(b, p, 0, False, steps) for b in self.buckets for p in STARTUP_FLAGS]
         for bucket, params, depth, observe, n in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
             self._graph_for(bucket, depth, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops),
