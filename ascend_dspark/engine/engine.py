@@ -30,7 +30,7 @@ Requests accept different numbers of tokens per step and leave as they finish, a
 scheduler admits waiting ones whenever a slot and KV blocks are free, so continuous
 batching is invisible in the output: counter-based sampling noise keys on (seed, position),
 never on the batch. Plain decoding is the same loop with no drafter (K = 0). One
-device -> host copy per step carries every token the step produced.
+device -> host copy per launch (one step, or several plain ones) carries every token it produced.
 """
 
 from __future__ import annotations
