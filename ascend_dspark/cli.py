@@ -22,7 +22,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     llm = LLM(model=args.model, drafter=args.drafter, num_speculative_tokens=args.num_speculative_tokens,
               device=args.device, dtype=args.dtype, max_model_len=args.max_model_len, speculation=args.speculation,
-              tensor_parallel_size=args.tensor_parallel_size)
+              tensor_parallel_size=args.tensor_parallel_size, decode_steps_per_launch=args.decode_steps_per_launch)
     if not llm.is_driver:               # a tensor-parallel rank other than 0: it followed rank 0, done
         return 0
     params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
@@ -128,6 +128,8 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
     gen.add_argument("--seed", type=int, default=None)
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--max-model-len", type=int, default=2048)
+    gen.add_argument("--decode-steps-per-launch", type=int, default=None,
+                     help="plain decode steps one launch may carry (default: 4 with graphs, else 1)")
     gen.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)")
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")

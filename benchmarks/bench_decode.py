@@ -1,9 +1,12 @@
 """Batch-1 greedy plain decoding, side by side in one process: our engine with whole-step
 graph replay (with the platform's default overlap of host bookkeeping and device work, and
-without it), our engine eager, and transformers' `generate` (dynamic cache, and a static
-cache with the forward compiled in "reduce-overhead" mode, i.e. CUDA graphs).
+without it), our engine eager, each with one step per launch and with `--steps-per-launch`
+plain steps per launch (engine/multistep.py; 1 leaves those rows out), and transformers'
+`generate` (dynamic cache, and a static cache with the forward compiled in
+"reduce-overhead" mode, i.e. CUDA graphs).
 
     python benchmarks/bench_decode.py --model smollm2-random --max-tokens 128 --out decode.json
+    python benchmarks/bench_decode.py --device cpu --dtype float32 --max-tokens 9 --no-compile   # CPU smoke
 
 `--model default` loads the embedded SmolLM2 GGUF; `smollm2-random` builds the same
 architecture (SmolLM2-135M's config) with random weights, which decodes at the same speed
@@ -73,12 +76,17 @@ def run(args) -> dict:
     params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
     results = {}
     outputs = {}
+    configs = []
     for name, graphs, overlap in (("ours, graphs", True, None), ("ours, graphs, no overlap", True, False),
                                   ("ours, eager", False, None)):
+        configs.append((name, graphs, overlap, 1))
+        if args.steps_per_launch > 1:
+            configs.append((f"{name}, {args.steps_per_launch} steps/launch", graphs, overlap, args.steps_per_launch))
+    for name, graphs, overlap, per_launch in configs:
         if graphs and not platform.supports_graphs:
             continue
         engine = Engine(ours, None, max_model_len=512, max_batch_size=1, platform=platform, graphs=graphs,
-                        overlap=overlap)
+                        overlap=overlap, decode_steps_per_launch=per_launch)
         def run_ours(engine=engine, name=name):
             outputs[name] = engine.generate([PROMPT], params)[0].token_ids
 
@@ -104,7 +112,7 @@ def run(args) -> dict:
     same = len({tuple(v) for v in outputs.values()}) <= 1
     return {"date": dt.date.today().isoformat(), "device": platform.describe() if hasattr(platform, "describe") else args.device,
             "model": args.model, "dtype": args.dtype, "max_tokens": n, "prompt_tokens": len(PROMPT),
-            "tokens_per_s": results, "ours_graphs_equal_eager": same}
+            "steps_per_launch": args.steps_per_launch, "tokens_per_s": results, "ours_graphs_equal_eager": same}
 
 
 def main() -> None:
@@ -114,6 +122,8 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--max-tokens", type=int, default=128)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--steps-per-launch", type=int, default=4,
+                   help="rows of ours with this many plain decode steps per launch too (1: none)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     res = run(args)

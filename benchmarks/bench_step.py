@@ -14,7 +14,8 @@
    1 token, a verify of 8 tokens, and batches of 8 and 32 one-token rows.
 2. SmolLM2-135M shape (random weights): the step time of DSpark and DFlash drafts (K = 7,
    random drafts: a step costs the same whatever it accepts) at batch 1 and 16, and the
-   device busy fraction while decoding at batch 1 (graph replay, with and without overlap):
+   device busy fraction while decoding at batch 1 (graph replay, with and without overlap,
+   one step per launch and `--steps-per-launch` plain steps per launch, engine/multistep.py):
    the union of GPU kernel intervals over the wall time from the first to the last kernel of
    the decode, from a torch.profiler trace.
 
@@ -60,7 +61,7 @@ def decode_step(platform, target, context: int, steps: int, overlap: bool | None
     from ascend_dspark.spec.sampling import SamplingParams
 
     engine = Engine(target, None, max_model_len=context + steps + 8, max_batch_size=1, platform=platform,
-                    overlap=overlap)
+                    overlap=overlap, decode_steps_per_launch=1)          # one step, against the floor
     prompt = [(7 * i) % 1000 + 10 for i in range(context)]
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     engine.generate([prompt], params)                                   # warm-up
@@ -138,13 +139,14 @@ def drafter_step_ms(platform, target, kind: str, batch: int, steps: int = 48) ->
     return engine.timings.decode_s / max(o.stats.num_steps for o in outs) * 1e3
 
 
-def busy_fraction(platform, target, steps: int = 64, overlap: bool | None = None) -> float:
+def busy_fraction(platform, target, steps: int = 64, overlap: bool | None = None, per_launch: int = 1) -> float:
     from torch.profiler import ProfilerActivity, profile
 
     from ascend_dspark.engine.engine import Engine
     from ascend_dspark.spec.sampling import SamplingParams
 
-    engine = Engine(target, None, max_model_len=256, max_batch_size=1, platform=platform, overlap=overlap)
+    engine = Engine(target, None, max_model_len=256, max_batch_size=1, platform=platform, overlap=overlap,
+                    decode_steps_per_launch=per_launch)
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
     engine.generate([list(range(100, 132))], params)
     engine.add_request("warm", list(range(100, 132)), SamplingParams(temperature=0.0, max_tokens=steps + 4,
@@ -173,7 +175,7 @@ def busy_fraction(platform, target, steps: int = 64, overlap: bool | None = None
 PARTS = ("qwen3_8b:batch_invariant", "qwen3_8b:cublas", "smollm2")
 
 
-def run_part(part: str) -> dict:
+def run_part(part: str, per_launch: int = 4) -> dict:
     """One part in this process (the parent runs each in a fresh one: graphs captured and
     freed in one process otherwise share a memory pool across parts)."""
     import torch
@@ -211,6 +213,10 @@ def run_part(part: str) -> dict:
         res[f"dspark_vs_dflash_batch{b}"] = res[f"dspark_batch{b}_ms"] / res[f"dflash_batch{b}_ms"]
     res["busy_fraction"] = busy_fraction(platform, small)
     res["busy_fraction_no_overlap"] = busy_fraction(platform, small, overlap=False)
+    if per_launch > 1:
+        res["steps_per_launch"] = per_launch
+        res["busy_fraction_multistep"] = busy_fraction(platform, small, per_launch=per_launch)
+        res["busy_fraction_multistep_no_overlap"] = busy_fraction(platform, small, overlap=False, per_launch=per_launch)
     return res
 
 
@@ -222,14 +228,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default=None)
     p.add_argument("--part", choices=PARTS, help="run one part here and print its JSON (the parent runs all)")
+    p.add_argument("--steps-per-launch", type=int, default=4,
+                   help="the busy fraction also with this many plain steps per launch (1: only one per launch)")
     args = p.parse_args()
     if args.part:
-        print("PART " + json.dumps(run_part(args.part)), flush=True)
+        print("PART " + json.dumps(run_part(args.part, args.steps_per_launch)), flush=True)
         return
     res = {"date": dt.date.today().isoformat(), "device": torch.cuda.get_device_name(),
            "command": "python " + " ".join(sys.argv)}
     for part in PARTS:
-        proc = subprocess.run([sys.executable, __file__, "--part", part], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, __file__, "--part", part, "--steps-per-launch",
+                               str(args.steps_per_launch)], capture_output=True, text=True)
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("PART ")]
         if proc.returncode or not lines:
             raise SystemExit(f"part {part} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

@@ -42,6 +42,7 @@ class ServerConfig:
     # capacity
     max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
     max_model_len: int = 2048              # prompt + output tokens of one sequence
+    decode_steps_per_launch: int | None = None   # plain decode steps per launch (None: 4 with graphs, else 1)
     queue_size: int = 64                   # sequences waiting for a slot before 429s start
     max_n: int = 16                        # largest `n` (choices per request) accepted
     request_timeout_s: float = 600.0       # a request still running after this is aborted
@@ -96,6 +97,8 @@ class ServerConfig:
             need(getattr(self, name) >= 1 if name != "port" else 0 <= self.port <= 65535, name,
                  f"must be {'in 0..65535' if name == 'port' else '>= 1'}, got {getattr(self, name)}")
         need(self.max_model_len >= 2, "max_model_len", f"must be >= 2, got {self.max_model_len}")
+        need(self.decode_steps_per_launch is None or self.decode_steps_per_launch >= 1, "decode_steps_per_launch",
+             f"must be >= 1, got {self.decode_steps_per_launch}")
         need(self.queue_size >= 0, "queue_size", f"must be >= 0, got {self.queue_size}")
         need(self.request_timeout_s > 0, "request_timeout_s", f"must be > 0, got {self.request_timeout_s}")
         need(self.shutdown_grace_s >= 0, "shutdown_grace_s", f"must be >= 0, got {self.shutdown_grace_s}")
@@ -137,6 +140,8 @@ _HELP = {
     "served_model_name": "the model names clients may send, aliases all served alike: "
                          "--served-model-name a b, or a,b in the environment (default: the value of --model)",
     "max_num_seqs": "sequences decoded at once",
+    "decode_steps_per_launch": "plain decode steps one launch may carry while no request can join or finish by "
+                               "length (1: one step per launch; default 4 with graphs, else 1)",
     "queue_size": "sequences waiting for a slot before requests get 429",
     "max_n": "largest n (choices per request)",
     "host": "address to bind; anything but loopback exposes the server",

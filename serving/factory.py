@@ -97,7 +97,8 @@ def llm_options(config: ServerConfig) -> dict:
     return dict(model=config.model, drafter=config.drafter, num_speculative_tokens=config.num_speculative_tokens,
                 device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
                 max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation,
-                tensor_parallel_size=config.tensor_parallel_size)
+                tensor_parallel_size=config.tensor_parallel_size,
+                decode_steps_per_launch=config.decode_steps_per_launch)
 
 
 def follow_as_rank(config: ServerConfig) -> None:

@@ -15,12 +15,10 @@ commits for every decoding request, and prefills prompt chunks for new ones.
     abort(id)                             free the request's slot and KV blocks at once
     generate(prompts, params)             offline: add everything, step until done
 
-Structured output (a request whose `SamplingParams.grammar` is set): its steps mask the
-target's rows with the grammar (spec/grammar.py says why that stays lossless), which needs
-the step's drafts on the host between the proposal and verification. A decode batch holding
-such a request therefore runs its steps eagerly (no graph replay) and without overlap (the
-next step's masks need this step's tokens); batches without one are untouched: no mask,
-no host read, graphs and overlap as before.
+Structured output (a request whose `SamplingParams.grammar` is set) masks its rows with the
+grammar; a batch holding one runs eager single steps without overlap (constrained.py).
+Plain decode batches that nothing can change for N steps run N steps per launch
+(multistep.py, `decode_steps_per_launch`).
 
 The engine keeps the requests, the scheduler (scheduler.py: slots, blocks, admission,
 preemption), the overlap of host and device work, and the host bookkeeping of each step;
@@ -32,15 +30,13 @@ Requests accept different numbers of tokens per step and leave as they finish, a
 scheduler admits waiting ones whenever a slot and KV blocks are free, so continuous
 batching is invisible in the output: counter-based sampling noise keys on (seed, position),
 never on the batch. Plain decoding is the same loop with no drafter (K = 0). One
-device -> host copy per step carries every token the step produced.
+device -> host copy per launch (one step, or several plain ones) carries every token it produced.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
-import logging
 import random
 import time
 from collections.abc import Iterator
@@ -51,9 +47,10 @@ from tqdm.auto import tqdm
 
 from ascend_dspark.platform import Platform, current_platform
 from ascend_dspark.spec.acceptance import AcceptanceEstimator
-from ascend_dspark.spec.grammar import CompiledGrammar, RequestGrammar
 from ascend_dspark.spec.sampling import SamplingParams
 
+from .constrained import follow_grammar, grammar_for
+from .multistep import DEFAULT_STEPS_PER_LAUNCH, MultiStep
 from .output_processor import OutputProcessor, logprob_rows
 from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
@@ -63,8 +60,6 @@ from .speculation import SLEEP_AFTER, SPECULATION_POLICIES, SpeculationPolicy, d
 from .step_costs import StepCosts, measured_step_costs
 
 __all__ = ["Engine", "GenerateTimings", "SLEEP_AFTER", "SPECULATION_POLICIES", "depth_menu"]
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_PREFILL_TOKENS = 2048
 DEFAULT_KV_FRACTION = 0.9      # of the device's memory, for weights + KV + graphs together
@@ -109,7 +104,11 @@ class Engine:
     has one) against the cost of a step at this batch size and depth (`step_costs`, default:
     profiled at start-up and corrected by the steps that run, step_costs.py); "fixed" always
     drafts and verifies `num_speculative_tokens`. Either way a request's
-    `num_speculative_tokens` caps its own (speculation.py)."""
+    `num_speculative_tokens` caps its own (speculation.py).
+
+    `decode_steps_per_launch` (default: DEFAULT_STEPS_PER_LAUNCH with graphs, else 1): plain
+    decode steps one launch may carry when nothing can change the batch meanwhile
+    (multistep.py); 1 launches every step on its own."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
                  max_model_len: int = 2048, max_batch_size: int = 8, platform: Platform | None = None,
@@ -119,7 +118,8 @@ class Engine:
                  graph_buckets: list[int] | None = None, overlap: bool | None = None, progress: bool = False,
                  speculation: str | None = None, step_costs: StepCosts | None = None,
                  prefill_graphs: bool | None = None,
-                 prefill_graph_buckets: tuple[list[int], list[int]] | None = None) -> None:
+                 prefill_graph_buckets: tuple[list[int], list[int]] | None = None,
+                 decode_steps_per_launch: int | None = None) -> None:
         self.platform = platform or current_platform()
         self.target = target
         self.drafter = drafter
@@ -146,7 +146,10 @@ class Engine:
         eos = tokenizer.eos_token_ids if tokenizer is not None else target.config.eos_token_ids
         self.outputs = OutputProcessor(tokenizer, eos, max_model_len)
         self.policy = SpeculationPolicy(self.speculation, self.num_speculative_tokens)
-        self.runner.capture_graphs(progress, self.policy.depths)
+        if decode_steps_per_launch is None:
+            decode_steps_per_launch = DEFAULT_STEPS_PER_LAUNCH if self.runner.graph_runner is not None else 1
+        self.multistep = MultiStep(decode_steps_per_launch, self.scheduler, self.policy, self.outputs, max_model_len)
+        self.runner.capture_graphs(progress, self.policy.depths, decode_steps_per_launch)
         if self.speculation == "confidence":
             self.policy.costs = step_costs or measured_step_costs(self.runner, self.runner.profile_batch_sizes,
                                                                   self.policy.depths, progress)
@@ -202,26 +205,11 @@ class Engine:
             params = dataclasses.replace(params, seed=random.getrandbits(63))
         request = Request(request_id, list(prompt_ids), params, self.outputs.stop_ids(params), next(self._arrivals),
                           detokenize=detokenize and self.tokenizer is not None, pinned_depth=pinned,
-                          drafter_asleep=self.drafter_asleep and not pinned, grammar=self._grammar_for(params))
+                          drafter_asleep=self.drafter_asleep and not pinned,
+                          grammar=grammar_for(params, self.target.config.vocab_size, self.runner.tp is not None,
+                                              self.overlap or self.runner.graph_runner is not None, self.platform.name))
         self.scheduler.add(request)
         self.requests[request_id] = request
-
-    def _grammar_for(self, params: SamplingParams) -> RequestGrammar | None:
-        if params.grammar is None:
-            return None
-        if not isinstance(params.grammar, CompiledGrammar):
-            raise ValueError("SamplingParams.grammar must be a CompiledGrammar (spec.grammar.GrammarCompiler)")
-        if params.grammar.vocab_size != self.target.config.vocab_size:
-            raise ValueError(f"the grammar was compiled for a vocabulary of {params.grammar.vocab_size} tokens; "
-                             f"this model has {self.target.config.vocab_size}")
-        if self.runner.tp is not None:
-            # The followers' runners get the requests without their matchers (engine/tp_calls.py, `portable`):
-            # their masks would differ from the driver's, and the ranks' tokens with them.
-            raise ValueError("structured output (response_format / grammar) is not supported with tensor "
-                             "parallelism yet: serve this request from a tensor_parallel_size=1 engine")
-        if self.overlap or self.runner.graph_runner is not None:
-            _warn_constrained_eager(self.platform.name)
-        return RequestGrammar(params.grammar)
 
     def abort(self, request_id: str) -> RequestDelta | None:
         """Stop a request now and free its slot and blocks; None if it is unknown or done."""
@@ -274,11 +262,12 @@ class Engine:
         might leave (length), a waiting request that could be admitted, or an abort ends the
         chain, and the in-flight step is read first. A step that ran for a request that
         stopped in the step before it is discarded, so the tokens are the same as without
-        overlap."""
+        overlap. A launch may carry several plain steps (multistep.py); chained or not, it is
+        read as one."""
         self._ran_prefill = False
         pending, self._pending = self._pending, None
         if pending is not None and self._chain(pending):
-            self._pending = self._launch(StepPlan(decode=pending.plan.decode), ahead=self.num_speculative_tokens + 1)
+            self._pending = self._launch(StepPlan(decode=pending.plan.decode), ahead=pending.reach)
         deltas = self._finish(pending) if pending is not None else []
         if self._pending is None:
             plan = self.scheduler.schedule()
@@ -300,12 +289,19 @@ class Engine:
                                              any(c.request.grammar is not None for c in plan.prefill)))
         verify_lens = self.policy.verify_lens(plan.decode) if plan.decode else []
         constrained = any(r.grammar is not None for r in plan.decode)
-        observe = False
-        if plan.decode:
+        observe, steps = False, 1
+        if plan.decode and not plan.prefill:
+            steps = self.multistep.steps_for(plan.decode, ahead)
+        if steps > 1:
+            self.policy.depth_counts[0] += steps - 1              # verify_lens counted the first
+            parts.update(self.runner.decode_steps(plan.decode, steps, ahead))
+        elif plan.decode:
             # No row that could ever draft: a plain step, the drafter not even observing.
             observe = any(self.policy.may_draft(r) for r in plan.decode)
             parts.update(self.runner.verify(plan.decode, verify_lens, ahead, observe, constrained))
-        return _Launched(plan, verify_lens, HostCopy(parts, self.platform), observe, constrained)
+        # Tokens per row the launch may commit: what a launch chained behind it must allow for.
+        reach = steps if steps > 1 else self.num_speculative_tokens + 1
+        return _Launched(plan, verify_lens, HostCopy(parts, self.platform), observe, constrained, steps, reach)
 
     def _finish(self, launched: _Launched) -> list[RequestDelta]:
         """Read a launched step's results and commit them (rows of requests that left since
@@ -313,11 +309,15 @@ class Engine:
         plan, host = launched.plan, launched.copy.receive()
         self._time_step(launched)
         touched: list[Request] = []
-        if plan.decode:
-            live = [i for i, r in enumerate(plan.decode)
-                    if r.status is Status.RUNNING and self.requests.get(r.request_id) is r]
+        live = [i for i, r in enumerate(plan.decode)
+                if r.status is Status.RUNNING and self.requests.get(r.request_id) is r]
+        if launched.steps > 1:
+            requests = [plan.decode[i] for i in live]
+            self.multistep.commit(requests, [host["tokens"][i] for i in live], "confidence" in host)
+            touched += requests
+        elif plan.decode:
             counts = [host["num_accepted"][i] for i in live]
-            token_lists = [self._follow_grammar(plan.decode[i], host["tokens"][i][: n + 1]) for i, n in zip(live, counts)]
+            token_lists = [follow_grammar(plan.decode[i], host["tokens"][i][: n + 1]) for i, n in zip(live, counts)]
             confidence = [host["confidence"][i] for i in live] if "confidence" in host else None
             logprobs = logprob_rows(host, "", plan.decode)
             requests = [plan.decode[i] for i in live]
@@ -336,7 +336,7 @@ class Engine:
                 self.scheduler.prefill_done(r)
                 if not r.output:
                     logprobs = [first_logprobs[b]] if first_logprobs is not None else None
-                    self.outputs.commit([r], [self._follow_grammar(r, [host["first"][b]])], None, None, None, logprobs)
+                    self.outputs.commit([r], [follow_grammar(r, [host["first"][b]])], None, None, None, logprobs)
                     touched.append(r)
         deltas = []
         for r in touched:
@@ -350,7 +350,8 @@ class Engine:
         """A decode-only step read right after another one: the time between the two reads is
         what the step cost the engine (device and host, with overlap the part not hidden),
         which the policy's cost table learns from. Prefill steps, and the first decode step
-        after one, are not decode-step costs."""
+        after one, are not decode-step costs. A launch of N plain steps is recorded once, at
+        a 1/N share of its time: the cost of a plain step while launches carry N."""
         now = time.perf_counter()
         plan = launched.plan
         if plan.prefill or not plan.decode:
@@ -358,20 +359,8 @@ class Engine:
             return
         if self._last_decode_read is not None:
             self.policy.record_step(len(plan.decode), max(launched.verify_lens), launched.observe,
-                                    now - self._last_decode_read)
+                                    (now - self._last_decode_read) / launched.steps)
         self._last_decode_read = now
-
-    def _follow_grammar(self, r: Request, tokens: list[int]) -> list[int]:
-        """Advance a constrained request's matcher by its committed tokens; the tokens up to
-        the grammar's end. A token the grammar refuses (a bug: every committed token comes
-        from a masked row) aborts this request with an error, never the engine."""
-        if r.grammar is None:
-            return tokens
-        kept, error = r.grammar.commit(tokens)
-        if error is not None:
-            logger.error("request %s aborted: %s", r.request_id, error)
-            r.error, r.finish_reason = error, "abort"
-        return kept
 
     def _chain(self, pending: _Launched) -> bool:
         """Whether the next step of the pending decode batch can be launched before its
@@ -380,7 +369,7 @@ class Engine:
             return False
         if self.scheduler.prefilling or (self.scheduler.waiting and self.scheduler.free_slots):
             return False                            # someone should join: read, then schedule
-        ahead = self.num_speculative_tokens + 1
+        ahead = pending.reach
         for r in pending.plan.decode:
             if r.status is not Status.RUNNING or self.requests.get(r.request_id) is not r:
                 return False                        # aborted since the launch
@@ -452,10 +441,5 @@ class _Launched:
     copy: HostCopy
     observe: bool = False             # whether the drafter read the decode rows' tokens
     constrained: bool = False         # a row has a grammar: read at once (the next masks need its tokens)
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_constrained_eager(platform: str) -> None:
-    logger.warning("structured output on %s: steps of a batch holding a constrained request run eagerly (no graph "
-                   "replay) and without overlap, since the grammar masks need each step's drafts on the host; "
-                   "batches without one keep graphs and overlap", platform)
+    steps: int = 1                    # plain decode steps the launch carries (multistep.py)
+    reach: int = 1                    # tokens per row it may commit (a chained launch's `ahead`)

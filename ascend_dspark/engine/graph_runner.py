@@ -17,8 +17,17 @@ drafter's observe) is captured once per batch-size bucket and replayed with one 
   updatable task with it) and the attention hints, updated in place before every replay.
 - Sampling's host flags (all greedy, which filters run) choose code paths and the draft
   depth (the batch's largest per-request cap, K by default) sets shapes, so each graph is
-  keyed by (bucket, draft depth, flags); the common keys (K drafts, all greedy or plain
-  temperature) are captured at start-up with a progress bar, others on first use.
+  keyed by (bucket, draft depth, flags, whether the drafter observes, steps); the common
+  keys (K drafts, all greedy or plain temperature) are captured at start-up with a
+  progress bar, others on first use.
+- Steps: a key with steps N > 1 is N plain decode steps (no drafts, the drafter asleep)
+  captured one after the other into one graph (`ModelRunner.decode_core`), so the host
+  pays one launch, one staging and one host copy for N tokens per row (engine/multistep.py
+  says when the engine asks for it). Each step reads the anchors and cache lengths the one
+  before it wrote on the device; one set of attention hints, reaching the last step's
+  keys, serves all N (hints are bounds: keys past them are invisible, nearer ones are not
+  promised to exist). Speculative steps stay one per launch: each step's depth is planned
+  from the confidences the step before it returned.
 - The runner's graphs share one memory pool of their own (an engine's graphs die with it);
   the bytes it takes are measured.
 - Bounded: the key holds only what changes the kernel sequence (top-k bounds as the class
@@ -47,7 +56,8 @@ STARTUP_FLAGS = (SamplingParams(temperature=0.0), SamplingParams(temperature=1.0
 
 
 MAX_DEFAULT_BUCKET = 256        # larger decode batches are compute-bound: eager launches cost little there
-MAX_GRAPHS = 96                 # per runner: start-up captures 2 per bucket (+ the depth menu), the rest on first use
+MAX_GRAPHS = 128                # per runner: start-up captures 2 per bucket (+ the depth menu, + 2 multi-step),
+                                # the rest on first use
 
 
 def default_buckets(max_batch_size: int) -> list[int]:
@@ -143,20 +153,26 @@ class StepGraphRunner:
         self.pool = self.platform.graph_pool()        # this runner's graphs only: engines come and go
         self.graph_bytes = 0
         self._warned_eager = False
-        self._last: _Captured | None = None           # the graph replayed last, and for which inputs
+        # Per step count: the graph replayed last and the inputs its static buffers hold, so a
+        # batch alternating between single and multi-step launches re-uploads nothing.
+        self._last: dict[int, tuple[tuple, _Captured]] = {}
         self.staging = HostStaging(self.platform)
-        self._last_inputs: tuple | None = None
 
-    def capture_startup(self, progress: bool = True, depths: list[int] = ()) -> None:
+    def capture_startup(self, progress: bool = True, depths: list[int] = (), steps: int = 1) -> None:
         """Per bucket: K drafts for both start-up flag sets, and every other depth in `depths`
-        (the confidence policy's menu) for greedy rows."""
+        (the confidence policy's menu) for greedy rows; with `steps` > 1 and plain decoding
+        to expect (no drafter, or the confidence policy, whose drafter may fall asleep), the
+        multi-step plain graph for both flag sets (with a drafter under the fixed policy only
+        requests capped at 0 drafts decode plainly: their graphs are captured on first use)."""
         k = self.runner.num_speculative_tokens
         keys = [(b, p, k) for b in self.buckets for p in STARTUP_FLAGS]
         keys += [(b, STARTUP_FLAGS[0], d) for b in self.buckets for d in depths if d != k]
-        keys = [(*key, True) for key in keys] + [(b, STARTUP_FLAGS[0], 0, False) for b in self.buckets if depths]
-        for bucket, params, depth, observe in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
+        keys = [(*key, True, 1) for key in keys] + [(b, STARTUP_FLAGS[0], 0, False, 1) for b in self.buckets if depths]
+        if steps > 1 and (depths or k == 0):
+            keys += [(b, p, 0, False, steps) for b in self.buckets for p in STARTUP_FLAGS]
+        for bucket, params, depth, observe, n in tqdm(keys, desc="capture graphs", disable=not progress, unit="graph"):
             self._graph_for(bucket, depth, SamplingBatch([params] * bucket, self.runner.device, self.platform.ops),
-                            observe)
+                            observe, n)
         logger.info("captured %d step graphs (buckets %s): %.1f MiB of graph memory",
                     len(self.graphs), self.buckets, self.graph_bytes / 2**20)
 
@@ -169,37 +185,39 @@ class StepGraphRunner:
         return bucket
 
     def run(self, slots: list[int], verify_lens: list[int], num_drafts: int, params: list[SamplingParams],
-            identity: tuple, reach: list[int], observe: bool = True) -> dict | None:
+            identity: tuple, reach: list[int], observe: bool = True, steps: int = 1) -> dict | None:
         """Replay the step for these rows; None when the batch needs the eager path.
         `identity` names the rows' requests uniquely (never reused): while it and the verify
         lengths stay the same, the static inputs already hold this batch. `reach[b]`: the
-        keys row b can see this step (the attention hints of kernels taking host lengths)."""
+        keys row b can see this step (the attention hints of kernels taking host lengths).
+        `steps` > 1: that many plain decode steps in one replay (num_drafts 0, observe False)."""
         bucket = self.bucket_for(len(slots))
         if bucket is None:
             return None
         pad = bucket - len(slots)
         inputs = (identity, tuple(slots), tuple(verify_lens), observe)
-        captured = self._last if self._last is not None and self._last_inputs == inputs else None
+        last = self._last.get(steps)
+        captured = last[1] if last is not None and last[0] == inputs else None
         if captured is None:        # the batch changed: refresh the static inputs (else they hold)
             # built on the host, uploaded through the staging buffers; padding rows copy row 0's flags
             sampling = SamplingBatch(params + [params[0]] * pad, torch.device("cpu"), self.platform.ops)
-            captured = self._graph_for(bucket, num_drafts, sampling, observe)
+            captured = self._graph_for(bucket, num_drafts, sampling, observe, steps)
             if captured is None:
                 return None
             self.staging.upload([(captured.slots, torch.tensor(slots + self.pad_slots[:pad])),
                                  (captured.verify_lens, torch.tensor(verify_lens + [0] * pad))]
                                 + [(getattr(captured.sampling, name), getattr(sampling, name))
                                    for name in SamplingBatch.TENSORS])
-            self._last, self._last_inputs = captured, inputs
+            self._last[steps] = (inputs, captured)
         captured.hints.update(reach + [self.runner.reserve] * pad)
         captured.graph.replay()
         n = len(slots)
         return {name: t[:n] for name, t in captured.outputs.items()}
 
     def _graph_for(self, bucket: int, num_drafts: int, sampling: SamplingBatch,
-                   observe: bool = True) -> _Captured | None:
+                   observe: bool = True, steps: int = 1) -> _Captured | None:
         """The graph of this key, captured now if new; None when the key runs eagerly."""
-        key = (bucket, num_drafts, sampling_flags(sampling), observe)
+        key = (bucket, num_drafts, sampling_flags(sampling), observe, steps)
         if key in self.graphs:
             return self.graphs[key]
         if key not in self.eager and len(self.graphs) >= MAX_GRAPHS:
@@ -214,11 +232,12 @@ class StepGraphRunner:
 
     def _run_eagerly(self, key: tuple, why: str) -> None:
         self.eager[key] = why
-        logger.warning("step graph for bucket %d, %d drafts, sampling flags %s%s runs eagerly: %s",
-                       key[0], key[1], key[2], "" if key[3] else " (drafter asleep)", why)
+        logger.warning("step graph for bucket %d, %d drafts, sampling flags %s%s%s runs eagerly: %s",
+                       key[0], key[1], key[2], "" if key[3] else " (drafter asleep)",
+                       f", {key[4]} steps per launch" if key[4] > 1 else "", why)
 
     def _capture(self, key: tuple, sampling: SamplingBatch) -> _Captured:
-        bucket, num_drafts, _, observe = key
+        bucket, num_drafts, _, observe, steps = key
         dev = self.runner.device
         slots = torch.tensor(self.pad_slots[:bucket]).to(dev)
         verify_lens = torch.zeros(bucket, dtype=torch.long, device=dev)
@@ -228,8 +247,11 @@ class StepGraphRunner:
         # Hints with the padding slot's reach; updated to the real rows' before every replay.
         hints = AttentionHints([self.runner.reserve] * bucket, kind="explicit")
         ctx = ForwardContext(self.platform.ops, num_keys=None, hints=hints, graph=graph)
-        outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, num_drafts, static, None, ctx,
-                                                                observe))
+        if steps > 1:
+            outputs = graph.capture(lambda: self.runner.decode_core(slots, steps, static, ctx))
+        else:
+            outputs = graph.capture(lambda: self.runner.verify_core(slots, verify_lens, num_drafts, static, None, ctx,
+                                                                    observe))
         self.graph_bytes += max(self.platform.memory_stats()["allocated_bytes"] - before, 0)
         captured = _Captured(graph, slots, verify_lens, static, hints, outputs)
         self.graphs[key] = captured

@@ -67,7 +67,8 @@ class LLM:
                  device: str | None = None, dtype: str | None = None, max_model_len: int = 2048,
                  max_batch_size: int = 8, seed: int = 0, tensor_parallel_size: int = 1, **engine_options) -> None:
         """`engine_options` go to `Engine`: num_kv_blocks, kv_block_size, kv_cache_fraction,
-        max_prefill_tokens, graphs, graph_buckets, prefill_graphs, prefill_graph_buckets, progress."""
+        max_prefill_tokens, graphs, graph_buckets, prefill_graphs, prefill_graph_buckets, progress,
+        decode_steps_per_launch."""
         if tensor_parallel_size < 1:
             raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
         self.tp = None

@@ -154,12 +154,13 @@ class ModelRunner:
         return self.tp.failure if self.tp is not None else None
 
     @sent_to_followers
-    def capture_graphs(self, progress: bool, depths: list[int] = ()) -> None:
+    def capture_graphs(self, progress: bool, depths: list[int] = (), steps: int = 1) -> None:
         """Capture the start-up step graphs (a no-op without graphs); `depths`: the draft
-        depths the engine may choose besides K (greedy graphs for each are captured too)."""
+        depths the engine may choose besides K (greedy graphs for each are captured too);
+        `steps` > 1: the plain multi-step graphs of `decode_steps` too."""
         if self.graph_runner is not None:
             with torch.inference_mode():
-                self.graph_runner.capture_startup(progress, depths)
+                self.graph_runner.capture_startup(progress, depths, steps)
                 if self.prefill_graphs is not None:
                     self.prefill_graphs.capture_startup(progress)
 
@@ -384,6 +385,43 @@ class ModelRunner:
             out["confidence"] = confidence
         if want_logprobs is not None:
             out.update(logprobs(want_logprobs, logits, result.tokens.clamp(min=0), ""))
+        return out
+
+    @sent_to_followers
+    def decode_steps(self, requests: list[Request], steps: int, ahead: int = 0) -> dict[str, torch.Tensor]:
+        """`steps` plain decode steps (no drafts, the drafter not observing) for the decoding
+        requests in one launch: one graph replay where one fits, else `steps` eager steps
+        with no host read between them. Returns "tokens" [B, steps], row b's token of each
+        step (and a zero-width "confidence" where a drafter with a confidence head sits
+        asleep, as its plain single steps give). Each step reads the anchors and cache
+        lengths the one before it left on the device and samples on (seed, position), so the
+        tokens are those of `steps` single steps; a row whose request stops (EOS, a stop
+        string) mid-launch computes the rest for nothing, and the engine discards them as a
+        rejected tail. The caller reserves blocks for `ahead + steps - 1` positions past the
+        anchor plus the reserve (Scheduler.grow_ahead), and never asks for more tokens than
+        a row may still commit by length. No logprobs, no grammar: those rows run single steps."""
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        slots = [r.slot for r in requests]
+        # The last step's anchor sits up to ahead + steps - 1 past the host's view.
+        reach = [r.num_cached + ahead + steps - 1 + self.reserve for r in requests]
+        if self.graph_runner is not None:
+            out = self.graph_runner.run(slots, [0] * len(slots), 0, [r.params for r in requests],
+                                        tuple(r.arrival for r in requests), reach, observe=False, steps=steps)
+            if out is not None:
+                return out
+        ctx = ForwardContext(self.platform.ops, num_keys=max(reach), hints=AttentionHints(reach, kind="explicit"))
+        return self.decode_core(torch.tensor(slots).to(self.device), steps, self._sampling_for(requests), ctx)
+
+    def decode_core(self, slots: torch.Tensor, steps: int, sampling: SamplingBatch,
+                    ctx: ForwardContext) -> dict[str, torch.Tensor]:
+        """The device work of `decode_steps`, graph-capturable: `verify_core` with 0 drafts and
+        the drafter asleep, `steps` times over, its per-step outputs stacked along dim 1."""
+        verify_lens = torch.zeros_like(slots)
+        outs = [self.verify_core(slots, verify_lens, 0, sampling, None, ctx, observe=False) for _ in range(steps)]
+        out = {"tokens": torch.cat([o["tokens"] for o in outs], dim=1)}
+        if "confidence" in outs[0]:
+            out["confidence"] = outs[0]["confidence"]          # [B, 0]: no drafts, no confidences
         return out
 
     def _sampling_for(self, requests: list[Request]) -> SamplingBatch:

@@ -258,17 +258,21 @@ class RecordingDrafter(_Wrapper):
 
 
 class Launches:
-    """Counts the steps an engine launches, and how many of them were chained (launched
-    with `ahead`, before the previous step was read): a spy on Engine._launch."""
+    """Counts the steps an engine launches, how many of them were chained (launched with
+    `ahead`, before the previous step was read), and the decode steps each launch carried
+    (`steps`: several for a multi-step launch, engine/multistep.py): a spy on Engine._launch."""
 
     def __init__(self, engine) -> None:
         self.launched = self.chained = 0
+        self.steps: list[int] = []
         launch = engine._launch
 
         def counted(plan, ahead=0):
             self.launched += 1
             self.chained += bool(ahead)
-            return launch(plan, ahead)
+            launched = launch(plan, ahead)
+            self.steps.append(launched.steps)
+            return launched
 
         engine._launch = counted
 

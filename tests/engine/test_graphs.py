@@ -63,3 +63,23 @@ def test_a_batch_above_the_largest_bucket_runs_eagerly(setup):
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     assert [o.token_ids for o in engine.generate(PROMPTS, params)] == \
         [o.token_ids for o in eager.generate(PROMPTS, params)]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_multi_step_graphs_give_the_tokens_of_single_eager_steps(setup, temperature, batch):
+    """Plain decoding, 4 steps per replayed launch (engine/multistep.py) against one eager step
+    per launch: the same tokens and stats; rows end at different lengths (a batch of 3 pads the
+    4-bucket), and launches carried 4 steps (so the comparison is not vacuous)."""
+    platform, target = setup
+    kw = dict(max_model_len=64, max_batch_size=4, platform=platform)
+    eager = Engine(target, None, graphs=False, decode_steps_per_launch=1, **kw)
+    graphed = Engine(target, None, graphs=True, graph_buckets=[1, 2, 4], decode_steps_per_launch=4, **kw)
+    params = [SamplingParams(temperature=temperature, seed=10 + i, max_tokens=23 - 5 * i, ignore_eos=True)
+              for i in range(batch)]
+    want = eager.generate(PROMPTS[:batch], params)
+    got = graphed.generate(PROMPTS[:batch], params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert [o.stats.accepted_lengths for o in got] == [o.stats.accepted_lengths for o in want]
+    assert graphed.multistep.launches >= 2 and any(key[4] == 4 for key in graphed.runner.graph_runner.graphs)
+    assert graphed.scheduler.num_used_blocks == 0
