@@ -129,7 +129,8 @@ def build_parser(*more: Callable[[argparse._SubParsersAction], object]) -> argpa
     gen.add_argument("--max-tokens", type=int, default=128)
     gen.add_argument("--max-model-len", type=int, default=2048)
     gen.add_argument("--decode-steps-per-launch", type=int, default=None,
-                     help="plain decode steps one launch may carry (default: 4 with graphs, else 1)")
+                     help="plain decode steps one launch may carry (default 1: each step its own launch; "
+                          "4 pays where the host is slower than the device)")
     gen.add_argument("--device", default=None, help="cpu | cuda[:N] | npu[:N] (default: detect NPU > CUDA > CPU)")
     gen.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the device's)")
     gen.add_argument("--raw", action="store_true", help="do not apply the chat template")

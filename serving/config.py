@@ -42,7 +42,7 @@ class ServerConfig:
     # capacity
     max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
     max_model_len: int = 2048              # prompt + output tokens of one sequence
-    decode_steps_per_launch: int | None = None   # plain decode steps per launch (None: 4 with graphs, else 1)
+    decode_steps_per_launch: int | None = None   # plain decode steps per launch (None: the engine default, 1)
     queue_size: int = 64                   # sequences waiting for a slot before 429s start
     max_n: int = 16                        # largest `n` (choices per request) accepted
     request_timeout_s: float = 600.0       # a request still running after this is aborted
@@ -141,7 +141,7 @@ _HELP = {
                          "--served-model-name a b, or a,b in the environment (default: the value of --model)",
     "max_num_seqs": "sequences decoded at once",
     "decode_steps_per_launch": "plain decode steps one launch may carry while no request can join or finish by "
-                               "length (1: one step per launch; default 4 with graphs, else 1)",
+                               "length (default 1: one step per launch)",
     "queue_size": "sequences waiting for a slot before requests get 429",
     "max_n": "largest n (choices per request)",
     "host": "address to bind; anything but loopback exposes the server",

@@ -106,8 +106,8 @@ class Engine:
     drafts and verifies `num_speculative_tokens`. Either way a request's
     `num_speculative_tokens` caps its own (speculation.py).
 
-    `decode_steps_per_launch` (default: DEFAULT_STEPS_PER_LAUNCH with graphs, else 1): plain
-    decode steps one launch may carry when nothing can change the batch meanwhile
+    `decode_steps_per_launch` (default DEFAULT_STEPS_PER_LAUNCH, 1: off): plain decode steps
+    one launch may carry when nothing can change the batch meanwhile
     (multistep.py); 1 launches every step on its own."""
 
     def __init__(self, target, drafter=None, tokenizer=None, num_speculative_tokens: int = 7,
@@ -147,7 +147,7 @@ class Engine:
         self.outputs = OutputProcessor(tokenizer, eos, max_model_len)
         self.policy = SpeculationPolicy(self.speculation, self.num_speculative_tokens)
         if decode_steps_per_launch is None:
-            decode_steps_per_launch = DEFAULT_STEPS_PER_LAUNCH if self.runner.graph_runner is not None else 1
+            decode_steps_per_launch = DEFAULT_STEPS_PER_LAUNCH
         self.multistep = MultiStep(decode_steps_per_launch, self.scheduler, self.policy, self.outputs, max_model_len)
         self.runner.capture_graphs(progress, self.policy.depths, decode_steps_per_launch)
         if self.speculation == "confidence":

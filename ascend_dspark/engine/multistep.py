@@ -1,14 +1,18 @@
 """Several plain decode steps per launch: the host's per-step work paid once per N tokens.
 
-Why: at batch 1 a plain decode step of a small model costs the device less than the host's
-Python around it (the 135M default model on an H100: ~1.2 ms of device time; scheduling,
-staging, the host copy and committing take longer), so even with the engine's overlap the
-device idles a fifth of the time. When nothing can change the batch for N steps, the engine
-launches N decode steps at once (`ModelRunner.decode_steps`: one graph replay of N steps, or
-N eager steps with no host read between them) and reads the N tokens of every row with one
-host copy. The device state each step needs (anchors, cache lengths) is already on the
-device, and sampling is counter-based on (seed, position), so the tokens are those of N
-single steps.
+Why: the host's Python around a decode step (scheduling, staging, the host copy, committing)
+can cost more than a small model's step on the device. When nothing can change the batch for
+N steps, the engine launches N decode steps at once (`ModelRunner.decode_steps`: one graph
+replay of N steps, or N eager steps with no host read between them) and reads the N tokens of
+every row with one host copy. The device state each step needs (anchors, cache lengths) is
+already on the device, and sampling is counter-based on (seed, position), so the tokens are
+those of N single steps.
+
+Off by default (`DEFAULT_STEPS_PER_LAUNCH` = 1): measured on an H100 (BENCHMARKS.md, issue 16),
+the engine's overlap already hides the host's ~0.3 ms per step behind the device at batch 1
+(4 steps per launch: 818 tok/s against 821 with overlap, 810 against 776 without), and the
+idle time left sits between the kernels of one graph, which N steps do not remove. It is for
+hosts slower than their device, or runs without overlap.
 
 When (`MultiStep.steps_for`), else one step:
 - every decode row is plain: no row may draft (no drafter, or the drafter asleep for every
@@ -42,12 +46,12 @@ from .request import Request
 from .scheduler import Scheduler
 from .speculation import SpeculationPolicy
 
-# 4 plain steps per launch where graphs run: at batch 1 the host's work around a launch (~1.5 ms
-# on an H100 host, a 135M model) is then well below the device's 4 steps (~4.8 ms), so with the
-# overlap the device never waits; more steps would gain little and make the rest worse: tokens
-# stream in bursts of N, a waiting request joins up to N steps late, and a row that stops by EOS
-# computes up to N - 1 steps for nothing.
-DEFAULT_STEPS_PER_LAUNCH = 4
+# One step per launch unless asked (see the module docstring for the measurement). 4 is the
+# value to ask for: at batch 1 the host's work around a launch is then far below the device's
+# 4 steps; more would gain little and make the rest worse (tokens stream in bursts of N, a
+# waiting request joins up to N steps late, a row that stops by EOS computes up to N - 1 steps
+# for nothing).
+DEFAULT_STEPS_PER_LAUNCH = 1
 
 
 class MultiStep:
