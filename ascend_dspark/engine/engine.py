@@ -94,9 +94,10 @@ class Engine:
     prompt tokens. `overlap` (default: the platform's `overlap_steps`): launch a decode
     batch's next step before reading the last one's results (see `step`).
 
-    `prefill_graphs` (default: on wherever the step graphs are): prompt chunks replayed from
-    graphs in (rows, width) buckets, `prefill_graph_buckets` = (rows buckets, width buckets)
-    (default: engine/prefill_graphs.py, which says what they cost); False: eager prefills.
+    `prefill_graphs` (default off, for now: engine/prefill_graphs.py says why): True replays
+    prompt chunks from graphs in (rows, width) buckets where the step graphs run,
+    `prefill_graph_buckets` = (rows buckets, width buckets) (default: engine/prefill_graphs.py,
+    which says what they cost).
 
     `speculation` (with a drafter): "confidence" (the default) chooses every step's draft
     depth, 0 (plain decoding) to `num_speculative_tokens`, for the most expected tokens per

@@ -33,10 +33,18 @@ already are (graph_runner.py). CUDA and NPU graphs alike, through `platform.grap
   resources).
 - Cost: with the defaults, max_prefill_tokens 2048 and max_model_len >= 2048, 26 shapes and
   52 graphs at start-up (seconds of capture on a GPU, about what the step graphs take;
-  widths stop at max_model_len, so short-context engines capture fewer). They share the runner's
-  graph pool with the step graphs, so the memory that stays is roughly one largest shape's
-  activations (the [R, W, hidden] states and MLP intermediates, the [R, 1, W, max_model_len]
-  mask) plus every graph's small static inputs; the bytes are measured and logged.
+  widths stop at max_model_len, so short-context engines capture fewer). They share one graph
+  pool of their own, so the memory that stays is roughly one largest shape's activations (the
+  [R, W, hidden] states and MLP intermediates, the [R, 1, W, max_model_len] mask) plus every
+  graph's small static inputs; the bytes are measured and logged.
+- Not the step graphs' pool: a graph captured later into a shared pool may place its outputs
+  where an earlier graph keeps intermediates, and a step replays its prefill graph, then its
+  verify graph, then copies both graphs' outputs to the host. In one pool the verify replay
+  overwrote the first token the prefill had just sampled (the H100, 2026-12-07: garbage or a
+  wrong first token for a chunked prompt; its anchor on the device, and so the rest of the
+  output, was right).
+- Opt-in (`prefill_graphs=True`) until tests/engine/test_prefill_graphs_cuda.py has passed on
+  a GPU with their own pool (BENCHMARKS.md, issue 18).
 
 What stays eager, logged once per reason with the shape that met it: more rows than the
 largest rows bucket, a chunk wider than the largest width bucket or rows x width past
@@ -135,7 +143,7 @@ class PrefillGraphRunner:
         self.runner = runner
         self.platform = runner.platform
         self.pad_slots = runner.pad_slots
-        self.pool = pool                              # the runner's graph pool, shared with the step graphs
+        self.pool = pool                              # the prefill graphs' own pool (module docstring)
         if buckets is None:
             buckets = (default_buckets(min(MAX_PREFILL_ROWS, len(self.pad_slots))),
                        powers_of_two(MIN_PREFILL_WIDTH, min(MAX_PREFILL_WIDTH, max_prefill_tokens, max_model_len)))
@@ -166,16 +174,17 @@ class PrefillGraphRunner:
     @classmethod
     def build(cls, runner, wanted: bool | None, max_prefill_tokens: int, max_model_len: int,
               buckets: tuple[list[int], list[int]] | None) -> PrefillGraphRunner | None:
-        """The runner's prefill graphs: wherever it has step graphs unless `wanted` is False.
-        They need the step graphs' padding slots and pool, so without those it says why, if asked."""
+        """The runner's prefill graphs where it has step graphs and `wanted` is True (None, the
+        default: off for now, see the module docstring).
+        They need the step graphs' padding slots, so without those it says why, if asked."""
         if runner.graph_runner is None:
             if wanted:
                 logger.warning("prefill graphs need the step graphs (graphs on a platform that has them): "
                                "prompt chunks run eagerly")
             return None
-        if wanted is False:
+        if not wanted:
             return None
-        return cls(runner, runner.graph_runner.pool, max_prefill_tokens, max_model_len, buckets)
+        return cls(runner, runner.platform.graph_pool(), max_prefill_tokens, max_model_len, buckets)
 
     def run(self, chunks: list[PrefillChunk], observe: list[bool], watch: bool, logprobs: bool = False,
             constrained: bool = False) -> dict[str, torch.Tensor] | None:
