@@ -54,7 +54,8 @@ from .multistep import DEFAULT_STEPS_PER_LAUNCH, MultiStep
 from .output_processor import OutputProcessor, logprob_rows
 from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
-from .runner import HostCopy, ModelRunner
+from .host_copy import HostCopy
+from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .speculation import SLEEP_AFTER, SPECULATION_POLICIES, SpeculationPolicy, depth_menu
 from .step_costs import StepCosts, measured_step_costs

@@ -11,7 +11,7 @@ and runs it:
                   first token; the drafter observes every chunk's target features;
     verify        draft + verify + rollback for the decoding rows, replayed from a captured
                   graph (graph_runner.py) where one fits, else eagerly;
-    HostCopy      the one device -> host copy per step.
+    HostCopy      the one device -> host copy per step (host_copy.py).
 
 With tensor parallelism (the target sharded by models/parallel.py) every rank holds a runner;
 rank 0's is the driver: the engine calls it as ever, and each call that runs the device
@@ -44,6 +44,7 @@ from ascend_dspark.spec.verify import verify
 from ops.context import AttentionHints, ForwardContext
 
 from .graph_runner import StepGraphRunner, default_buckets, use_graphs
+from .host_copy import HostCopy
 from .output_processor import prompt_logprob_rows
 from .prefill_graphs import PrefillGraphRunner, attention_lengths, prefill_inputs
 from .request import Request
@@ -471,30 +472,3 @@ def logprobs(n: int, logits: torch.Tensor, tokens: torch.Tensor, prefix: str) ->
         top = logp.topk(n, dim=-1)
         out[prefix + "top_ids"], out[prefix + "top_logprobs"] = top.indices, top.values
     return out
-
-
-class HostCopy:
-    """The one device -> host copy per step: every tensor the step produced, in one int64
-    tensor, copied without waiting (into pinned memory on an accelerator), with an event to
-    wait for. float32 tensors travel bit-cast to int32 (exact, no float64, which NPUs lack);
-    the host casts the bits back."""
-
-    def __init__(self, parts: dict[str, torch.Tensor], platform: Platform) -> None:
-        self.layout = [(name, t.shape, t.is_floating_point()) for name, t in parts.items()]
-        flat = [(t.float().contiguous().view(torch.int32) if t.is_floating_point() else t).long().reshape(-1)
-                for t in parts.values()]
-        self.host = torch.cat(flat).to("cpu", non_blocking=True) if flat else None
-        self.event = platform.event()
-        self.event.record()
-
-    def receive(self) -> dict[str, list]:
-        """Wait for the copy; each tensor as nested lists."""
-        self.event.synchronize()
-        flat = self.host.tolist() if self.host is not None else []
-        out, i = {}, 0
-        for name, shape, is_float in self.layout:
-            n = shape.numel()
-            values = torch.tensor(flat[i: i + n], dtype=torch.long).view(shape)
-            i += n
-            out[name] = (values.to(torch.int32).view(torch.float32) if is_float else values).tolist()
-        return out
