@@ -50,11 +50,11 @@ from ascend_dspark.spec.acceptance import AcceptanceEstimator
 from ascend_dspark.spec.sampling import SamplingParams
 
 from .constrained import follow_grammar, grammar_for
+from .host_copy import HostCopy
 from .multistep import DEFAULT_STEPS_PER_LAUNCH, MultiStep
 from .output_processor import OutputProcessor, logprob_rows
 from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
-from .host_copy import HostCopy
 from .runner import ModelRunner
 from .scheduler import Scheduler, StepPlan
 from .speculation import SLEEP_AFTER, SPECULATION_POLICIES, SpeculationPolicy, depth_menu
