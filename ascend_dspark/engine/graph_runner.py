@@ -108,6 +108,24 @@ def static_sampling(sampling: SamplingBatch, device: torch.device) -> SamplingBa
     return static
 
 
+def cached_capture(graphs: dict, eager: dict, key: tuple, limit: int, capture, run_eagerly):
+    """`graphs[key]`, captured now (`capture()`) if new; None when the key runs eagerly: it
+    failed before (`eager` holds why), the cache already holds `limit` graphs, or its capture
+    raises (an op the device cannot record, say). `run_eagerly(key, why)` records and logs a
+    new reason. Shared by the step graphs and the prefill graphs."""
+    if key in graphs:
+        return graphs[key]
+    if key not in eager and len(graphs) >= limit:
+        run_eagerly(key, f"the graph cache is full ({limit} graphs)")
+    if key in eager:
+        return None
+    try:
+        return capture()
+    except Exception as exc:  # noqa: BLE001 - whatever the device refused, the work still runs eagerly
+        run_eagerly(key, f"capture failed: {type(exc).__name__}: {exc}")
+        return None
+
+
 class HostStaging:
     """Page-locked host buffers for the graphs' static inputs. A pageable host -> device copy
     blocks the host until the device queue reaches it, which undoes the overlap of host and
@@ -218,17 +236,8 @@ class StepGraphRunner:
                    observe: bool = True, steps: int = 1) -> _Captured | None:
         """The graph of this key, captured now if new; None when the key runs eagerly."""
         key = (bucket, num_drafts, sampling_flags(sampling), observe, steps)
-        if key in self.graphs:
-            return self.graphs[key]
-        if key not in self.eager and len(self.graphs) >= MAX_GRAPHS:
-            self._run_eagerly(key, f"the graph cache is full ({MAX_GRAPHS} graphs)")
-        if key in self.eager:
-            return None
-        try:
-            return self._capture(key, sampling)
-        except Exception as exc:  # noqa: BLE001 - whatever the device refused, the step still runs eagerly
-            self._run_eagerly(key, f"capture failed: {type(exc).__name__}: {exc}")
-            return None
+        return cached_capture(self.graphs, self.eager, key, MAX_GRAPHS, lambda: self._capture(key, sampling),
+                              self._run_eagerly)
 
     def _run_eagerly(self, key: tuple, why: str) -> None:
         self.eager[key] = why

@@ -64,7 +64,8 @@ from tqdm.auto import tqdm
 from ascend_dspark.spec.sampling import SamplingBatch
 from ops.context import AttentionHints, ForwardContext
 
-from .graph_runner import STARTUP_FLAGS, HostStaging, default_buckets, sampling_flags, static_sampling
+from .graph_runner import (STARTUP_FLAGS, HostStaging, cached_capture, default_buckets, sampling_flags,
+                           static_sampling)
 from .scheduler import PrefillChunk
 
 logger = logging.getLogger(__name__)
@@ -231,17 +232,8 @@ class PrefillGraphRunner:
     def _graph_for(self, rows: int, width: int, sampling: SamplingBatch, watch: bool) -> _Captured | None:
         """The graph of this key, captured now if new; None when the key runs eagerly."""
         key = (rows, width, sampling_flags(sampling), watch)
-        if key in self.graphs:
-            return self.graphs[key]
-        if key not in self.failed and len(self.graphs) >= MAX_PREFILL_GRAPHS:
-            self._fail(key, f"the prefill graph cache is full ({MAX_PREFILL_GRAPHS} graphs)")
-        if key in self.failed:
-            return None
-        try:
-            return self._capture(key, sampling)
-        except Exception as exc:  # noqa: BLE001 - whatever the device refused, the prefill still runs eagerly
-            self._fail(key, f"capture failed: {type(exc).__name__}: {exc}")
-            return None
+        return cached_capture(self.graphs, self.failed, key, MAX_PREFILL_GRAPHS, lambda: self._capture(key, sampling),
+                              self._fail)
 
     def _fail(self, key: tuple, why: str) -> None:
         self.failed[key] = why

@@ -11,13 +11,11 @@ they differ only in how prompt chunks run. A plan past the largest rows bucket r
 from __future__ import annotations
 
 import pytest
-import torch
+from test_graphs import setup  # noqa: F401 - the CUDA platform and the tiny float32 target, per module
 
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.engine.engine import Engine
-from ascend_dspark.platform import make_platform
 from ascend_dspark.spec.sampling import SamplingParams
-from tests.helpers import tiny_target
 
 pytestmark = pytest.mark.cuda
 
@@ -26,15 +24,7 @@ PROMPTS = [[5, 17, 3], [9, 1, 44, 2, 7, 30, 8], [60, 61, 62, 63, 64], LONG]
 BUCKETS = ([1, 2, 4], [16, 32, 64])
 
 
-@pytest.fixture(scope="module")
-def setup():
-    platform = make_platform("cuda")
-    torch.manual_seed(0)
-    target, _ = tiny_target("qwen3", dtype=torch.float32)
-    return platform, target.to(platform.device)
-
-
-def engines(setup, kind, **kw):
+def engines(setup, kind, **kw):  # noqa: F811
     """An engine with eager prefills and one with prefill graphs over one target, each with its
     own copy of the drafter (a drafter's caches belong to the engine that attached it)."""
     platform, target = setup
@@ -54,7 +44,7 @@ def engines(setup, kind, **kw):
 
 @pytest.mark.parametrize("kind", [None, "eagle3", "dflash", "dspark"])
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
-def test_prefill_graphs_give_the_eager_tokens(setup, kind, temperature):
+def test_prefill_graphs_give_the_eager_tokens(setup, kind, temperature):  # noqa: F811
     eager, graphed = engines(setup, kind)
     assert eager.runner.prefill_graphs is None and graphed.runner.prefill_graphs is not None
     captured = len(graphed.runner.prefill_graphs.graphs)
@@ -70,7 +60,7 @@ def test_prefill_graphs_give_the_eager_tokens(setup, kind, temperature):
     assert graphed.scheduler.num_used_blocks == 0
 
 
-def test_a_plan_past_the_largest_rows_bucket_runs_eagerly(setup):
+def test_a_plan_past_the_largest_rows_bucket_runs_eagerly(setup):  # noqa: F811
     eager, graphed = engines(setup, "dspark", prefill_graph_buckets=([1, 2], [16]))
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     assert [o.token_ids for o in graphed.generate(PROMPTS[:3], params)] == \
