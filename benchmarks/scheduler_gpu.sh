@@ -7,7 +7,10 @@
 #   3. the step-cost table the spec server measured at start-up (for plot_scheduler.py).
 #
 #   OUT=results_dir GGUF=SmolLM2-135M-Instruct.gguf [WHEELS=dir of fastapi/uvicorn/pydantic wheels] \
+#       [MODES="spec fixed eager_prefill plain"] [SERVER_ARGS="--prefill-graphs"] [GENERATE=0] \
 #       benchmarks/scheduler_gpu.sh
+# MODES: serve_bench.py's modes (eager_prefill: the spec server with --no-prefill-graphs);
+# SERVER_ARGS: flags every server gets; GENERATE=0 skips part 2.
 set -uo pipefail
 OUT=${OUT:?where the results go}
 if [ -n "${WHEELS:-}" ]; then
@@ -17,10 +20,12 @@ fi
 export ASCEND_DSPARK_DEFAULT_GGUF=${GGUF:?the default model GGUF} ASCEND_DSPARK_CACHE=${ASCEND_DSPARK_CACHE:-/tmp/ascend-dspark-cache}
 export PYTHONUNBUFFERED=1
 quiet() { grep -v "it/s\]"; }
-timeout 420 python3 benchmarks/serve_bench.py --launch --concurrency 1 4 16 64 --request-rate 2 8 32 128 \
-  --max-tokens 128 --modes spec fixed plain --slo-ttft-ms 500 --slo-tpot-ms 20 \
-  --out "$OUT/poisson_scheduler.json" -- --device cuda --max-num-seqs 64 2>&1 | quiet
+# shellcheck disable=SC2086  # MODES and SERVER_ARGS are word lists
+timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/serve_bench.py --launch --concurrency 1 4 16 64 \
+  --request-rate 2 8 32 128 --max-tokens 128 --modes ${MODES:-spec fixed plain} --slo-ttft-ms 500 --slo-tpot-ms 20 \
+  --out "$OUT/poisson_scheduler.json" -- --device cuda --max-num-seqs 64 ${SERVER_ARGS:-} 2>&1 | quiet
 cp "$ASCEND_DSPARK_CACHE"/step_costs/*.json "$OUT/" 2>/dev/null
+[ "${GENERATE:-1}" = 1 ] || exit 0
 timeout 150 python3 benchmarks/bench_generate.py --device cuda --drafters none dspark dflash \
   --speculation confidence fixed --batch-sizes 1 --num-prompts 8 --max-tokens 128 \
   --out "$OUT/generate_policies.json" 2>&1 | quiet

@@ -68,10 +68,12 @@ from urllib.parse import urlsplit
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-MODES = ("spec", "fixed", "plain", "nospec")
+MODES = ("spec", "fixed", "eager_prefill", "plain", "nospec")
 # Modes with a server of their own: the launch flags they add to the shared ones.
-OWN_SERVER = {"plain": ["--drafter", "none"], "fixed": ["--speculation", "fixed"]}
+OWN_SERVER = {"plain": ["--drafter", "none"], "fixed": ["--speculation", "fixed"],
+              "eager_prefill": ["--no-prefill-graphs"]}
 LABELS = {"spec": "speculation on", "fixed": "speculation, fixed K (--speculation fixed)",
+          "eager_prefill": "speculation, eager prefill (--no-prefill-graphs)",
           "plain": "plain decoding (--drafter none)",
           "nospec": "drafts discarded (num_speculative_tokens 0)"}
 
@@ -376,7 +378,7 @@ def sweep(args, server_args: list[str], command: str) -> dict:
     if shared:
         groups.append((shared, args.url, server_args))
     for mode in (m for m in args.modes if m in OWN_SERVER):
-        url = args.plain_url if mode == "plain" else args.fixed_url
+        url = {"plain": args.plain_url, "fixed": args.fixed_url}.get(mode)
         groups.append(([mode], url, [*server_args, *OWN_SERVER[mode]]))
     results, servers, meta = [], {}, {}
     for modes, url, flags in groups:
@@ -399,7 +401,7 @@ def sweep(args, server_args: list[str], command: str) -> dict:
             for mode in modes:
                 servers[mode] = {**version, "url": None if args.launch else url,
                                  "launched_with": flags if args.launch else None}
-                speculate = mode in ("spec", "fixed")
+                speculate = mode in ("spec", "fixed", "eager_prefill")
                 if args.warmup:
                     asyncio.run(run_level(url, model, prompts[:args.warmup], 1, args, speculate))
                 for c, rate in zip(args.concurrency, _rates(args)):
@@ -480,7 +482,8 @@ def plot(results: dict, path: Path) -> None:
               ("request_throughput", None, "requests/s"), ("e2el_ms", "p50", "request latency p50 (ms)"),
               ("e2el_ms", "p99", "request latency p99 (ms)"), ("goodput", None, "goodput (requests/s within SLO)")]
     fig, axes = plt.subplots(2, 4, figsize=(17, 7))
-    styles = {"spec": ("#e8713c", "-"), "fixed": ("#c9a227", "-."), "plain": ("#5b7fb5", "-"),
+    styles = {"spec": ("#e8713c", "-"), "fixed": ("#c9a227", "-."), "eager_prefill": ("#8e5bb5", ":"),
+              "plain": ("#5b7fb5", "-"),
               "nospec": ("#9a9a9a", "--")}
     for ax, (key, sub, label) in zip(axes.flat, panels):
         for mode in MODES:
@@ -566,6 +569,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.url and "plain" in args.modes and not args.plain_url:
         parser.error("mode plain against --url needs --plain-url (a server with --drafter none), "
                      "or leave it out: --modes spec nospec")
+    if args.url and "eager_prefill" in args.modes:
+        parser.error("mode eager_prefill starts a server of its own: use --launch")
     if server_args and not args.launch:
         parser.error("server flags after -- need --launch")
     command = " ".join(["python", "benchmarks/serve_bench.py", *sys.argv[1:]])

@@ -9,6 +9,7 @@ case (`max_num_seqs` -> `ASCEND_DSPARK_SERVE_MAX_NUM_SEQS`). serving/README.md l
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import ipaddress
 import logging
@@ -43,6 +44,7 @@ class ServerConfig:
     max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
     max_model_len: int = 2048              # prompt + output tokens of one sequence
     decode_steps_per_launch: int | None = None   # plain decode steps per launch (None: the engine default, 1)
+    prefill_graphs: bool | None = None     # prompt chunks replayed from graphs (None: the engine default)
     queue_size: int = 64                   # sequences waiting for a slot before 429s start
     max_n: int = 16                        # largest `n` (choices per request) accepted
     request_timeout_s: float = 600.0       # a request still running after this is aborted
@@ -142,6 +144,8 @@ _HELP = {
     "max_num_seqs": "sequences decoded at once",
     "decode_steps_per_launch": "plain decode steps one launch may carry while no request can join or finish by "
                                "length (default 1: one step per launch)",
+    "prefill_graphs": "replay prompt chunks from captured graphs where the device has graphs "
+                      "(--no-prefill-graphs: eager prefills; default: the engine's)",
     "queue_size": "sequences waiting for a slot before requests get 429",
     "max_n": "largest n (choices per request)",
     "host": "address to bind; anything but loopback exposes the server",
@@ -157,13 +161,17 @@ def add_arguments(parser) -> None:
     the environment, then to the defaults."""
     for f in fields(ServerConfig):
         kind = f.type if isinstance(f.type, str) else str(f.type)
-        conv = int if kind.startswith("int") else float if kind.startswith("float") else str
         default = f.default if f.default is not dataclasses.MISSING else None
         help_ = _HELP.get(f.name, f.name.replace("_", " "))
         shown = "" if f.name == "api_key" or default is None else f"; default {default}"
-        many = {"nargs": "+"} if f.name in _LISTS else {}
-        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=conv, default=None,
-                            help=f"{help_} (env {env_name(f.name)}{shown})", **many)
+        if kind.startswith("bool"):       # --flag / --no-flag
+            kwargs = {"action": argparse.BooleanOptionalAction}
+        else:
+            kwargs = {"type": int if kind.startswith("int") else float if kind.startswith("float") else str}
+            if f.name in _LISTS:
+                kwargs["nargs"] = "+"
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None,
+                            help=f"{help_} (env {env_name(f.name)}{shown})", **kwargs)
 
 
 def from_args(args, environ: Mapping[str, str] | None = None) -> ServerConfig:
@@ -178,8 +186,16 @@ def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
 
 
+_BOOLEANS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def _convert(f: dataclasses.Field, raw: str, name: str):
     kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind.startswith("bool"):
+        value = _BOOLEANS.get(raw.lower())
+        if value is None:
+            raise ConfigError(f"{name} must be one of {', '.join(_BOOLEANS)}, got {raw!r}")
+        return value
     try:
         if kind.startswith("int"):
             return int(raw)

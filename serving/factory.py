@@ -98,7 +98,7 @@ def llm_options(config: ServerConfig) -> dict:
                 device=config.device, dtype=config.dtype, max_model_len=config.max_model_len,
                 max_batch_size=config.max_num_seqs, seed=config.seed, speculation=config.speculation,
                 tensor_parallel_size=config.tensor_parallel_size,
-                decode_steps_per_launch=config.decode_steps_per_launch)
+                decode_steps_per_launch=config.decode_steps_per_launch, prefill_graphs=config.prefill_graphs)
 
 
 def follow_as_rank(config: ServerConfig) -> None:

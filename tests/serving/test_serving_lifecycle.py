@@ -12,6 +12,8 @@ import sys
 import threading
 import time
 
+import pytest
+
 from serving.cli import main
 from tests.serving.server_process import (
     MAX_MODEL_LEN,
@@ -148,6 +150,23 @@ def test_settings_flags_win_over_environment_over_defaults(caplog):
         assert not caplog.records
         ServerConfig(host="0.0.0.0").validate()
     assert "without an API key" in caplog.text
+
+
+def test_boolean_settings_take_a_flag_pair_and_spelled_out_environment_values():
+    import argparse
+
+    from serving.config import ConfigError, ServerConfig, add_arguments, from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert from_args(parser.parse_args([]), {}).prefill_graphs is None            # the engine decides
+    assert from_args(parser.parse_args(["--prefill-graphs"]), {}).prefill_graphs is True
+    env = {"ASCEND_DSPARK_SERVE_PREFILL_GRAPHS": "off"}
+    assert from_args(parser.parse_args([]), env).prefill_graphs is False
+    assert from_args(parser.parse_args(["--prefill-graphs"]), env).prefill_graphs is True   # the flag wins
+    assert from_args(parser.parse_args(["--no-prefill-graphs"]), {}).prefill_graphs is False
+    with pytest.raises(ConfigError, match="ASCEND_DSPARK_SERVE_PREFILL_GRAPHS must be one of"):
+        ServerConfig.from_env({"ASCEND_DSPARK_SERVE_PREFILL_GRAPHS": "maybe"})
 
 
 def test_served_model_name_takes_several_aliases():
