@@ -73,7 +73,7 @@ class OutputProcessor:
             r.finish_reason = "stop"
 
     def record_prompt_logprobs(self, chunks: list, host: dict[str, list]) -> None:
-        """Keep the prompt logprobs a prefill computed (runner.ModelRunner._prompt_logprobs):
+        """Keep the prompt logprobs a prefill computed (logprobs.prompt_logprobs_of):
         position p gives the logprob of prompt token p + 1. Each prompt token is recorded
         once, in order: a chunk's last position predicts the next chunk's first token, and a
         request recomputed after preemption records nothing twice."""

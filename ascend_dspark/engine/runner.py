@@ -45,6 +45,7 @@ from ops.context import AttentionHints, ForwardContext
 
 from .graph_runner import StepGraphRunner, default_buckets, use_graphs
 from .host_copy import HostCopy
+from .logprobs import logprobs, prompt_logprobs_of
 from .output_processor import prompt_logprob_rows
 from .prefill_graphs import PrefillGraphRunner, attention_lengths, prefill_inputs
 from .request import Request
@@ -53,7 +54,6 @@ from .tp_calls import check_committed, sent_to_followers
 
 logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
-PROMPT_LOGPROB_SLICE = 256     # prompt positions whose logits are materialised at once
 
 
 def warn_if_not_exact(platform: Platform, dtype: torch.dtype, device: torch.device) -> None:
@@ -286,23 +286,8 @@ class ModelRunner:
         if want_logprobs is not None:
             result.update(logprobs(want_logprobs, last[:, 0], first, "first_"))
         if prompt_logprobs is not None:
-            result.update(self._prompt_logprobs(out.hidden, following, *prompt_logprobs, ctx))
+            result.update(prompt_logprobs_of(self.target, out.hidden, following, *prompt_logprobs, ctx.ops))
         return result
-
-    def _prompt_logprobs(self, hidden: torch.Tensor, nxt: torch.Tensor, rows: list[int], n: int,
-                         ctx: ForwardContext) -> dict[str, torch.Tensor]:
-        """The target's logprob of the token after every position of the chunk rows `rows`
-        (and the top-n alternatives), from this prefill's hidden states: one float32
-        log-softmax per slice of positions, so a long chunk never holds [width, vocab] logits
-        of every row at once. Positions whose next token is not a prompt token are reported
-        too; the engine keeps only the prompt's."""
-        index = torch.tensor(rows).to(self.device)
-        hidden, nxt = hidden.index_select(0, index), nxt.index_select(0, index)
-        parts: list[dict[str, torch.Tensor]] = []
-        for start in range(0, hidden.shape[1], PROMPT_LOGPROB_SLICE):
-            end = start + PROMPT_LOGPROB_SLICE
-            parts.append(logprobs(n, self.target.logits(hidden[:, start:end], ctx.ops), nxt[:, start:end], "prompt_"))
-        return {key: torch.cat([p[key] for p in parts], dim=1) for key in parts[0]}
 
     # -- draft + verify ----------------------------------------------------------------------
     @sent_to_followers
@@ -461,14 +446,3 @@ def _powers_of_4(top: int) -> list[int]:
     """1, 4, 16, 64 below `top`, then `top` itself (at most 256)."""
     top = min(top, 256)
     return [b for b in (1, 4, 16, 64) if b < top] + [top]
-
-
-def logprobs(n: int, logits: torch.Tensor, tokens: torch.Tensor, prefix: str) -> dict[str, torch.Tensor]:
-    """The target's log-probabilities (before temperature and filters, as OpenAI reports them)
-    of `tokens`, and the top-n alternatives."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    out = {prefix + "logprob": logp.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)}
-    if n:
-        top = logp.topk(n, dim=-1)
-        out[prefix + "top_ids"], out[prefix + "top_logprobs"] = top.indices, top.values
-    return out
