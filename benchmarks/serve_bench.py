@@ -408,9 +408,11 @@ def sweep(args, server_args: list[str], command: str) -> dict:
                     n = _num_prompts(args, c)
                     before = _speculation(url)
                     records, duration = asyncio.run(run_level(url, model, prompts[:n], c, args, speculate, rate))
+                    after = _speculation(url)
                     row = {"mode": mode, "concurrency": c, "request_rate": None if rate == float("inf") else rate,
                            "num_prompts": n, **summarize(records, duration, args),
-                           "server_speculation": speculation_delta(before, _speculation(url))}
+                           "server_speculation": speculation_delta(before, after),
+                           "server_step_costs": (after or {}).get("step_costs")}   # what the policy saw, after it
                     results.append(row)
                     print(f"{mode:6s} C={c:3d} n={n:4d}: {row['output_throughput']:8.1f} out tok/s, "
                           f"{row['request_throughput']:6.2f} req/s, TTFT p50 {_ms(row['ttft_ms']['p50'])}, "

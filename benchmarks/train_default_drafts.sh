@@ -20,7 +20,9 @@
 # (default: the shipped drafts; a draft with train_progress.json continues its schedule);
 # PROMPT_OFFSET the training prompt this run's regeneration starts at (continued drafts: past the
 # prompts earlier runs reached, their samples_seen_total / SAMPLES); TRAIN_SET extra `--set` overrides for train (e.g. "lr=4e-4"); FIT=1 ends the schedule
-# inside the budget (the default when INIT has no progress: a fresh schedule per run).
+# inside the budget (the default when INIT has no progress: a fresh schedule per run); DATA_FROM a
+# directory of earlier runs' shard directories (results.tar.gz's shards/, one subdirectory per run)
+# trained on beside this run's fresh data.
 set -euo pipefail
 PHASE=${1:?phase: stage | setup | regen | train | eval | merge | collect | bench | all}
 BUDGET=${2:-480}
@@ -162,7 +164,10 @@ train)
   done
   fit=""; [ "${FIT:-$fresh}" = 1 ] && fit="--fit-steps"
   sets=""; for s in ${TRAIN_SET:-}; do sets="$sets --set $s"; done
-  $CLI train $configs --data "$RUN/shards" --out "$RUN/train" --export "$RUN/export" $inits $sets \
+  # Earlier runs' token shards (collect returns them), carried in as DATA_FROM/<run>/: the
+  # data adds up across runs instead of each run's ~0.5 M regenerated tokens alone.
+  earlier=""; for d in ${DATA_FROM:+"$DATA_FROM"/*/}; do [ -d "$d" ] && earlier="$earlier --data $d"; done
+  $CLI train $configs --data "$RUN/shards" $earlier --out "$RUN/train" --export "$RUN/export" $inits $sets \
     --time-budget-s "$BUDGET" $fit $DEVICE --no-progress 2>&1 | tee -a "$RUN/train.log"
   ;;
 eval)
@@ -192,7 +197,7 @@ collect)
     for f in "$RUN/export/$d"/model*.safetensors; do [ -f "$f" ] && cp "$f" "$out/${d}.$(basename "$f")"; done
   done
   tar -czf "$out/results.tar.gz" -C "$RUN" --exclude='*.safetensors' --exclude='trainer_state.pt' \
-    --exclude='regen.jsonl' --exclude='prompts_*.jsonl' --exclude='shards' --exclude='step_*' .
+    --exclude='regen.jsonl' --exclude='prompts_*.jsonl' --exclude='step_*' .     # shards included: ~0.2 MB per M tokens
   ls -la "$out"
   ;;
 bench)

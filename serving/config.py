@@ -44,7 +44,7 @@ class ServerConfig:
     max_num_seqs: int = 8                  # sequences decoded at once (engine slots)
     max_model_len: int = 2048              # prompt + output tokens of one sequence
     decode_steps_per_launch: int | None = None   # plain decode steps per launch (None: the engine default, 1)
-    prefill_graphs: bool | None = None     # prompt chunks replayed from graphs (None: the engine default)
+    prefill_graphs: bool | None = None     # prompt chunks replayed from graphs (None: the engine default, on)
     queue_size: int = 64                   # sequences waiting for a slot before 429s start
     max_n: int = 16                        # largest `n` (choices per request) accepted
     request_timeout_s: float = 600.0       # a request still running after this is aborted
@@ -145,7 +145,7 @@ _HELP = {
     "decode_steps_per_launch": "plain decode steps one launch may carry while no request can join or finish by "
                                "length (default 1: one step per launch)",
     "prefill_graphs": "replay prompt chunks from captured graphs where the device has graphs "
-                      "(--no-prefill-graphs: eager prefills; default: the engine's)",
+                      "(default: on where the device has step graphs; --no-prefill-graphs: eager prefills)",
     "queue_size": "sequences waiting for a slot before requests get 429",
     "max_n": "largest n (choices per request)",
     "host": "address to bind; anything but loopback exposes the server",

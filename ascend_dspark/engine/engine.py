@@ -95,8 +95,8 @@ class Engine:
     prompt tokens. `overlap` (default: the platform's `overlap_steps`): launch a decode
     batch's next step before reading the last one's results (see `step`).
 
-    `prefill_graphs` (default off, for now: engine/prefill_graphs.py says why): True replays
-    prompt chunks from graphs in (rows, width) buckets where the step graphs run,
+    `prefill_graphs` (default on where the step graphs run; False: eager prefills): replay
+    prompt chunks from graphs in (rows, width) buckets,
     `prefill_graph_buckets` = (rows buckets, width buckets) (default: engine/prefill_graphs.py,
     which says what they cost).
 

@@ -43,8 +43,8 @@ already are (graph_runner.py). CUDA and NPU graphs alike, through `platform.grap
   overwrote the first token the prefill had just sampled (the H100, 2026-12-07: garbage or a
   wrong first token for a chunked prompt; its anchor on the device, and so the rest of the
   output, was right).
-- Opt-in (`prefill_graphs=True`) until tests/engine/test_prefill_graphs_cuda.py has passed on
-  a GPU with their own pool (BENCHMARKS.md, issue 18).
+- On by default wherever the step graphs run (`prefill_graphs=False` turns them off); with
+  their own pool, tests/engine/test_prefill_graphs_cuda.py passed on an H100 (2026-12-07).
 
 What stays eager, logged once per reason with the shape that met it: more rows than the
 largest rows bucket, a chunk wider than the largest width bucket or rows x width past
@@ -175,15 +175,15 @@ class PrefillGraphRunner:
     @classmethod
     def build(cls, runner, wanted: bool | None, max_prefill_tokens: int, max_model_len: int,
               buckets: tuple[list[int], list[int]] | None) -> PrefillGraphRunner | None:
-        """The runner's prefill graphs where it has step graphs and `wanted` is True (None, the
-        default: off for now, see the module docstring).
-        They need the step graphs' padding slots, so without those it says why, if asked."""
+        """The runner's prefill graphs where it has step graphs, unless `wanted` is False (None,
+        the default: on). They need the step graphs' padding slots, so without those it says
+        why, if asked."""
         if runner.graph_runner is None:
             if wanted:
                 logger.warning("prefill graphs need the step graphs (graphs on a platform that has them): "
                                "prompt chunks run eagerly")
             return None
-        if not wanted:
+        if wanted is False:
             return None
         return cls(runner, runner.platform.graph_pool(), max_prefill_tokens, max_model_len, buckets)
 

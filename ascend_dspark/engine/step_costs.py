@@ -11,7 +11,14 @@ The rows sit at context length 0, so attention over a long context is not in the
 for decode-sized batches the step is bound by reading the weights, which it does include.
 What the profile cannot see (the host's bookkeeping and streaming around a served step, the
 prefill chunks between decode steps) the engine adds by `record`ing the steps it runs: a
-cell that has been run is judged by the median of its last RECORDED wall times.
+cell that has been run is judged by the median of its last RECORDED wall times, and every
+other cell by its profile plus the batch size's overhead, the median of what its recent steps
+took beyond their profile (at any depth; a batch size without steps borrows the nearest
+one's). Why the overhead: on a fast device the host's share of a served step is most of it
+and barely depends on the depth (an H100 serving 64 requests: a plain step profiled at 1.4
+ms, ~6 ms measured, a depth-7 step 5.5 ms profiled), so a profile-only cell makes deep
+steps look several times dearer than plain ones than they are, and a policy that has only
+measured plain steps at a batch size would never try drafting there.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ logger = logging.getLogger(__name__)
 PROFILE_ENV = "ASCEND_DSPARK_PROFILE"
 _FORMAT_VERSION = 2
 RECORDED = 16                  # wall times kept per cell: the median shrugs off a rare stall
+OVERHEAD_RECORDED = 64         # residuals (wall - profile) kept per batch size, over all its cells
 
 
 @dataclass
@@ -60,8 +68,10 @@ class StepCosts:
             raise ValueError("seconds must be a batch_sizes x depths table")
         if self.plain_seconds is not None and len(self.plain_seconds) != len(self.batch_sizes):
             raise ValueError("plain_seconds must have one entry per batch size")
-        # Wall times of steps really run, per (batch index, depth, plain): see `record`.
+        # Wall times of steps really run, per (batch index, depth, plain), and what they took
+        # beyond their profiled cell, per batch index: see `record`.
         self._recorded: dict[tuple[int, int, bool], deque[float]] = {}
+        self._overhead: dict[int, deque[float]] = {}
 
     def step_seconds(self, batch: int, depth: int, plain: bool = False) -> float:
         """Seconds of one step of `batch` rows at `depth` drafts (`plain`: depth 0 with the
@@ -94,6 +104,19 @@ class StepCosts:
             return
         key = (i, depth, plain and depth == 0)
         self._recorded.setdefault(key, deque(maxlen=RECORDED)).append(seconds)
+        profiled = self._profiled(i, self.depths.index(depth), key[2])
+        self._overhead.setdefault(i, deque(maxlen=OVERHEAD_RECORDED)).append(seconds - profiled)
+
+    def overhead(self, batch: int) -> float:
+        """Seconds a served step of `batch` rows takes beyond its profile: the median residual
+        of the recent steps of its batch size (of the nearest batch size with steps, the larger
+        on a tie, if it has none); 0 before any step, and never below 0 (the profile is the
+        device's own time)."""
+        if not self._overhead:
+            return 0.0
+        i = min(bisect.bisect_left(self.batch_sizes, batch), len(self.batch_sizes) - 1)
+        nearest = min(self._overhead, key=lambda k: (abs(k - i), -k))
+        return max(0.0, statistics.median(self._overhead[nearest]))
 
     def recorded(self, batch: int, depth: int, plain: bool = False) -> list[float]:
         """The wall times recorded for the cell a step of `batch` rows at `depth` runs in."""
@@ -109,21 +132,26 @@ class StepCosts:
         rows = range(len(self.batch_sizes))
         cells = [[measured(i, d, False) for d in self.depths] for i in rows]
         plain = [measured(i, 0, True) for i in rows]
+        overhead = [round(1e3 * self.overhead(b), 3) if self._overhead else None for b in self.batch_sizes]
         return {"batch_sizes": self.batch_sizes, "depths": self.depths, "device": self.device,
                 "profiled_ms": [[round(1e3 * s, 3) for s in row] for row in self.seconds],
                 "measured_ms": [[m for m, _ in row] for row in cells],
                 "measured_steps": [[n for _, n in row] for row in cells],
                 "plain_profiled_ms": [round(1e3 * s, 3) for s in self.plain_seconds] if self.plain_seconds else None,
-                "plain_measured_ms": [m for m, _ in plain], "plain_measured_steps": [n for _, n in plain]}
+                "plain_measured_ms": [m for m, _ in plain], "plain_measured_steps": [n for _, n in plain],
+                "overhead_ms": overhead}
 
     def _cell(self, i: int, j: int, plain: bool) -> float:
         times = self._recorded.get((i, self.depths[j], plain))
         if times:
             return statistics.median(times)
+        if plain and self.plain_seconds is None:
+            return self._cell(i, j, False)
+        return self._profiled(i, j, plain) + self.overhead(self.batch_sizes[i])
+
+    def _profiled(self, i: int, j: int, plain: bool) -> float:
         if plain and self.plain_seconds is not None:
             return self.plain_seconds[i]
-        if plain:
-            return self._cell(i, j, False)
         return self.seconds[i][j]
 
     def _at(self, i: int, depth: int, plain: bool = False) -> float:

@@ -67,7 +67,8 @@ def run_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .dataset import load_samples
     from .split import split_samples
-    from .trainer import JointTrainer, Trainer, checkpoints
+    from .joint import JointTrainer
+    from .trainer import Trainer, checkpoints
 
     names = [Path(c).stem if Path(c).is_file() else str(c) for c in args.config]
     if len(set(names)) != len(names):

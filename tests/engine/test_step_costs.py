@@ -111,19 +111,51 @@ def test_recorded_steps_replace_the_profile_by_their_median():
         costs.record(3, 2, seconds)                        # batch 3 runs in the bucket of 4
     assert costs.step_seconds(4, 2) == 9.0                 # median of 7, 9, 100
     assert costs.recorded(4, 2) == [9.0, 7.0, 100.0]
-    assert costs.step_seconds(4, 1) == pytest.approx((3.0 + 9.0) / 2)   # interpolates to the recorded cell
-    assert costs.step_seconds(1, 2) == 2.0                 # another bucket: untouched
     costs.record(1, 0, 0.25, plain=True)                   # plain and depth-0-with-drafter are two cells
     costs.record(1, 0, 6.0)
     assert costs.step_seconds(1, 0, plain=True) == 0.25 and costs.step_seconds(1, 0) == 6.0
     costs.record(1, 3, 50.0)                               # not a profiled depth: not a cell
     costs.record(16, 2, 50.0)                              # past the largest bucket: nowhere to keep it
-    assert costs.step_seconds(1, 3) == pytest.approx(3.0) and costs.step_seconds(4, 2) == 9.0
+    assert costs.recorded(1, 3) == [] and costs.recorded(4, 2) == [9.0, 7.0, 100.0]
     for _ in range(step_costs.RECORDED):                   # the newest RECORDED times decide
         costs.record(4, 2, 1.5)
     assert costs.step_seconds(4, 2) == 1.5
     assert StepCosts.from_json(costs.to_json()) == costs   # the profile round-trips, recorded times stay here
     assert StepCosts.from_json(costs.to_json()).step_seconds(4, 2) == 4.0
+
+
+def test_cells_not_run_cost_their_profile_plus_the_batch_sizes_overhead():
+    """Three steps at (4, depth 2), profiled at 4 s, took 9, 7 and 100 s: 5 s over the
+    profile (the median residual); the other cells of batch size 4 cost their profile + 5,
+    and batch size 1, with no steps of its own, borrows that overhead."""
+    costs = StepCosts([1, 4], [0, 2, 4], [[1.0, 2.0, 4.0], [3.0, 4.0, 8.0]], padded=True, plain_seconds=[0.5, 2.5])
+    assert costs.overhead(4) == 0.0 and costs.table()["overhead_ms"] == [None, None]
+    for seconds in (9.0, 7.0, 100.0):
+        costs.record(4, 2, seconds)
+    assert costs.overhead(4) == 5.0 and costs.overhead(1) == 5.0
+    assert costs.step_seconds(4, 4) == 13.0 and costs.step_seconds(4, 0, plain=True) == 7.5
+    assert costs.step_seconds(4, 1) == pytest.approx((8.0 + 9.0) / 2)   # profile + overhead, then the measured cell
+    assert costs.step_seconds(1, 2) == 7.0
+    costs.record(1, 0, 0.25, plain=True)                   # faster than its profile: batch size 1's own residual
+    assert costs.overhead(1) == 0.0 and costs.step_seconds(1, 2) == 2.0     # never below the profile
+    assert costs.table()["overhead_ms"] == [0.0, 5000.0]
+    three = StepCosts([1, 2, 4], [0], [[1.0], [1.0], [1.0]], padded=True)
+    three.record(1, 0, 2.0)
+    three.record(4, 0, 4.0)
+    assert three.overhead(2) == 3.0                        # a tie between neighbours: the larger batch size's
+
+
+def test_one_measured_plain_step_makes_drafting_worth_trying():
+    """The profile says plain decoding wins at batch 4 (1 token per row in 1 s against 1.5 in
+    4 s at depth 2). One plain step measured at 8 s adds 7 s of overhead to every cell of that
+    batch size: depth 2 then costs 11 s, and 1.5 / 11 > 1 / 8, so the policy drafts, without
+    having run a depth-2 step there."""
+    from ascend_dspark.spec.prefix_scheduler import best_depth
+    costs = StepCosts([1, 4], [0, 2], [[1.0, 2.0], [1.0, 4.0]], padded=True, plain_seconds=[1.0, 1.0])
+    rows, caps = [[0.4, 0.25]] * 4, [2] * 4           # expected committed tokens at depth 2: 1 + 0.4 + 0.1
+    assert best_depth(rows, caps, [0, 2], costs.steps_per_second) == 0      # 4 * 1.5 / 4 < 4 / 1
+    costs.record(4, 0, 8.0, plain=True)
+    assert best_depth(rows, caps, [0, 2], costs.steps_per_second) == 2      # 4 * 1.5 / 11 > 4 / 8
 
 
 def test_eager_tables_keep_only_exact_batch_sizes():

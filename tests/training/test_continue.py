@@ -19,7 +19,8 @@ from ascend_dspark.training.block_objective import validation_metrics
 from ascend_dspark.training.config import TrainConfig
 from ascend_dspark.training.dataset import load_samples
 from ascend_dspark.training.split import split_samples
-from ascend_dspark.training.trainer import JointTrainer, Trainer, fitted_steps, read_progress
+from ascend_dspark.training.joint import JointTrainer, fitted_steps
+from ascend_dspark.training.trainer import Trainer, read_progress
 
 from tests.helpers import greedy_decode, tiny_hf_checkpoint
 
