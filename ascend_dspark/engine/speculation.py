@@ -14,8 +14,9 @@ Where the cost table was profiled at start-up (not handed in), it is corrected o
 steps the engine really runs: the profile times a step's device work and its host copy,
 but a served step also pays the host's bookkeeping, streaming and the prefill chunks between
 decode steps, and on a fast device that is most of it (an H100 serving 64 requests: 1.6 ms
-profiled for a plain step, ~11 ms between steps in the server). A depth first chosen on the
-profile's word is then judged by what it really cost.
+profiled for a plain step, ~11 ms between steps in the server). A cell that has run is judged
+by what it really cost, and one that has not by its profile plus what the steps of its batch
+size cost beyond theirs (step_costs.py), so measuring plain steps alone already prices drafting.
 
 The drafter sleeps after SLEEP_AFTER consecutive steps planned at depth 0: a depth-0 step
 still feeds the drafter every committed token (and every prompt chunk), so that it could
