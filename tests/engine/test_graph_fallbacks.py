@@ -9,7 +9,7 @@ import torch
 from test_npu_end_to_end import (GREEDY, K, PROMPTS, _build_models_before_the_double, _models,  # noqa: F401
                                  npu, reference_tokens, use_npu_in_float32)
 
-from ascend_dspark.engine import graph_runner
+from ascend_dspark.engine import graph_runner, prefill_graphs
 from ascend_dspark.engine.engine import Engine
 from ascend_dspark.spec.sampling import SamplingParams
 
@@ -70,8 +70,8 @@ def test_top_k_values_in_one_kernel_class_share_a_graph(npu, monkeypatch):  # no
 
 
 def test_each_step_graph_shares_one_attention_workspace(npu, monkeypatch):  # noqa: F811
-    """Every fused-attention task of a step graph gets the same workspace (the largest asked
-    for), not one per attention call."""
+    """Every fused-attention task of a step graph, and of a prefill graph, gets the same
+    workspace (the largest asked for), not one per attention call."""
     target, drafter = _models("qwen3", torch.float32)
     use_npu_in_float32(npu, monkeypatch)
     fia = npu.module.npu_fused_infer_attention_score
@@ -89,10 +89,18 @@ def test_each_step_graph_shares_one_attention_workspace(npu, monkeypatch):  # no
         seen_graphs.append(key)
         return real_capture(self, key, sampling)
 
+    real_prefill_capture = prefill_graphs.PrefillGraphRunner._capture
+
+    def prefill_capture(self, key, sampling):
+        seen_graphs.append(key)
+        return real_prefill_capture(self, key, sampling)
+
     monkeypatch.setattr(fia, "out", out)
     monkeypatch.setattr(graph_runner.StepGraphRunner, "_capture", capture)
+    monkeypatch.setattr(prefill_graphs.PrefillGraphRunner, "_capture", prefill_capture)
     engine = _engine(target, drafter)
-    graphs = engine.runner.graph_runner.graphs
-    assert len(graphs) == len(seen_graphs) >= 2
+    graphs = [*engine.runner.graph_runner.graphs.values(), *engine.runner.prefill_graphs.graphs.values()]
+    assert len(graphs) == len(seen_graphs) >= 4
+    assert len(engine.runner.prefill_graphs.graphs) >= 2               # on by default
     assert all(len(ids) == 1 for ids in seen.values()), seen          # per graph: one workspace
-    assert all(c.graph._workspace is not None for c in graphs.values())
+    assert all(c.graph._workspace is not None for c in graphs)
