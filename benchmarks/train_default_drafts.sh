@@ -197,7 +197,7 @@ collect)
     for f in "$RUN/export/$d"/model*.safetensors; do [ -f "$f" ] && cp "$f" "$out/${d}.$(basename "$f")"; done
   done
   tar -czf "$out/results.tar.gz" -C "$RUN" --exclude='*.safetensors' --exclude='trainer_state.pt' \
-    --exclude='regen.jsonl' --exclude='prompts_*.jsonl' --exclude='step_*' .     # shards included: ~0.2 MB per M tokens
+    --exclude='regen.jsonl' --exclude='prompts_*.jsonl' --exclude='step_*' .     # shards included: ~0.9 MB per M tokens
   ls -la "$out"
   ;;
 bench)

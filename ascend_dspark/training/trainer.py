@@ -317,7 +317,7 @@ class Trainer:
 
     def train(self, time_budget_s: float | None = None, fit_steps: bool = False) -> Path | None:
         """Run to cfg.steps (or until the time budget), checkpointing every cfg.checkpoint_every
-        steps and at the end. `fit_steps` (with a budget): after FIT_PROBE_STEPS timed steps,
+        steps and at the end. `fit_steps` (with a budget): after joint.FIT_PROBE_STEPS timed steps,
         set cfg.steps so the schedule ends inside the budget. Returns the last checkpoint
         written (rank 0)."""
         from .joint import JointTrainer
