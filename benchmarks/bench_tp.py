@@ -91,7 +91,7 @@ def main() -> None:
 
     from ascend_dspark.engine.engine import Engine
     from ascend_dspark.engine.llm import DTYPES, _rank_device
-    from ascend_dspark.engine.runner import follow
+    from ascend_dspark.engine.tp_calls import follow
     from ascend_dspark.platform import make_platform, set_platform
     from ascend_dspark.spec.sampling import SamplingParams
 

@@ -38,12 +38,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 from ascend_dspark.platform import Platform, current_platform
 from ascend_dspark.spec.acceptance import AcceptanceEstimator
@@ -52,6 +50,7 @@ from ascend_dspark.spec.sampling import SamplingParams
 from .constrained import follow_grammar, grammar_for
 from .host_copy import HostCopy
 from .multistep import DEFAULT_STEPS_PER_LAUNCH, MultiStep
+from .offline import GenerateTimings, generate
 from .output_processor import OutputProcessor, logprob_rows
 from .outputs import RequestOutput
 from .request import Request, RequestDelta, Status
@@ -64,25 +63,6 @@ __all__ = ["Engine", "GenerateTimings", "SLEEP_AFTER", "SPECULATION_POLICIES", "
 
 DEFAULT_PREFILL_TOKENS = 2048
 DEFAULT_KV_FRACTION = 0.9      # of the device's memory, for weights + KV + graphs together
-
-@dataclass
-class GenerateTimings:
-    """Wall-clock split of the last generate() call: steps that ran a prefill chunk count as
-    prefill, steps that only decoded as decode."""
-
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    generated_tokens: int = 0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.generated_tokens / self.decode_s if self.decode_s else 0.0
-
-    @property
-    def tokens_per_s(self) -> float:
-        total = self.prefill_s + self.decode_s
-        return self.generated_tokens / total if total else 0.0
-
 
 class Engine:
     """Generation over a target model and an optional drafter, both already on the device.
@@ -161,10 +141,9 @@ class Engine:
         # Overlap pays where the device runs ahead of the host (graphs, asynchronous streams).
         self.overlap = self.platform.overlap_steps if overlap is None else overlap
         self._pending: _Launched | None = None
-        self._ran_prefill = False          # whether the last step() launched a prefill chunk (timings)
+        self.ran_prefill = False           # whether the last step() launched a prefill chunk (offline.py's timings)
         self.requests: dict[str, Request] = {}
         self.policy.attach(self.requests)
-        self._last_decode_read: float | None = None     # when the last decode-only step was read
         self._arrivals = itertools.count()
         self.timings = GenerateTimings()
 
@@ -266,7 +245,7 @@ class Engine:
         stopped in the step before it is discarded, so the tokens are the same as without
         overlap. A launch may carry several plain steps (multistep.py); chained or not, it is
         read as one."""
-        self._ran_prefill = False
+        self.ran_prefill = False
         pending, self._pending = self._pending, None
         if pending is not None and self._chain(pending):
             self._pending = self._launch(StepPlan(decode=pending.plan.decode), ahead=pending.reach)
@@ -285,7 +264,7 @@ class Engine:
         """Queue the plan's device work and its one device -> host copy. `ahead`: positions the
         rows may have committed beyond what the host knows (a chained step)."""
         parts: dict[str, torch.Tensor] = {}
-        self._ran_prefill = self._ran_prefill or bool(plan.prefill)
+        self.ran_prefill = self.ran_prefill or bool(plan.prefill)
         if plan.prefill:
             parts.update(self.runner.prefill(plan.prefill, [self.policy.may_draft(c.request) for c in plan.prefill],
                                              any(c.request.grammar is not None for c in plan.prefill)))
@@ -309,7 +288,8 @@ class Engine:
         """Read a launched step's results and commit them (rows of requests that left since
         the launch are dropped)."""
         plan, host = launched.plan, launched.copy.receive()
-        self._time_step(launched)
+        self.policy.step_read(len(plan.decode), max(launched.verify_lens, default=0), launched.observe,
+                              launched.steps, decode_only=bool(plan.decode) and not plan.prefill)
         touched: list[Request] = []
         live = [i for i, r in enumerate(plan.decode)
                 if r.status is Status.RUNNING and self.requests.get(r.request_id) is r]
@@ -348,22 +328,6 @@ class Engine:
             deltas.append(self.outputs.delta(r))
         return deltas
 
-    def _time_step(self, launched: _Launched) -> None:
-        """A decode-only step read right after another one: the time between the two reads is
-        what the step cost the engine (device and host, with overlap the part not hidden),
-        which the policy's cost table learns from. Prefill steps, and the first decode step
-        after one, are not decode-step costs. A launch of N plain steps is recorded once, at
-        a 1/N share of its time: the cost of a plain step while launches carry N."""
-        now = time.perf_counter()
-        plan = launched.plan
-        if plan.prefill or not plan.decode:
-            self._last_decode_read = None
-            return
-        if self._last_decode_read is not None:
-            self.policy.record_step(len(plan.decode), max(launched.verify_lens), launched.observe,
-                                    (now - self._last_decode_read) / launched.steps)
-        self._last_decode_read = now
-
     def _chain(self, pending: _Launched) -> bool:
         """Whether the next step of the pending decode batch can be launched before its
         results are read: the batch stays as it is, and blocks for one more step are free."""
@@ -389,39 +353,9 @@ class Engine:
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
                  progress: bool = False) -> list[RequestOutput]:
-        """Generate for token-id prompts: all are queued at once and run under continuous batching."""
-        if isinstance(params, SamplingParams):
-            params = [params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
-        requests = []
-        try:
-            for prompt, p in zip(prompts, params):
-                rid = f"generate-{next(self._arrivals)}"
-                self.add_request(rid, prompt, p, detokenize=bool(p.stop))
-                requests.append(self.requests[rid])
-        except ValueError:
-            for r in requests:                      # all or nothing
-                self.abort(r.request_id)
-            raise
-        self.timings = GenerateTimings()
-        bar = tqdm(total=len(prompts), desc="generate", disable=not progress, unit="req")
-        self.platform.synchronize()
-        while self.has_unfinished():
-            t0 = time.perf_counter()
-            deltas = self.step()
-            elapsed = time.perf_counter() - t0            # step() ends with its host copy: synchronised
-            if self._ran_prefill:
-                self.timings.prefill_s += elapsed
-            else:
-                self.timings.decode_s += elapsed
-            bar.update(sum(d.finished for d in deltas))
-        bar.close()
-        self.timings.generated_tokens = sum(len(r.output) for r in requests)
-        return [RequestOutput(r.prompt_ids, r.output, r.finish_reason or "length", r.stats,
-                              r.text if r.params.stop else None,
-                              prompt_logprobs=r.prompt_logprobs if r.params.prompt_logprobs is not None else None)
-                for r in requests]
+        """Generate for token-id prompts: all are queued at once and run under continuous
+        batching (offline.py); `self.timings` splits the wall time."""
+        return generate(self, prompts, params, progress)
 
     # -- host bookkeeping ----------------------------------------------------------------------
     def _check_prompt(self, ids: list[int]) -> None:

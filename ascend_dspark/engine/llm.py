@@ -35,7 +35,7 @@ from ascend_dspark.spec.sampling import SamplingParams
 
 from .engine import Engine
 from .outputs import RequestOutput
-from .runner import follow
+from .tp_calls import follow
 
 logger = logging.getLogger(__name__)
 

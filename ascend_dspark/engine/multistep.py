@@ -35,7 +35,7 @@ state advanced past the stop belongs to a slot that the next prefill there reset
 
 Accounting: each of the N steps is one step with one token, in the request's stats
 (accepted length 1, no drafts) and in the policy's depth counts; the step-cost table learns
-the launch's wall time divided by N (Engine._time_step): what a plain token costs while
+the launch's wall time divided by N (SpeculationPolicy.step_read): what a plain token costs while
 launches carry N steps, which drafting must beat.
 """
 

@@ -16,7 +16,7 @@ and runs it:
 With tensor parallelism (the target sharded by models/parallel.py) every rank holds a runner;
 rank 0's is the driver: the engine calls it as ever, and each call that runs the device
 (`capture_graphs`, `time_step`, `prefill`, `verify`) is first sent to the other ranks, which
-run the same call on their runner (`follow`) with the same block tables (broadcast with the
+run the same call on their runner (`tp_calls.follow`) with the same block tables (broadcast with the
 call). The ranks' logits are all-gathered whole, and sampling is counter-based (seed,
 position), so every rank samples the same tokens and keeps the same anchors, cache lengths
 and drafter state without a broadcast of the tokens; only rank 0 copies them to the host.
@@ -45,12 +45,14 @@ from ops.context import AttentionHints, ForwardContext
 
 from .graph_runner import StepGraphRunner, default_buckets, use_graphs
 from .host_copy import HostCopy
+from .kv_budget import fitting_kv_blocks, kv_heads_here
 from .logprobs import logprobs, prompt_logprobs_of
 from .output_processor import prompt_logprob_rows
 from .prefill_graphs import PrefillGraphRunner, attention_lengths, prefill_inputs
 from .request import Request
 from .scheduler import PrefillChunk
-from .tp_calls import check_committed, sent_to_followers
+from .step_costs import profile_batch_sizes
+from .tp_calls import sent_to_followers
 
 logger = logging.getLogger(__name__)
 HALF = (torch.bfloat16, torch.float16)
@@ -117,14 +119,11 @@ class ModelRunner:
         kv_block_size = kv_block_size or platform.kv_block_size
         per_seq = -(-(max_model_len - 2 + self.reserve) // kv_block_size)
         if num_kv_blocks is None:
-            num_kv_blocks = self._fitting_blocks(per_seq * max_batch_size, kv_block_size, kv_cache_fraction)
+            num_kv_blocks = fitting_kv_blocks(self, per_seq * max_batch_size, kv_block_size, kv_cache_fraction)
         self.num_kv_blocks = num_kv_blocks
         graphs = use_graphs(platform, self.device, graphs)
         buckets = sorted(graph_buckets or default_buckets(max_batch_size)) if graphs else []
-        # The batch sizes whose step cost the confidence policy measures (step_costs.py): the
-        # graph buckets, or without graphs powers of 4 (an eager step's cost is close to linear
-        # in the rows between them, and each profiled size costs start-up time).
-        self.profile_batch_sizes = buckets or _powers_of_4(max_batch_size)
+        self.profile_batch_sizes = profile_batch_sizes(buckets, max_batch_size)
         # Padding slots: a graph bucket's rows past the real batch, and the rows a step-cost
         # profile runs on (`profile_rows`: so profiling never touches a request's slot).
         num_pad = buckets[-1] if graphs else (self.profile_batch_sizes[-1] if profile_rows else 0)
@@ -139,7 +138,7 @@ class ModelRunner:
             first = num_kv_blocks + i * pad_blocks
             self.tables.extend(slot, list(range(first, first + pad_blocks)))
         self.tables.flush()
-        self.cache = PagedKVCache(cfg.num_layers, self.tables, _kv_heads_here(target), cfg.head_dim, self.dtype)
+        self.cache = PagedKVCache(cfg.num_layers, self.tables, kv_heads_here(target), cfg.head_dim, self.dtype)
         if drafter is not None:
             drafter.attach(self.tables, self.dtype)
         self.anchors = torch.zeros(num_seqs, dtype=torch.long, device=self.device)
@@ -187,29 +186,6 @@ class ModelRunner:
             HostCopy(self.verify(rows, [depth] * batch, observe=observe), self.platform).receive()
             times.append(time.perf_counter() - start)
         return statistics.median(times[1:])
-
-    def _fitting_blocks(self, wanted: int, block_size: int, fraction: float) -> int:
-        """`wanted` blocks, or as many as fit in `fraction` of the device's memory."""
-        if not self.platform.kv_cache_from_memory:
-            return wanted
-        stats = self.platform.memory_stats()
-        cfg = self.target.config
-        per_block = PagedKVCache.bytes_per_block(cfg.num_layers, block_size, _kv_heads_here(self.target),
-                                                 cfg.head_dim, self.dtype)
-        if self.drafter is not None:
-            per_block += self.drafter.kv_bytes_per_block(block_size, self.dtype)
-        room = int(fraction * stats["total_bytes"]) - stats["reserved_bytes"]
-        fits = max(room // per_block, 0)
-        if self.tp is not None:         # every rank's tables must be the same: the smallest fit
-            fits = self.tp.min_int(fits)
-        if fits < wanted:
-            logger.info("KV cache: %d blocks of %d positions fit in %.0f%% of %s memory (%d would let every slot "
-                        "reach max_model_len): requests wait for blocks when they run out",
-                        fits, block_size, 100 * fraction, self.platform.name, wanted)
-        if fits < 1:
-            raise MemoryError(f"no room for a KV cache in {fraction:.0%} of the device's memory "
-                              f"({stats['reserved_bytes'] / 2**30:.1f} GiB already reserved)")
-        return min(wanted, fits)
 
     # -- prefill -----------------------------------------------------------------------------
     @sent_to_followers
@@ -417,32 +393,3 @@ class ModelRunner:
             self._sampling_key = key
             self._sampling = SamplingBatch([r.params for r in requests], self.device, self.platform.ops)
         return self._sampling
-
-
-def _kv_heads_here(target) -> int:
-    """The KV heads this rank's cache holds: its shard's under tensor parallelism (models/parallel.py)."""
-    return getattr(target, "num_local_kv_heads", target.config.num_kv_heads)
-
-
-def follow(target, drafter, platform: Platform) -> None:
-    """A tensor-parallel rank other than 0: build the runner rank 0 builds, then run every call
-    rank 0's runner sends (same arguments, same block tables) until it says stop. Returns on
-    "stop"; a dead rank 0 raises TensorParallelError (distributed/group.py)."""
-    tp = target.tp
-    runner = None
-    while True:
-        name, args, kwargs = tp.receive_command()
-        if name == "stop":
-            return
-        if name == "__init__":
-            runner = ModelRunner(target, drafter, platform, *args, **kwargs)
-            continue
-        tp.broadcast_(runner.tables.table)
-        with torch.inference_mode():
-            check_committed(tp, getattr(runner, name)(*args, **kwargs))
-
-
-def _powers_of_4(top: int) -> list[int]:
-    """1, 4, 16, 64 below `top`, then `top` itself (at most 256)."""
-    top = min(top, 256)
-    return [b for b in (1, 4, 16, 64) if b < top] + [top]

@@ -8,7 +8,7 @@ under overlap), so nothing a step samples can influence them (lossless by constr
   predicted acceptance (spec/acceptance.py) against what a step of this batch size and depth
   costs (engine/step_costs.py), plain decoding (depth 0) among the choices.
 - `may_draft(request)`: whether the drafter must keep reading the request's tokens.
-- after each step, `observe` (realised acceptance) and `record_step` (its wall time).
+- after each step, `observe` (realised acceptance) and `step_read` (its wall time).
 
 Where the cost table was profiled at start-up (not handed in), it is corrected online by the
 steps the engine really runs: the profile times a step's device work and its host copy,
@@ -28,6 +28,7 @@ drafter sleeps: drafting must beat plain decoding, not a step that feeds an idle
 from __future__ import annotations
 
 import logging
+import time
 
 from ascend_dspark.spec.acceptance import AcceptanceEstimator
 from ascend_dspark.spec.prefix_scheduler import best_depth
@@ -63,6 +64,7 @@ class SpeculationPolicy:
         self.drafter_asleep = False
         self._plain_streak = 0
         self._requests: dict[str, Request] = {}
+        self._last_read: float | None = None       # when the last decode-only launch was read
 
     def attach(self, requests: dict[str, Request]) -> None:
         """The engine's live requests (the sleep reaches every one of them)."""
@@ -100,6 +102,17 @@ class SpeculationPolicy:
         for j, r in enumerate(requests):
             self.acceptance.observe(r.acceptance, counts[j], verified[j],
                                     confidence[j][:verified[j]] if confidence is not None else None)
+
+    def step_read(self, rows: int, depth: int, drafter_ran: bool, steps: int, decode_only: bool) -> None:
+        """The engine read a launch's results. A decode-only launch read right after another
+        one: the time between the two reads is what it cost the engine (device and host, with
+        overlap the part not hidden), recorded per step (a launch of N plain steps at a 1/N
+        share: the cost of a plain step while launches carry N). Prefill steps, and the first
+        decode step after one, are not decode-step costs."""
+        now = time.perf_counter()
+        if decode_only and self._last_read is not None:
+            self.record_step(rows, depth, drafter_ran, (now - self._last_read) / steps)
+        self._last_read = now if decode_only else None
 
     def record_step(self, rows: int, depth: int, drafter_ran: bool, seconds: float) -> None:
         """The wall time of a decode step of `rows` rows at `depth` (depth 0: whether the

@@ -173,6 +173,16 @@ class StepCosts:
         return cls(**json.loads(text))
 
 
+def profile_batch_sizes(graph_buckets: list[int], max_batch_size: int) -> list[int]:
+    """The batch sizes whose step cost is profiled: the graph buckets, or without graphs 1, 4,
+    16, 64 below the largest batch and that batch itself (at most 256): an eager step's cost
+    is close to linear in the rows between them, and each profiled size costs start-up time."""
+    if graph_buckets:
+        return list(graph_buckets)
+    top = min(max_batch_size, 256)
+    return [b for b in (1, 4, 16, 64) if b < top] + [top]
+
+
 def profile_key(runner, batch_sizes: list[int], depths: list[int]) -> str:
     """What the step cost depends on: the device, torch, dtype, the models' shapes (not their
     weights), the graph buckets, the tensor-parallel size."""

@@ -1,6 +1,6 @@
 """Tensor parallelism at the model runner: rank 0's runner (the driver) sends every call that
 runs the device to the other ranks before running it itself (`sent_to_followers`); each
-follower runs the same call on its own runner (runner.follow) with the same block tables.
+follower runs the same call on its own runner (`follow`) with the same block tables.
 What crosses is what the runner reads (`portable`), and after each call every rank checks
 that it committed the same tokens (`check_committed`): the ranks sample with the same
 counter-based sampler on whole, all-gathered logits, so a difference is a bug, reported at
@@ -10,6 +10,8 @@ the step it happens.
 from __future__ import annotations
 
 import functools
+
+import torch
 
 from .request import Request
 from .scheduler import PrefillChunk
@@ -58,3 +60,23 @@ def portable(args: tuple) -> tuple:
             return [PrefillChunk(light(c.request), c.start, c.end) for c in a]
         return a
     return tuple(convert(a) for a in args)
+
+
+def follow(target, drafter, platform) -> None:
+    """A tensor-parallel rank other than 0: build the runner rank 0 builds, then run every call
+    rank 0's runner sends (same arguments, same block tables) until it says stop. Returns on
+    "stop"; a dead rank 0 raises TensorParallelError (distributed/group.py)."""
+    from .runner import ModelRunner        # the runner imports this module for sent_to_followers
+
+    tp = target.tp
+    runner = None
+    while True:
+        name, args, kwargs = tp.receive_command()
+        if name == "stop":
+            return
+        if name == "__init__":
+            runner = ModelRunner(target, drafter, platform, *args, **kwargs)
+            continue
+        tp.broadcast_(runner.tables.table)
+        with torch.inference_mode():
+            check_committed(tp, getattr(runner, name)(*args, **kwargs))

@@ -164,7 +164,6 @@ class SamplingBatch:
             return probs.argmax(-1)
         return exponential_race(probs, self.seeds, positions, stream, self.ops)
 
-
     def draw(self, logits: torch.Tensor, positions: torch.Tensor, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(`probs(logits)`, `sample` of it): an all-greedy batch takes the argmax once, since the
         sample of a one-hot is its index (a drafter's step at T = 0 runs half the reductions)."""

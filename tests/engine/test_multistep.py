@@ -196,12 +196,12 @@ def test_logprobs_rows_run_single_steps_with_the_same_tokens(target):
 
 
 def test_the_step_cost_table_learns_a_launch_of_n_steps_at_a_1_nth_share(target, monkeypatch):
-    """_time_step records the time between two reads; a launch of N steps is recorded once,
-    divided by N (a fake clock advances one second per step() call)."""
-    from ascend_dspark.engine import engine as engine_module
+    """The policy's step_read records the time between two reads; a launch of N steps is
+    recorded once, divided by N (a fake clock advances one second per step() call)."""
+    from ascend_dspark.engine import speculation
 
     now = [0.0]
-    monkeypatch.setattr(engine_module.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(speculation.time, "perf_counter", lambda: now[0])
     engine = make(target, N, False)
     recorded = []
     engine.policy.record_step = lambda rows, depth, drafter_ran, seconds: recorded.append((depth, seconds))
