@@ -123,8 +123,10 @@ class Engine:
                                   max_prefill_tokens, graphs, graph_buckets,
                                   profile_rows=self.speculation == "confidence" and step_costs is None,
                                   prefill_graphs=prefill_graphs, prefill_graph_buckets=prefill_graph_buckets)
+        prefill_graphs = self.runner.prefill_graphs
+        prefill_width = prefill_graphs.widest if prefill_graphs is not None and prefill_graphs.shapes else None
         self.scheduler = Scheduler(self.runner.tables, max_model_len, self.runner.reserve, max_prefill_tokens,
-                                   max_batch_size, self.runner.num_kv_blocks)
+                                   max_batch_size, self.runner.num_kv_blocks, prefill_width)
         eos = tokenizer.eos_token_ids if tokenizer is not None else target.config.eos_token_ids
         self.outputs = OutputProcessor(tokenizer, eos, max_model_len)
         self.policy = SpeculationPolicy(self.speculation, self.num_speculative_tokens)

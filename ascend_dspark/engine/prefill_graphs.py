@@ -13,7 +13,10 @@ already are (graph_runner.py). CUDA and NPU graphs alike, through `platform.grap
   from MIN_PREFILL_WIDTH up to MAX_PREFILL_WIDTH (and max_prefill_tokens), only shapes of
   at most max_prefill_tokens tokens: the scheduler's budget of padded tokens, and the
   scratch rows that padding tokens write to, one each. A plan of r chunks of at most w
-  tokens replays the smallest shape holding it.
+  tokens replays the smallest shape holding it, and the scheduler packs no step past the
+  shapes (`widest`). Before, a burst of short prompts could pack 20 to a step, past the
+  largest shape (8 rows then), and such a step ran eagerly (the H100 sweep of 2026-12-07:
+  TTFT p99 308 ms with prefill graphs against 182 eager at concurrency 64).
 - Static inputs, staged through page-locked buffers (graph_runner.HostStaging): token ids
   [R, W], the token after each position [R, W], one int row per chunk (ROW_FIELDS) and the
   rows' sampling parameters. Rows past the real ones point at the runner's padding slots
@@ -31,8 +34,8 @@ already are (graph_runner.py). CUDA and NPU graphs alike, through `platform.grap
   first token of whichever request meets it first. Other flags are captured on first use;
   at most MAX_PREFILL_GRAPHS are kept (each holds device memory and, on Ascend, stream
   resources).
-- Cost: with the defaults, max_prefill_tokens 2048 and max_model_len >= 2048, 26 shapes and
-  52 graphs at start-up (seconds of capture on a GPU, about what the step graphs take;
+- Cost: with the defaults, max_prefill_tokens 2048, max_model_len >= 2048 and 32 or more
+  sequences, 33 shapes and 66 graphs at start-up (seconds of capture on a GPU, about what the step graphs take;
   widths stop at max_model_len, so short-context engines capture fewer). They share one graph
   pool of their own, so the memory that stays is roughly one largest shape's activations (the
   [R, W, hidden] states and MLP intermediates, the [R, 1, W, max_model_len] mask) plus every
@@ -70,10 +73,10 @@ from .scheduler import PrefillChunk
 
 logger = logging.getLogger(__name__)
 
-MAX_PREFILL_ROWS = 8            # more prompt chunks at once: each is long enough to be compute-bound
+MAX_PREFILL_ROWS = 32           # a burst of short chat prompts (~100 tokens) prefills 16 per step
 MIN_PREFILL_WIDTH = 16
 MAX_PREFILL_WIDTH = 2048        # a 2048-token chunk of a small model is still launch-bound
-MAX_PREFILL_GRAPHS = 64         # per runner: start-up captures 2 per shape, the rest on first use
+MAX_PREFILL_GRAPHS = 96         # per runner: start-up captures 2 per shape, the rest on first use
 # One int row per chunk, the static input `rows` of prefill_core: where the chunk starts and how
 # long it is, its sequence slot, whether it samples a fresh prompt's first token, whether it is the
 # prompt's last chunk, the anchor of a resumed (preempted) request, whether the drafter observes it.
@@ -166,6 +169,11 @@ class PrefillGraphRunner:
             self._graph_for(rows, width, SamplingBatch([params] * rows, self.runner.device, self.platform.ops), watch)
         logger.info("captured %d prefill graphs (rows x width %s): %.1f MiB of graph memory",
                     len(self.graphs), self.shapes, self.graph_bytes / 2**20)
+
+    def widest(self, rows: int) -> int:
+        """The widest chunk a captured shape holds beside rows - 1 others (0: none holds `rows`):
+        the scheduler's packing limit, so a step never leaves the graphs for one chunk too many."""
+        return max((w for r, w in self.shapes if r >= rows), default=0)
 
     def shape_for(self, rows: int, width: int) -> tuple[int, int] | None:
         """The smallest captured shape holding `rows` chunks of up to `width` tokens."""

@@ -9,7 +9,10 @@ Every step the scheduler
 2. fills a per-step token budget with prompt chunks: requests already prefilling first, then
    waiting requests in arrival order, each admitted only when a sequence slot is free and
    the blocks for its whole prompt (plus the first verify step) are free. A long prompt is
-   cut into chunks, so it never stalls the requests that are decoding.
+   cut into chunks, so it never stalls the requests that are decoding. Where prompt chunks
+   replay captured graphs, the step takes only as many chunks, as wide, as a captured shape
+   holds (`prefill_width`): one more would send the whole step down the eager path, which
+   costs a burst of short prompts more host time than the extra step it saves.
 
 It never touches the device beyond writing block-table rows; the engine runs the plan.
 A request that could never fit in the cache is refused when it is added.
@@ -18,6 +21,7 @@ A request that could never fit in the cache is refused when it is added.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ascend_dspark.cache import BlockAllocator, BlockTables
@@ -49,16 +53,20 @@ class StepPlan:
 
 class Scheduler:
     def __init__(self, tables: BlockTables, max_model_len: int, reserve: int, max_prefill_tokens: int,
-                 num_slots: int | None = None, num_blocks: int | None = None) -> None:
+                 num_slots: int | None = None, num_blocks: int | None = None,
+                 prefill_width: Callable[[int], int] | None = None) -> None:
         """`reserve`: positions one verify step writes from the anchor on (max(K + 1, lookahead)).
         `num_slots`: the sequence slots requests may use (the default: every table row);
         `num_blocks`: the blocks 0..num_blocks-1 it hands out (the default: all). Rows and
-        blocks past them belong to the model runner (a graph bucket's padding slots)."""
+        blocks past them belong to the model runner (a graph bucket's padding slots).
+        `prefill_width(rows)`: the widest chunk a step of `rows` prompt chunks may hold (the
+        prefill graphs' shapes, PrefillGraphRunner.widest); None: the token budget alone."""
         self.tables = tables
         self.allocator = BlockAllocator(tables.num_blocks if num_blocks is None else num_blocks)
         self.max_model_len = max_model_len
         self.reserve = reserve
         self.max_prefill_tokens = max_prefill_tokens
+        self.prefill_width = prefill_width
         self.num_slots = tables.num_seqs if num_slots is None else num_slots
         self.free_slots = list(range(self.num_slots - 1, -1, -1))
         self.waiting: deque[Request] = deque()
@@ -162,9 +170,15 @@ class Scheduler:
             rows, width = rows + 1, max(width, chunk.end - chunk.start)
 
     def _chunk(self, request: Request, budget: int, rows: int, width: int) -> PrefillChunk | None:
-        """The next chunk of `request` if the padded prefill batch stays within the budget."""
+        """The next chunk of `request` if the padded prefill batch stays within the budget (and,
+        with prefill graphs, within a captured shape)."""
         remaining = request.prefill_target - request.num_cached
-        size = min(remaining, budget // (rows + 1)) if rows else min(remaining, budget)
+        size = min(remaining, budget // (rows + 1))
+        if self.prefill_width is not None:
+            widest = self.prefill_width(rows + 1)
+            if widest < width:
+                return None
+            size = min(size, widest)
         if size < 1 or (rows + 1) * max(width, size) > budget:
             return None
         return PrefillChunk(request, request.num_cached, request.num_cached + size)

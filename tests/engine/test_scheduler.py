@@ -13,7 +13,8 @@ scheduler.py:
   arrival order, each only with a free slot and min(blocks_for(prompt + reserve),
   blocks_needed) free blocks; with `rows` chunks planned, a new chunk is at most
   budget // (rows + 1) tokens and the padded batch, rows x widest chunk, stays within the
-  budget.
+  budget; with prefill graphs, a step of `rows` chunks is also no wider than the widest
+  captured shape of at least that many rows.
 """
 
 from __future__ import annotations
@@ -30,10 +31,10 @@ RESERVE = 4                     # K = 3
 MAX_MODEL_LEN = 64
 
 
-def make(num_slots: int, num_blocks: int, budget: int) -> Scheduler:
+def make(num_slots: int, num_blocks: int, budget: int, prefill_width=None) -> Scheduler:
     per_seq = -(-(MAX_MODEL_LEN - 2 + RESERVE) // BLOCK)
     tables = BlockTables(num_slots, per_seq, num_blocks, BLOCK, "cpu", scratch_tokens=budget)
-    return Scheduler(tables, MAX_MODEL_LEN, RESERVE, budget)
+    return Scheduler(tables, MAX_MODEL_LEN, RESERVE, budget, prefill_width=prefill_width)
 
 
 def add(sched: Scheduler, arrival: int, prompt_len: int, max_tokens: int = 20) -> Request:
@@ -100,6 +101,19 @@ def test_a_prompt_that_fills_the_budget_exactly_is_one_chunk():
     assert step(sched) == ([("r0", 0, 8)], [], [])         # 1 row x 8 <= 8; r1: 2 x 8 > 8
     assert step(sched) == ([("r1", 0, 1)], ["r0"], [])      # a 1-token prompt is a chunk of 1
     assert r1.status is Status.RUNNING and blocks(sched, r0, r1) == [3, 2]
+
+
+def test_chunks_stay_within_the_prefill_graphs_shapes():
+    """Captured shapes (1, 8), (2, 4), (4, 2) under a budget of 16: a step of 1 chunk holds up
+    to 8 tokens, of 2 up to 4, of 3 or 4 up to 2, of 5 none. The budget alone would take r0's
+    whole prompt (10 <= 16) in step 1 and r1 beside it in step 2 (2 rows x 8 <= 16)."""
+    widest = {1: 8, 2: 4, 3: 2, 4: 2}
+    sched = make(num_slots=6, num_blocks=64, budget=16, prefill_width=lambda rows: widest.get(rows, 0))
+    r0, r1, r2, r3, r4, r5 = (add(sched, i, n) for i, n in enumerate((10, 3, 2, 1, 1, 1)))
+    assert step(sched) == ([("r0", 0, 8)], [], [])                    # r1 beside it: 8 > 4
+    assert step(sched) == ([("r0", 8, 10), ("r1", 0, 3)], [], [])      # r2 as a third: 3 > 2
+    assert step(sched) == ([("r2", 0, 2), ("r3", 0, 1), ("r4", 0, 1), ("r5", 0, 1)], ["r0", "r1"], [])
+    assert all(r.status is Status.RUNNING for r in (r0, r1, r2, r3, r4, r5))
 
 
 def test_the_newest_request_preempts_itself_and_resumes_from_its_committed_tokens():
