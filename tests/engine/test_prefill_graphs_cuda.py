@@ -5,7 +5,8 @@ test_prefill_graphs.py).
 Every drafter, T=0 and seeded T>0; prompts of mixed lengths: three short ones replay one
 (4, 16) graph with a padding row, and a 70-token prompt is chunked by max_prefill_tokens 64
 (64 tokens at (1, 64), then 6 at (1, 16)). Both engines replay verify steps from graphs, so
-they differ only in how prompt chunks run. A plan past the largest rows bucket runs eagerly.
+they differ only in how prompt chunks run (and in how many chunks a step packs: the graphed
+engine's scheduler packs no step past a captured shape).
 """
 
 from __future__ import annotations
@@ -60,9 +61,10 @@ def test_prefill_graphs_give_the_eager_tokens(setup, kind, temperature):  # noqa
     assert graphed.scheduler.num_used_blocks == 0
 
 
-def test_a_plan_past_the_largest_rows_bucket_runs_eagerly(setup):  # noqa: F811
+def test_a_burst_past_the_largest_rows_bucket_is_split_into_graphed_steps(setup):  # noqa: F811
     eager, graphed = engines(setup, "dspark", prefill_graph_buckets=([1, 2], [16]))
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     assert [o.token_ids for o in graphed.generate(PROMPTS[:3], params)] == \
         [o.token_ids for o in eager.generate(PROMPTS[:3], params)]
+    assert graphed.runner.prefill_graphs.failed == {}
     assert graphed.scheduler.num_used_blocks == 0
