@@ -4,13 +4,17 @@
 #   1. the Poisson serving sweep at concurrency 1 / 4 / 16 / 64 (GSM8K test prompts, 128 tokens,
 #      greedy): the confidence policy (the default), fixed K = 7, and plain decoding (--drafter none);
 #   2. batch 1 offline, plain vs DSpark / DFlash under both policies (bench_generate.py);
-#   3. the step-cost table the spec server measured at start-up (for plot_scheduler.py).
+#   3. the step-cost table the spec server measured at start-up (for plot_scheduler.py);
+#   4. with DECODE=1, batch 1 in one process: the scheduler, fixed K, plain decoding with graphs
+#      and transformers static + compile on a GSM8K prompt (bench_decode.py --speculative).
 #
 #   OUT=results_dir GGUF=SmolLM2-135M-Instruct.gguf [WHEELS=dir of fastapi/uvicorn/pydantic wheels] \
-#       [MODES="spec fixed eager_prefill plain"] [SERVER_ARGS="--prefill-graphs"] [GENERATE=0] \
+#       [MODES="spec fixed eager_prefill plain"] [SERVER_ARGS="--prefill-graphs"] [GENERATE=0] [DECODE=1] \
 #       benchmarks/scheduler_gpu.sh
 # MODES: serve_bench.py's modes (eager_prefill: the spec server with --no-prefill-graphs);
-# SERVER_ARGS: flags every server gets; GENERATE=0 skips part 2.
+# SERVER_ARGS: flags every server gets; GENERATE=0 skips part 2. The servers' logs are searched
+# for prompt chunks that left the prefill graphs, then packed into one file (at most 8 files
+# come back from the GPU machine).
 set -uo pipefail
 OUT=${OUT:?where the results go}
 if [ -n "${WHEELS:-}" ]; then
@@ -25,7 +29,14 @@ timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/serve_bench.py --launch --con
   --request-rate 2 8 32 128 --max-tokens 128 --modes ${MODES:-spec fixed plain} --slo-ttft-ms 500 --slo-tpot-ms 20 \
   --out "$OUT/poisson_scheduler.json" -- --device cuda --max-num-seqs 64 ${SERVER_ARGS:-} 2>&1 | quiet
 cp "$ASCEND_DSPARK_CACHE"/step_costs/*.json "$OUT/" 2>/dev/null
-[ "${GENERATE:-1}" = 1 ] || exit 0
-timeout 150 python3 benchmarks/bench_generate.py --device cuda --drafters none dspark dflash \
-  --speculation confidence fixed --batch-sizes 1 --num-prompts 8 --max-tokens 128 \
-  --out "$OUT/generate_policies.json" 2>&1 | quiet
+echo "prompt chunks that left the prefill graphs (logged once per reason):"
+grep -H "runs eagerly" "$OUT"/*.server.log | cut -c1-300
+tar czf "$OUT/server_logs.tar.gz" -C "$OUT" $(cd "$OUT" && ls ./*.server.log) && rm "$OUT"/*.server.log
+if [ "${GENERATE:-1}" = 1 ]; then
+  timeout 150 python3 benchmarks/bench_generate.py --device cuda --drafters none dspark dflash \
+    --speculation confidence fixed --batch-sizes 1 --num-prompts 8 --max-tokens 128 \
+    --out "$OUT/generate_policies.json" 2>&1 | quiet
+fi
+if [ "${DECODE:-0}" = 1 ]; then
+  timeout 240 python3 benchmarks/bench_decode.py --model default --speculative --out "$OUT/decode_spec.json" 2>&1 | quiet
+fi
