@@ -15,8 +15,8 @@ already are (graph_runner.py). CUDA and NPU graphs alike, through `platform.grap
   scratch rows that padding tokens write to, one each. A plan of r chunks of at most w
   tokens replays the smallest shape holding it, and the scheduler packs no step past the
   shapes (`widest`). Before, a burst of short prompts could pack 20 to a step, past the
-  largest shape (8 rows then), and such a step ran eagerly (the H100 sweep of 2026-12-07:
-  TTFT p99 308 ms with prefill graphs against 182 eager at concurrency 64).
+  largest shape (8 rows then), and such a step ran eagerly: the likely cause of the H100
+  sweep's TTFT p99 at concurrency 64 (2026-12-07: 308 ms with prefill graphs, 182 eager).
 - Static inputs, staged through page-locked buffers (graph_runner.HostStaging): token ids
   [R, W], the token after each position [R, W], one int row per chunk (ROW_FIELDS) and the
   rows' sampling parameters. Rows past the real ones point at the runner's padding slots
