@@ -13,7 +13,8 @@ graphs either way), so the two modes differ only in how prompt chunks run:
    token, so the step is the whole request), host copy included, after warm-ups;
 2. ttft: N requests with seeded prompt lengths arriving together, stepped until each has
    its first token: time to first token per request (mean, p50, p90, max); the scheduler
-   chunks them by max_prefill_tokens as a server would. Twice per mode, alternating.
+   chunks them by max_prefill_tokens (and, in the graph mode, the captured shapes) as a
+   server would. Twice per mode, alternating.
 
 On a CPU (`--device cpu`) there are no graphs: a tiny model runs the same code paths eagerly,
 to check the script, not to measure. JSON goes to --out (and stdout).
@@ -95,6 +96,14 @@ def ttft(engine, num_requests: int, low: int, high: int, vocab: int) -> dict:
             "max_ms": 1e3 * values[-1]}
 
 
+def use_prefill_graphs(engine, graphs) -> None:
+    """Switch the engine's prefill graphs on (`graphs`) or off (None), and with them the
+    scheduler's packing, which follows the graphs' shapes only while they run (as in an engine
+    built with prefill_graphs=False)."""
+    engine.runner.prefill_graphs = graphs
+    engine.scheduler.prefill_width = graphs.widest if graphs is not None else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (a smoke run: eager, tiny model)")
@@ -129,7 +138,7 @@ def main() -> None:
         result["prefill_graphs"] = len(graphs.graphs)
         result["prefill_graph_mib"] = graphs.graph_bytes / 2**20
     for mode in modes:
-        engine.runner.prefill_graphs = graphs if mode == "graph" else None
+        use_prefill_graphs(engine, graphs if mode == "graph" else None)
         for rows, width in shapes:
             if rows * width <= max_prefill:
                 row = next((s for s in result["step"] if (s["rows"], s["width"]) == (rows, width)), None)
@@ -140,9 +149,9 @@ def main() -> None:
     # TTFT twice per mode, alternating, so neither mode is alone in paying first-use costs.
     for run in range(2):
         for mode in modes:
-            engine.runner.prefill_graphs = graphs if mode == "graph" else None
+            use_prefill_graphs(engine, graphs if mode == "graph" else None)
             result["ttft"][f"{mode}_{run + 1}"] = ttft(engine, num_requests, low, high, raw["vocab_size"])
-    engine.runner.prefill_graphs = graphs
+    use_prefill_graphs(engine, graphs)
     for row in result["step"]:
         if "graph_ms" in row:
             row["speedup"] = row["eager_ms"] / row["graph_ms"]
