@@ -97,11 +97,9 @@ def ttft(engine, num_requests: int, low: int, high: int, vocab: int) -> dict:
 
 
 def use_prefill_graphs(engine, graphs) -> None:
-    """Switch the engine's prefill graphs on (`graphs`) or off (None), and with them the
-    scheduler's packing, which follows the graphs' shapes only while they run (as in an engine
-    built with prefill_graphs=False)."""
+    """Switch the engine's prefill graphs on (`graphs`) or off (None); the scheduler's packing
+    follows them (Engine._prefill_width), as in an engine built with prefill_graphs=False."""
     engine.runner.prefill_graphs = graphs
-    engine.scheduler.prefill_width = graphs.widest if graphs is not None else None
 
 
 def main() -> None:

@@ -123,10 +123,8 @@ class Engine:
                                   max_prefill_tokens, graphs, graph_buckets,
                                   profile_rows=self.speculation == "confidence" and step_costs is None,
                                   prefill_graphs=prefill_graphs, prefill_graph_buckets=prefill_graph_buckets)
-        prefill_graphs = self.runner.prefill_graphs
-        prefill_width = prefill_graphs.widest if prefill_graphs is not None and prefill_graphs.shapes else None
         self.scheduler = Scheduler(self.runner.tables, max_model_len, self.runner.reserve, max_prefill_tokens,
-                                   max_batch_size, self.runner.num_kv_blocks, prefill_width)
+                                   max_batch_size, self.runner.num_kv_blocks, self._prefill_width)
         eos = tokenizer.eos_token_ids if tokenizer is not None else target.config.eos_token_ids
         self.outputs = OutputProcessor(tokenizer, eos, max_model_len)
         self.policy = SpeculationPolicy(self.speculation, self.num_speculative_tokens)
@@ -148,6 +146,15 @@ class Engine:
         self.policy.attach(self.requests)
         self._arrivals = itertools.count()
         self.timings = GenerateTimings()
+
+    def _prefill_width(self, rows: int) -> int:
+        """The scheduler's packing limit: the widest chunk a step of `rows` prompt chunks may hold
+        while the prefill graphs run (read per step, so switching them off restores packing by
+        the token budget alone)."""
+        graphs = self.runner.prefill_graphs
+        if graphs is None or not graphs.shapes:
+            return self.scheduler.max_prefill_tokens
+        return graphs.widest(rows)
 
     # The policy's state, where tests and benchmarks look for it.
     @property
