@@ -10,11 +10,13 @@
 #
 #   OUT=results_dir GGUF=SmolLM2-135M-Instruct.gguf [WHEELS=dir of fastapi/uvicorn/pydantic wheels] \
 #       [MODES="spec fixed eager_prefill plain"] [SERVER_ARGS="--prefill-graphs"] [GENERATE=0] [DECODE=1] \
-#       benchmarks/scheduler_gpu.sh
+#       [DATASET=mtbench.jsonl SWEEP=poisson_mtbench] benchmarks/scheduler_gpu.sh
 # MODES: serve_bench.py's modes (eager_prefill: the spec server with --no-prefill-graphs);
-# SERVER_ARGS: flags every server gets; GENERATE=0 skips part 2. The servers' logs are searched
-# for prompt chunks that left the prefill graphs, then packed into one file (at most 8 files
-# come back from the GPU machine).
+# SERVER_ARGS: flags every server gets; GENERATE=0 skips part 2. DATASET: serve_bench's prompts
+# (default gsm8k-test, which ships with the package; MT-Bench's package is not on the GPU machines,
+# so its prompts go there as a JSONL written by training.prompts.save_prompts); SWEEP: the results'
+# name. The servers' logs are searched for prompt chunks that left the prefill graphs, then packed
+# into one file (at most 8 files come back from the GPU machine).
 set -uo pipefail
 OUT=${OUT:?where the results go}
 if [ -n "${WHEELS:-}" ]; then
@@ -27,7 +29,7 @@ quiet() { grep -v "it/s\]"; }
 # shellcheck disable=SC2086  # MODES and SERVER_ARGS are word lists
 timeout "${SWEEP_TIMEOUT:-420}" python3 benchmarks/serve_bench.py --launch --concurrency 1 4 16 64 \
   --request-rate 2 8 32 128 --max-tokens 128 --modes ${MODES:-spec fixed plain} --slo-ttft-ms 500 --slo-tpot-ms 20 \
-  --out "$OUT/poisson_scheduler.json" -- --device cuda --max-num-seqs 64 ${SERVER_ARGS:-} 2>&1 | quiet
+  --dataset "${DATASET:-gsm8k-test}" --out "$OUT/${SWEEP:-poisson_scheduler}.json" -- --device cuda --max-num-seqs 64 ${SERVER_ARGS:-} 2>&1 | quiet
 cp "$ASCEND_DSPARK_CACHE"/step_costs/*.json "$OUT/" 2>/dev/null
 echo "prompt chunks that left the prefill graphs (logged once per reason):"
 grep -H "runs eagerly" "$OUT"/*.server.log | cut -c1-300
