@@ -24,6 +24,7 @@ from fastapi import FastAPI
 from .config import ServerConfig
 from .engine_loop import EngineLoop
 from .errors import install_handlers
+from .gc_pauses import GcPauses, freeze_startup_objects, thaw
 from .metrics import Metrics
 from .middleware import ApiKey, BodyLimit
 from .state import ServerState
@@ -137,7 +138,11 @@ def start_engine(config: ServerConfig) -> ServerState:
     engine = loop.engine
     logger.info("engine ready in %.1f s: model %s, drafter %s (K=%d), %s", time.perf_counter() - t0,
                 config.model, config.drafter, engine.num_speculative_tokens, engine.platform.describe())
-    return ServerState(config, loop, engine.tokenizer, metrics, engine.num_speculative_tokens, engine.platform.name)
+    gc_pauses = GcPauses(metrics.gc_pause, config.model_name)
+    gc_pauses.install()
+    freeze_startup_objects()
+    return ServerState(config, loop, engine.tokenizer, metrics, engine.num_speculative_tokens, engine.platform.name,
+                       gc_pauses)
 
 
 async def shutdown(state: ServerState, grace_s: float) -> None:
@@ -149,3 +154,5 @@ async def shutdown(state: ServerState, grace_s: float) -> None:
     if loop.in_flight:
         logger.warning("shutting down: aborting %d unfinished sequences", loop.in_flight)
     await asyncio.to_thread(loop.stop)
+    state.gc_pauses.uninstall()
+    thaw()

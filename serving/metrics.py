@@ -41,6 +41,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
                 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
                240.0, 480.0, 960.0, 1920.0, 7680.0)
+GC_PAUSE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
 class Metrics:
@@ -80,6 +81,9 @@ class Metrics:
         self.free_slots = gauge("ascend_dspark:free_slots", "Engine sequence slots free.")
         self.in_flight = gauge("ascend_dspark:sequences_in_flight", "Sequences admitted by the server and not finished.")
         self.engine_alive = gauge("ascend_dspark:engine_alive", "1 while the engine loop runs, 0 once it died.")
+        self.gc_pause = Histogram("ascend_dspark:gc_pause_seconds", "Cyclic garbage collections, by generation: "
+                                  "the whole process waits for each.", [*m, "generation"], buckets=GC_PAUSE_BUCKETS,
+                                  registry=r)
         self.totals = SpeculationTotals()
         self.confidence_ece = gauge("ascend_dspark:confidence_ece",
                                     "Confidence head: expected calibration error over the recent reached draft positions.")

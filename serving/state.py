@@ -11,6 +11,7 @@ from fastapi import Request
 from .config import ServerConfig
 from .engine_loop import EngineLoop
 from .errors import APIError
+from .gc_pauses import GcPauses
 from .metrics import Metrics
 
 
@@ -22,6 +23,7 @@ class ServerState:
     metrics: Metrics
     num_speculative_tokens: int      # what the engine verifies per step (0: no drafter)
     device: str
+    gc_pauses: GcPauses              # timing the cyclic GC's collections while the server runs
     started: int = field(default_factory=lambda: int(time.time()))
     grammars: object | None = None   # spec.grammar.GrammarCompiler, built on the first structured request
 

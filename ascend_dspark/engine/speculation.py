@@ -18,7 +18,8 @@ profiled for a plain step, ~11 ms between steps in the server). A cell that has 
 by what it really cost, and one that has not by its profile plus what the steps of its batch
 size cost beyond theirs (step_costs.py), so measuring plain steps alone already prices drafting.
 
-The drafter sleeps after SLEEP_AFTER consecutive steps planned at depth 0: a depth-0 step
+The drafter sleeps after SLEEP_AFTER consecutive steps planned at depth 0, if the acceptance
+measured across requests would not make drafting pay either (`_plan_sleep`): a depth-0 step
 still feeds the drafter every committed token (and every prompt chunk), so that it could
 draft next step; asleep, steps cost what plain decoding costs. Depth 0 is therefore judged
 at plain decoding's cost (the profile's drafter-free column), the cost it has once the
@@ -91,7 +92,7 @@ class SpeculationPolicy:
         depths = sorted({d for d in self.depths if d >= floor} | {floor})
         predicted = [self.acceptance.predict(r.acceptance) for r in requests]
         depth = best_depth(predicted, caps, depths, self.costs.steps_per_second)
-        self._plan_sleep(depth)
+        self._plan_sleep(depth, len(requests))
         return [min(c, depth) for c in caps]
 
     def observe(self, requests: list[Request], counts: list[int], verified: list[int],
@@ -129,13 +130,19 @@ class SpeculationPolicy:
         return self.num_speculative_tokens if cap is None else min(cap, self.num_speculative_tokens)
 
     # -- the drafter's sleep ---------------------------------------------------------------------
-    def _plan_sleep(self, depth: int) -> None:
-        """When the plan has been depth 0 for SLEEP_AFTER steps in a row, the drafter sleeps:
-        every request then in the engine (bar seeded sampled ones, which keep their depth) and
-        every one admitted while it sleeps never drafts, and steps with only such rows are
-        plain decode steps (prefill chunks of such requests skip the drafter too)."""
+    def _plan_sleep(self, depth: int, rows: int) -> None:
+        """When the plan has been depth 0 for SLEEP_AFTER steps in a row and the acceptance
+        measured across requests would not make drafting pay at this batch size either (the
+        rule that wakes it), the drafter sleeps: every request then in the engine (bar seeded
+        sampled ones, which keep their depth) and every one admitted while it sleeps never
+        drafts, and steps with only such rows are plain decode steps (prefill chunks of such
+        requests skip the drafter too). Why both: a run of depth-0 plans can come from the
+        requests in the batch alone (one that drafted badly plans depth 0, and at depth 0
+        its estimate never moves), and sleeping then would stop drafting for every request
+        in flight, for good (the suspected cause of an H100 sweep on MT-Bench prompts with
+        60% plain steps at concurrency 16, 0.89x plain decoding where fixed K = 7 made 1.03x)."""
         self._plain_streak = self._plain_streak + 1 if depth == 0 else 0
-        if self._plain_streak >= SLEEP_AFTER and not self.drafter_asleep:
+        if self._plain_streak >= SLEEP_AFTER and not self.drafter_asleep and not self._drafting_pays(rows):
             self.drafter_asleep = True
             for r in self._requests.values():
                 r.drafter_asleep = r.drafter_asleep or not r.pinned_depth
@@ -146,9 +153,13 @@ class SpeculationPolicy:
         """The drafter wakes (requests admitted from then on draft again) once the acceptance
         measured across requests so far would make drafting pay at this batch size: while it
         sleeps that estimate stands still, so this follows the load."""
-        estimate = self.acceptance.engine
-        k = self.num_speculative_tokens
-        if best_depth([estimate] * rows, [k] * rows, self.depths, self.costs.steps_per_second) > 0:
+        if self._drafting_pays(rows):
             self.drafter_asleep = False
             self._plain_streak = 0
             logger.info("speculation: drafting could pay at batch %d again: the drafter wakes", rows)
+
+    def _drafting_pays(self, rows: int) -> bool:
+        """Whether `rows` requests drafting at the engine-wide acceptance would beat plain decoding."""
+        estimate = self.acceptance.engine
+        k = self.num_speculative_tokens
+        return best_depth([estimate] * rows, [k] * rows, self.depths, self.costs.steps_per_second) > 0

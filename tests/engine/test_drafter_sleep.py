@@ -11,7 +11,10 @@ import torch
 from ascend_dspark.drafters import create_drafter
 from ascend_dspark.engine import speculation as speculation_module
 from ascend_dspark.engine.engine import SLEEP_AFTER, Engine
+from ascend_dspark.engine.request import Request
+from ascend_dspark.engine.speculation import SpeculationPolicy
 from ascend_dspark.engine.step_costs import StepCosts
+from ascend_dspark.spec.acceptance import AcceptanceEstimator
 from ascend_dspark.spec.sampling import SamplingParams
 from tests.helpers import tiny_target
 
@@ -118,3 +121,20 @@ def test_sleep_threshold_is_a_run_not_a_total(target, monkeypatch):
     monkeypatch.setattr(speculation_module, "best_depth", lambda *a, **k: next(plans))
     engine.generate(PROMPTS[:1], SamplingParams(temperature=0.0, max_tokens=2 * SLEEP_AFTER + 4, ignore_eos=True))
     assert not engine.drafter_asleep
+
+
+@pytest.mark.parametrize("costs, asleep", [(CHEAP, False), (EXPENSIVE, True)])
+def test_requests_that_draft_badly_do_not_put_the_drafter_to_sleep(costs, asleep):
+    """Two requests whose own acceptance fell to 0 plan depth 0 step after step. Measured
+    across requests (the prior, 0.8), drafting still pays at CHEAP costs: the drafter stays
+    awake, and the two may draft again once their estimate would pay. At EXPENSIVE costs (the
+    control) the same run sleeps, which takes drafting from both for good."""
+    policy = SpeculationPolicy("confidence", 3, costs, AcceptanceEstimator(3))
+    requests = [Request(f"r{i}", [5, 6], SamplingParams(temperature=0.0), frozenset(), i) for i in range(2)]
+    for r in requests:
+        r.acceptance.rates = [0.0] * 3
+    policy.attach({r.request_id: r for r in requests})
+    for _ in range(2 * SLEEP_AFTER):
+        assert policy.verify_lens(requests) == [0, 0]
+    assert policy.drafter_asleep is asleep
+    assert [r.drafter_asleep for r in requests] == [asleep, asleep]

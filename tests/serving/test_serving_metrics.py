@@ -4,6 +4,7 @@ head's calibration over the recent reached positions (computed here by hand)."""
 from __future__ import annotations
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.metrics import SpeculationTotals
 
@@ -66,6 +67,11 @@ def test_speculation_endpoint_shows_the_step_costs_the_policy_learns(tiny_model_
                                   temperature=0, extra_body={"ignore_eos": True})
         server.wait_idle()
         _, busy = server.json("GET", "/speculation", auth=False)
+        _, _, exposition = server.request("GET", "/metrics", auth=False)
+    # the start-up collection before the freeze was timed (serving/gc_pauses.py)
+    samples = {(s.name, s.labels.get("generation")): s.value for family in text_string_to_metric_families(
+        exposition.decode()) for s in family.samples}
+    assert samples[("ascend_dspark:gc_pause_seconds_count", "2")] >= 1
     measured = busy["step_costs"]
     steps = sum(map(sum, measured["measured_steps"])) + sum(measured["plain_measured_steps"])
     assert steps >= 20                           # 23 decode steps, the first one after the prefill unmeasured
