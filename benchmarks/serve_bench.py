@@ -406,19 +406,22 @@ def sweep(args, server_args: list[str], command: str) -> dict:
                     asyncio.run(run_level(url, model, prompts[:args.warmup], 1, args, speculate))
                 for c, rate in zip(args.concurrency, _rates(args)):
                     n = _num_prompts(args, c)
-                    before = _speculation(url)
+                    before, gc_before = _speculation(url), _gc_pauses(url)
                     records, duration = asyncio.run(run_level(url, model, prompts[:n], c, args, speculate, rate))
                     after = _speculation(url)
                     row = {"mode": mode, "concurrency": c, "request_rate": None if rate == float("inf") else rate,
                            "num_prompts": n, **summarize(records, duration, args),
                            "server_speculation": speculation_delta(before, after),
-                           "server_step_costs": (after or {}).get("step_costs")}   # what the policy saw, after it
+                           "server_step_costs": (after or {}).get("step_costs"),   # what the policy saw, after it
+                           "server_gc": gc_delta(gc_before, _gc_pauses(url))}
                     results.append(row)
                     print(f"{mode:6s} C={c:3d} n={n:4d}: {row['output_throughput']:8.1f} out tok/s, "
                           f"{row['request_throughput']:6.2f} req/s, TTFT p50 {_ms(row['ttft_ms']['p50'])}, "
                           f"TPOT p50 {_ms(row['tpot_ms']['p50'])}, ITL p99 {_ms(row['itl_ms']['p99'])}, "
                           f"goodput {row['goodput']:.2f} req/s, "
-                          f"tau {_f(row['server_speculation'].get('mean_accepted_length'))}, failed {row['failed']}",
+                          f"tau {_f(row['server_speculation'].get('mean_accepted_length'))}, failed {row['failed']}"
+                          + "".join(f", gc{g} {d['collections']}x {1e3 * d['seconds']:.0f} ms"
+                                    for g, d in sorted(row["server_gc"].items()) if d["collections"]),
                           file=sys.stderr)
         finally:
             if proc is not None:
@@ -461,6 +464,31 @@ def _speculation(url: str) -> dict | None:
         return get_json(url + "/speculation")
     except (OSError, ValueError):
         return None                                 # another server without it: no server-side numbers
+
+
+def _gc_pauses(url: str) -> dict[str, list[float]]:
+    """The server's cyclic-GC collections so far, {generation: [count, seconds]} (empty for a
+    server without ascend_dspark:gc_pause_seconds): each one stalls the engine loop."""
+    try:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except (ImportError, OSError, ValueError):
+        return {}
+    out: dict[str, list[float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in ("ascend_dspark:gc_pause_seconds_count", "ascend_dspark:gc_pause_seconds_sum"):
+                pair = out.setdefault(sample.labels["generation"], [0.0, 0.0])
+                pair[sample.name.endswith("_sum")] = sample.value
+    return out
+
+
+def gc_delta(before: dict, after: dict) -> dict:
+    """Collections and their seconds per generation over one level."""
+    return {g: {"collections": int(after[g][0] - before.get(g, [0, 0])[0]),
+                "seconds": after[g][1] - before.get(g, [0, 0])[1]} for g in after}
 
 
 def _ms(x) -> str:

@@ -52,6 +52,7 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
             assert 0 < r[key]["p50"] <= r[key]["p99"], (key, r[key])
         assert r["ttft_ms"]["p99"] <= r["e2el_ms"]["p99"]
         assert r["goodput"] == 0                                        # nobody meets a 1 us TPOT
+        assert "2" in r["server_gc"] and r["server_gc"]["2"]["collections"] >= 0   # the server's GC pauses, read
         spec = r["server_speculation"]
         assert spec["generation_tokens"] == 3 * MAX_TOKENS                # the server counted the same tokens
         lengths = spec["verify_length_counts"]
