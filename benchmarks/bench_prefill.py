@@ -8,6 +8,8 @@ prefill step's cost does not depend on the drafter's acceptance), one engine wit
 graphs, measured with them and then with them switched off (its decode steps replay their
 graphs either way), so the two modes differ only in how prompt chunks run:
 
+0. replays: every captured prefill and decode graph replayed twice before anything else ran,
+   the first replay against the second;
 1. step: per (rows, width) shape, the median wall time of an engine step that prefills `rows`
    fresh prompts of `width` tokens and samples their first tokens (each request asks for one
    token, so the step is the whole request), host copy included, after warm-ups;
@@ -96,6 +98,21 @@ def ttft(engine, num_requests: int, low: int, high: int, vocab: int) -> dict:
             "max_ms": 1e3 * values[-1]}
 
 
+def replay_times(captured_graphs, platform) -> dict:
+    """Each captured graph replayed twice, as captured (padding rows, which write nothing):
+    is a graph's first replay dearer than the next (an upload on first launch)?"""
+    first, second = [], []
+    for captured in captured_graphs:
+        for times in (first, second):
+            platform.synchronize()
+            start = time.perf_counter()
+            captured.graph.replay()
+            platform.synchronize()
+            times.append(1e3 * (time.perf_counter() - start))
+    return {"graphs": len(first), "first_ms_total": sum(first), "second_ms_total": sum(second),
+            "first_ms_max": max(first), "second_ms_max": max(second)}
+
+
 def use_prefill_graphs(engine, graphs) -> None:
     """Switch the engine's prefill graphs on (`graphs`) or off (None); the scheduler's packing
     follows them (Engine._prefill_width), as in an engine built with prefill_graphs=False."""
@@ -135,6 +152,8 @@ def main() -> None:
     if graphs is not None:
         result["prefill_graphs"] = len(graphs.graphs)
         result["prefill_graph_mib"] = graphs.graph_bytes / 2**20
+        result["replays"] = {"prefill": replay_times(graphs.graphs.values(), platform),
+                             "decode": replay_times(engine.runner.graph_runner.graphs.values(), platform)}
     for mode in modes:
         use_prefill_graphs(engine, graphs if mode == "graph" else None)
         for rows, width in shapes:
