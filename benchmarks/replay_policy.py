@@ -10,8 +10,11 @@ others their profile plus the batch size's overhead). The result is a *model* of
 decode time, not a measurement: prefill steps are left out (every policy prefills the same
 prompts), and so is whatever a served step costs beyond the table.
 
-    python benchmarks/replay_policy.py --sweep poisson_mtbench.json --level 64 --dataset mtbench \
-        --prompts 48 --batch 16 --max-tokens 128 --out replay.json
+    python benchmarks/replay_policy.py --sweep poisson_mtbench.json --level 16 --dataset mtbench \
+        --prompts 48 --batch 16 --max-tokens 128 [--rate 32] --out replay.json
+
+`--rate`: requests arrive as a Poisson stream against the modelled clock (the sweep's load
+pattern) instead of all at once.
 
 Policies: `confidence` (this engine's default), `confidence_sleep_on_any_run` (its sleep rule
 before stop 15: asleep after SLEEP_AFTER depth-0 plans whatever the acceptance measured across
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 import types
@@ -98,14 +102,43 @@ def run(policy_name: str, ids: list[list[int]], costs, args) -> dict:
     tally = charge_steps(engine, costs)
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     start = time.perf_counter()
-    outputs = engine.generate(ids, params)
-    tokens = sum(len(o.token_ids) for o in outputs)
-    decode_tokens = tokens - len(outputs)                  # the first token of each comes from its prefill
+    if args.rate:
+        token_ids, duration = poisson(engine, ids, params, args, tally)
+    else:
+        token_ids, duration = [o.token_ids for o in engine.generate(ids, params)], tally["seconds"]
+    decode_tokens = sum(map(len, token_ids)) - len(token_ids)     # each one's first token comes from its prefill
     return {"policy": policy_name, "decode_steps": tally["steps"], "modelled_decode_s": tally["seconds"],
-            "decode_tokens": decode_tokens, "modelled_tok_per_s": decode_tokens / tally["seconds"],
-            "tokens_per_step": decode_tokens / tally["steps"], "depth_steps": tally["depths"],
-            "sleeps": tally["sleeps"], "cpu_wall_s": time.perf_counter() - start,
-            "token_ids": [o.token_ids for o in outputs]}
+            "modelled_duration_s": duration, "decode_tokens": decode_tokens,
+            "modelled_tok_per_s": decode_tokens / tally["seconds"], "tokens_per_step": decode_tokens / tally["steps"],
+            "depth_steps": tally["depths"], "sleeps": tally["sleeps"], "cpu_wall_s": time.perf_counter() - start,
+            "token_ids": token_ids}
+
+
+def poisson(engine, ids: list[list[int]], params, args, tally: dict) -> tuple[list[list[int]], float]:
+    """Requests arriving as a seeded Poisson stream of `args.rate` per modelled second, at most
+    `args.batch` in flight (serve_bench.py's client-side cap), against a clock that advances by
+    each step's charged cost (prefill steps are free): the served sweep's load pattern, which
+    closed-loop `generate` lacks (batch sizes that rise and fall, requests joining one by one)."""
+    rng = random.Random(args.seed)
+    arrivals, t = [], 0.0
+    for _ in ids:
+        t += rng.expovariate(args.rate)
+        arrivals.append(t)
+    out: list[list[int]] = [[] for _ in ids]
+    clock, admitted, finished = 0.0, 0, 0
+    while finished < len(ids):
+        while admitted < len(ids) and arrivals[admitted] <= clock and admitted - finished < args.batch:
+            engine.add_request(str(admitted), ids[admitted], params, detokenize=False)
+            admitted += 1
+        if not engine.has_unfinished():
+            clock = arrivals[admitted]
+            continue
+        charged = tally["seconds"]
+        for delta in engine.step():
+            out[int(delta.request_id)].extend(delta.new_token_ids)
+            finished += delta.finish_reason is not None
+        clock += tally["seconds"] - charged
+    return out, clock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--rate", type=float, default=None,
+                        help="Poisson arrivals per modelled second (default: every prompt queued at once)")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
@@ -146,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         if plain is not None:
             row["vs_plain"] = row["modelled_tok_per_s"] / plain["modelled_tok_per_s"]
     result = {"device_costs": costs.device, "sweep": str(args.sweep), "level": args.level, "dataset": args.dataset,
-              "prompts": len(ids), "batch": args.batch, "max_tokens": args.max_tokens, "cpu": "float32, 1 thread",
+              "prompts": len(ids), "batch": args.batch, "rate": args.rate, "max_tokens": args.max_tokens, "cpu": "float32, 1 thread",
               "command": " ".join(sys.argv), "results": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
