@@ -3,8 +3,9 @@
 Why: a full (generation 2) collection walks every object the process holds, and the engine
 loop's thread waits for it (the collector runs under the GIL, on whichever thread allocated
 last). After start-up a server holds ~350k objects (model, tokenizer, graphs, FastAPI): one
-full collection took 175 ms on this CPU. Each one stalls every running request, which is
-how a served sweep gets a TTFT p99 of 150-500 ms while its p50 stays at 10-60 ms.
+full collection took 175 ms on this CPU. Each one stalls every running request: the likely
+reason an H100 sweep had TTFT p99 of 130-510 ms at some loads while p50 stayed at 8-90 ms
+(BENCHMARKS.md, issue 18), for every server kind.
 
 `freeze_startup_objects` collects once and moves what start-up built into the permanent
 generation (`gc.freeze`, as vLLM and SGLang do), so later collections walk only what serving
