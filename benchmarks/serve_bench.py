@@ -288,6 +288,8 @@ def speculation_delta(before: dict | None, after: dict | None) -> dict:
     reached = [a - b for a, b in zip(after["position_reached"], before["position_reached"])]
     accepted = [a - b for a, b in zip(after["position_accepted"], before["position_accepted"])]
     d["mean_accepted_length"] = committed / d["num_verify_steps"] if d["num_verify_steps"] else None
+    if after.get("drafter_sleeps") is not None and before.get("drafter_sleeps") is not None:
+        d["drafter_sleeps"] = after["drafter_sleeps"] - before["drafter_sleeps"]
     d["acceptance_per_position"] = [a / r if r else 0.0 for a, r in zip(accepted, reached)]
     if "verify_length_counts" in after:
         d["verify_length_counts"] = [a - b for a, b in zip(after["verify_length_counts"],
@@ -420,6 +422,8 @@ def sweep(args, server_args: list[str], command: str) -> dict:
                           f"TPOT p50 {_ms(row['tpot_ms']['p50'])}, ITL p99 {_ms(row['itl_ms']['p99'])}, "
                           f"goodput {row['goodput']:.2f} req/s, "
                           f"tau {_f(row['server_speculation'].get('mean_accepted_length'))}, failed {row['failed']}"
+                          + (f", drafter slept {row['server_speculation']['drafter_sleeps']}x"
+                             if row["server_speculation"].get("drafter_sleeps") else "")
                           + "".join(f", gc{g} {d['collections']}x {1e3 * d['seconds']:.0f} ms"
                                     for g, d in sorted(row["server_gc"].items()) if d["collections"]),
                           file=sys.stderr)

@@ -104,6 +104,9 @@ class SpeculationTotalsResponse(BaseModel):
     step_costs: dict | None = Field(
         default=None, description="the confidence policy's step costs: profiled at start-up and measured on the steps "
                                   "run, in ms per (batch size, depth); null under the fixed policy or before the engine is up")
+    drafter_sleeps: int | None = Field(
+        default=None, description="times the confidence policy's drafter fell asleep since start (every request then "
+                                  "running decodes plainly to its end); null under the fixed policy")
     generation_tokens: int = Field(description="tokens generated since start")
     tokens_per_second: float = Field(description="tokens generated over the last window_s seconds, per second")
     window_s: float
@@ -120,13 +123,19 @@ async def speculation(request: Request) -> SpeculationTotalsResponse:
         model=state.config.model_name, drafter=state.config.drafter, num_speculative_tokens=state.num_speculative_tokens,
         running=snap.running, waiting=snap.waiting, uptime_s=round(time.time() - state.started, 3),
         **state.metrics.totals.snapshot(state.num_speculative_tokens),
-        confidence_calibration=state.metrics.totals.calibration(), step_costs=_step_costs(state))
+        confidence_calibration=state.metrics.totals.calibration(), step_costs=_step_costs(state),
+        drafter_sleeps=_drafter_sleeps(state))
 
 
 def _step_costs(state) -> dict | None:
     engine = state.loop.engine
     costs = getattr(engine, "costs", None) if engine is not None else None
     return costs.table() if costs is not None else None
+
+
+def _drafter_sleeps(state) -> int | None:
+    engine = state.loop.engine
+    return engine.drafter_sleeps if engine is not None and engine.speculation == "confidence" else None
 
 
 @router.get("/version", response_model=VersionResponse)

@@ -166,6 +166,10 @@ class Engine:
         return self.policy.drafter_asleep
 
     @property
+    def drafter_sleeps(self) -> int:
+        return self.policy.sleeps
+
+    @property
     def costs(self) -> StepCosts | None:
         return self.policy.costs
 

@@ -63,6 +63,7 @@ class SpeculationPolicy:
         self.learn_costs = learn_costs
         self.depth_counts = [0] * (num_speculative_tokens + 1)        # steps run at each draft depth
         self.drafter_asleep = False
+        self.sleeps = 0                             # times the drafter fell asleep
         self._plain_streak = 0
         self._requests: dict[str, Request] = {}
         self._last_read: float | None = None       # when the last decode-only launch was read
@@ -144,6 +145,7 @@ class SpeculationPolicy:
         self._plain_streak = self._plain_streak + 1 if depth == 0 else 0
         if self._plain_streak >= SLEEP_AFTER and not self.drafter_asleep and not self._drafting_pays(rows):
             self.drafter_asleep = True
+            self.sleeps += 1
             for r in self._requests.values():
                 r.drafter_asleep = r.drafter_asleep or not r.pinned_depth
             logger.info("speculation: %d steps in a row planned without drafts: the drafter sleeps "

@@ -76,7 +76,7 @@ def test_the_drafter_sleeps_after_a_run_of_plain_steps(target, plain):
     engine, drafter = make(target, EXPENSIVE)
     outs = engine.generate(PROMPTS, GREEDY)
     assert [o.token_ids for o in outs] == plain
-    assert engine.drafter_asleep
+    assert engine.drafter_asleep and engine.drafter_sleeps == 1
     # observed: both prefills and the first SLEEP_AFTER - 1 depth-0 steps (the step whose plan
     # completes the run is already plain), nothing after
     assert drafter.observed_rows == len(PROMPTS) * SLEEP_AFTER

@@ -62,6 +62,7 @@ def test_sweep_launching_its_own_servers(tiny_model_dir, tmp_path, monkeypatch):
             assert lengths == [0] * 7 + [spec["num_verify_steps"]]
         elif r["mode"] == "spec":                                     # the confidence policy: 0..K
             assert spec["num_draft_tokens"] <= 7 * spec["num_drafts"]
+            assert spec["drafter_sleeps"] >= 0                        # read from /speculation
         else:
             assert spec["num_drafts"] == 0 and spec["mean_accepted_length"] == 1.0
     for kind in ("spec", "fixed", "plain"):                          # every server stopped cleanly

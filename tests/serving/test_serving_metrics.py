@@ -59,6 +59,7 @@ def test_speculation_endpoint_shows_the_step_costs_the_policy_learns(tiny_model_
     with running_server(env, tmp_path / "server.log") as server:
         status, idle = server.json("GET", "/speculation", auth=False)
         assert status == 200
+        assert idle["drafter_sleeps"] == 0                # the confidence policy's, none before any step
         costs = idle["step_costs"]
         assert costs["depths"] == [0, 1, 2, 3, 5, 7] and costs["batch_sizes"] == [1, 2]
         assert all(ms > 0 for row in costs["profiled_ms"] for ms in row) and len(costs["plain_profiled_ms"]) == 2
