@@ -61,6 +61,7 @@ def sleep_on_any_run(policy) -> None:
         self._plain_streak = self._plain_streak + 1 if depth == 0 else 0
         if self._plain_streak >= SLEEP_AFTER and not self.drafter_asleep:
             self.drafter_asleep = True
+            self.sleeps += 1
             for r in self._requests.values():
                 r.drafter_asleep = r.drafter_asleep or not r.pinned_depth
 
@@ -69,9 +70,8 @@ def sleep_on_any_run(policy) -> None:
 
 def charge_steps(engine, costs) -> dict:
     """Wrap the policy's step_read: every launch that decoded rows is charged its table cost."""
-    tally = {"steps": 0, "seconds": 0.0, "sleeps": 0, "depths": [0] * (engine.num_speculative_tokens + 1)}
+    tally = {"steps": 0, "seconds": 0.0, "depths": [0] * (engine.num_speculative_tokens + 1)}
     policy, read = engine.policy, engine.policy.step_read
-    was_asleep = [False]
 
     def step_read(rows, depth, drafter_ran, steps, decode_only):
         if rows:
@@ -79,9 +79,6 @@ def charge_steps(engine, costs) -> dict:
             tally["steps"] += steps
             tally["seconds"] += steps * costs.step_seconds(rows, depth, plain=plain)
             tally["depths"][depth] += steps
-        if policy.drafter_asleep and not was_asleep[0]:
-            tally["sleeps"] += 1
-        was_asleep[0] = policy.drafter_asleep
         return read(rows, depth, drafter_ran, steps, decode_only)
 
     policy.step_read = step_read
@@ -110,7 +107,7 @@ def run(policy_name: str, ids: list[list[int]], costs, args) -> dict:
     return {"policy": policy_name, "decode_steps": tally["steps"], "modelled_decode_s": tally["seconds"],
             "modelled_duration_s": duration, "decode_tokens": decode_tokens,
             "modelled_tok_per_s": decode_tokens / tally["seconds"], "tokens_per_step": decode_tokens / tally["steps"],
-            "depth_steps": tally["depths"], "sleeps": tally["sleeps"], "cpu_wall_s": time.perf_counter() - start,
+            "depth_steps": tally["depths"], "sleeps": engine.drafter_sleeps, "cpu_wall_s": time.perf_counter() - start,
             "token_ids": token_ids}
 
 
